@@ -1,0 +1,37 @@
+"""Every path the pipeline writes, in one place (dvc.yaml declares the same ones as outs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+METRICS = Path("metrics")
+REPORTS = Path("reports")
+
+
+def teacher_checkpoint(name: str) -> Path:
+    """Pretrained teacher: a plain dict saved with torch.save."""
+    return DATA / "teachers" / f"{name}.pt"
+
+
+def teacher_metrics(name: str) -> Path:
+    """Per-epoch pretrain metrics and the final test accuracy, as JSON."""
+    return METRICS / "pretrain" / f"{name}.json"
+
+
+def view_plan() -> Path:
+    """The augmentation parameters of every (sample, view), shared by all teachers."""
+    return DATA / "views.zarr"
+
+
+def teacher_cache(name: str, fmt: str = "zarr") -> Path:
+    """One teacher's cached logits and aligned features (`zarr` or `h5`)."""
+    return DATA / "cache" / f"{name}.{fmt}"
+
+
+def student_checkpoint(method: str) -> Path:
+    return DATA / "student" / f"{method}.pt"
+
+
+def student_metrics(method: str) -> Path:
+    return METRICS / "distill" / f"{method}.json"

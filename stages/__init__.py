@@ -1,0 +1,1 @@
+"""One click entry point per pipeline stage (`python -m stages.NAME --help`)."""
