@@ -1,0 +1,342 @@
+"""Benchmark of the teacher cache: stage overhead, bytes on disk, view-slab reads against a numpy memmap.
+
+    python -m bench.cache_io                      # small synthetic setup, a minute or two on 2 CPU cores
+    python -m bench.cache_io --sweep              # + chunk rows x codec grid (how CacheConfig's defaults were chosen)
+    python -m bench.cache_io --cache data/cache/resnet18.zarr --cache data/cache/vgg16.h5   # real caches
+
+Everything is measured side by side in one run and printed as a table, also written to
+bench/results/<device>-cache_io.json with the device, library versions and the command.
+
+A. Stage overhead: the cache stage (pipeline.cache_write.cache_teacher: view replay, forward,
+   alignment pooling, fp16, chunked writes on a writer thread) against the bare teacher forward over
+   the same views with the same batch size (view replay + forward, outputs dropped). Goal <= 1.15x.
+   The synthetic setup uses chunks of N/8 rows so the writer overlaps the forward as it does on the
+   real data (60000 rows in chunks of 8192).
+B. Slab reads at Fashion-MNIST scale (N=60000, V=8, C=10, 3 blocks x L=32, the CacheConfig defaults):
+   one view slab `[:, v]` of every array from zarr and from h5 against `np.array(memmap[:, v])` of
+   the same (N, V, W) arrays in .npy files. All reads are warm (page cache), best of several.
+C. --sweep: slab read and write speed, and size, for chunk rows x codec, both formats.
+
+Its synthetic helpers (`synthetic_data`, `fake_teacher`) are shared with the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.augment import apply_views, normalize
+from pipeline.cache import CacheConfig, open_cache
+from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store
+from pipeline.cache_write import cache_teacher
+from pipeline.checkpoints import load_teacher, save_checkpoint
+from pipeline.data import ImageData
+from pipeline.device import memory_format, resolve_device
+from pipeline.models import build_model
+from pipeline.views import ViewsConfig, make_view_plan
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ---------------------------------------------------------------- synthetic setup (also used by the tests)
+
+
+def synthetic_data(n: int = 128, num_classes: int = 10, size: int = 28, channels: int = 1, seed: int = 0) -> ImageData:
+    """Structured uint8 images: a class-dependent stripe pattern plus noise, so a model's outputs vary."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)  # (N,)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    angle = labels.float()[:, None, None] * (3.1416 / num_classes)  # (N, 1, 1)
+    stripes = torch.sin((xx * torch.cos(angle) + yy * torch.sin(angle)) * 0.7)  # (N, H, W)
+    noise = torch.rand(n, channels, size, size, generator=gen)
+    images = (stripes[:, None] * 80 + 120 + noise * 60).clamp(0, 255).to(torch.uint8)  # (N, C, H, W)
+    return ImageData(images=images.contiguous(), labels=labels, classes=[f"c{i}" for i in range(num_classes)],
+                     name="synthetic", split="train", mean=(0.5,) * channels, std=(0.25,) * channels)
+
+
+def fake_teacher(path: str | Path, data: ImageData, arch: str = "student_cnn", width: float = 0.25,
+                 seed: int = 0, name: str | None = None) -> Path:
+    """A randomly initialised zoo model saved as a finished teacher checkpoint (the contract's schema)."""
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels, "width": width}
+    model = build_model(arch, **kwargs)
+    with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained model has
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    path = Path(path)
+    save_checkpoint(path, {
+        "teacher": name or path.stem, "arch": arch, "model_kwargs": kwargs, "model": model.state_dict(),
+        "optimizer": {}, "config": {}, "data": {"name": data.name}, "dataset_fingerprint": data.fingerprint,
+        "epoch": 1, "finished": True, "test_acc": 0.0, "history": [],
+    })
+    return path
+
+
+# ---------------------------------------------------------------- A. stage overhead
+
+
+def bare_forward(checkpoint: Path, plan, data: ImageData, batch_size: int, device: torch.device) -> float:
+    """Seconds for the teacher forward over every planned view: replay + normalize + forward, nothing kept."""
+    model, _ = load_teacher(checkpoint, device)
+    fmt = memory_format(device)
+    model.to(memory_format=fmt)
+    images = data.images.to(device)
+    aug = torch.from_numpy(plan.aug).to(device)
+    n, v = plan.aug.shape[:2]
+    _sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, n * v, batch_size):
+            flat = torch.arange(s, min(n * v, s + batch_size), device=device)
+            rows, views = flat // v, flat % v
+            x = normalize(apply_views(images[rows], aug[rows, views], plan.augment), data.mean, data.std)
+            model(x.contiguous(memory_format=fmt))
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def stage_overhead(args, work: Path, device: torch.device) -> dict:
+    data = synthetic_data(args.samples, seed=0)
+    plan = make_view_plan(ViewsConfig(num_views=args.views), data)
+    ckpt = fake_teacher(work / "teacher.pt", data, args.arch, args.width)
+    rows = args.chunk_rows or max(1, args.samples // 8)
+    times: dict[str, list[float]] = {"bare": [], "zarr": [], "h5": []}
+    sizes = {}
+    bare_forward(ckpt, plan, data, args.batch_size, device)  # warm-up (allocator, kernels)
+    for _ in range(args.repeats):
+        times["bare"].append(bare_forward(ckpt, plan, data, args.batch_size, device))
+        for fmt in ("zarr", "h5"):
+            out = work / f"stage.{fmt}"
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            cfg = CacheConfig(format=fmt, batch_size=args.batch_size, chunk_rows=rows)
+            start = time.perf_counter()
+            cache_teacher(ckpt, out, plan, data, cfg, device, progress=False)
+            times[fmt].append(time.perf_counter() - start)
+            sizes[fmt] = _disk_bytes(out)
+    best = {k: min(v) for k, v in times.items()}
+    n_views = args.samples * args.views
+    return {
+        "samples": args.samples, "views": args.views, "arch": args.arch, "width": args.width,
+        "batch_size": args.batch_size, "chunk_rows": rows, "repeats": args.repeats,
+        "bare_forward_s": best["bare"], "bare_views_per_s": n_views / best["bare"],
+        **{f"{f}_stage_s": best[f] for f in ("zarr", "h5")},
+        **{f"{f}_ratio": best[f] / best["bare"] for f in ("zarr", "h5")},
+        **{f"{f}_bytes_per_sample_view": sizes[f] / n_views for f in ("zarr", "h5")},
+        "payload_bytes_per_sample_view": 2 * sum(Layout(1, 1, data.num_classes, ("b1", "b2", "b3"), 32, 1,
+                                                        "none").widths().values()),
+    }
+
+
+# ---------------------------------------------------------------- B. slab reads against a memmap
+
+
+def slab_reads(stores: dict[str, Path], work: Path, repeats: int) -> list[dict]:
+    """For each store: read one view slab of every array, against np.array(memmap[:, v]) of the same arrays."""
+    rows = []
+    for label, path in stores.items():
+        cache = open_cache(path)
+        names = ["logits", *cache.blocks]
+        npy = {}
+        for name in names:  # the memmap baseline: the same (N, V, W) fp16 arrays as plain .npy files
+            npy[name] = work / f"{path.name}-{name}.npy"
+            np.save(npy[name], np.asarray(cache.array(name)[...]))
+        view = cache.num_views // 2
+        nbytes = sum(cache.num_samples * (cache.num_classes if n == "logits" else cache.dims[n]) * 2 for n in names)
+
+        def read_store() -> None:
+            cache.view_slab(view)
+
+        def read_memmap() -> None:
+            for name in names:
+                np.array(np.load(npy[name], mmap_mode="r")[:, view])
+
+        t_store, t_mm = _best(read_store, repeats), _best(read_memmap, repeats)
+        rows.append({
+            "store": label, "path": str(path), "format": cache.format, "samples": cache.num_samples,
+            "views": cache.num_views, "chunk_rows": cache.attrs.get("chunk_rows"), "codec": cache.attrs.get("codec"),
+            "slab_mb": nbytes / 1e6, "store_ms": t_store * 1e3, "memmap_ms": t_mm * 1e3,
+            "store_mb_s": nbytes / t_store / 1e6, "memmap_mb_s": nbytes / t_mm / 1e6, "ratio": t_store / t_mm,
+            "bytes_per_sample_view": _disk_bytes(path) / (cache.num_samples * cache.num_views),
+        })
+        cache.close()
+    return rows
+
+
+def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8) -> dict[str, Path]:
+    """Stores of Fashion-MNIST size with the default layout, filled by tiling a small real cache's values."""
+    cfg = CacheConfig()
+    small = open_cache(source)
+    arrays = {"logits": np.asarray(small.array("logits")[...])}
+    arrays.update({f"features/{b}": np.asarray(small.array(b)[...]) for b in small.blocks})
+    attrs = {**small.attrs, "num_samples": n, "num_views": v, "chunk_rows": cfg.chunk_rows, "codec": cfg.codec}
+    layout = Layout(n, v, small.num_classes, tuple(small.blocks), small.dims[small.blocks[0]], cfg.chunk_rows, cfg.codec)
+    small.close()
+    reps = (-(-n // arrays["logits"].shape[0]), -(-v // arrays["logits"].shape[1]), 1)
+    full = {k: np.tile(a, reps)[:n, :v] for k, a in arrays.items()}  # (n, v, W)
+    out = {}
+    for fmt in ("zarr", "h5"):
+        path = work / f"fashion-scale.{fmt}"
+        store = create_store(path, layout, attrs)
+        for k in range(layout.n_chunks):
+            a, b = layout.rows(k)
+            store.write_rows(a, {name: x[a:b] for name, x in full.items()})
+            store.mark_done(k)
+        store.update_attrs({"complete": True})
+        store.close()
+        out[f"{fmt} N={n} V={v}"] = path
+    return out
+
+
+# ---------------------------------------------------------------- C. chunk rows x codec sweep
+
+
+def sweep(work: Path, source: Path | None, n: int, v: int, repeats: int) -> list[dict]:
+    if source is not None:  # real teacher outputs (compression depends on them)
+        cache = open_cache(source)
+        arrays = {"logits": np.asarray(cache.array("logits")[...])}
+        arrays.update({f"features/{b}": np.asarray(cache.array(b)[...]) for b in cache.blocks})
+        cache.close()
+    else:  # stand-ins: logits ~ N(0, 4^2); post-ReLU pooled features, positive, some exact zeros
+        rng = np.random.default_rng(0)
+        arrays = {"logits": (rng.standard_normal((n, v, 10)) * 4).astype(np.float16)}
+        for b in ("block1", "block2", "block3"):
+            arrays[f"features/{b}"] = np.maximum(rng.lognormal(-1, 1, (n, v, 32)) - 0.2, 0).astype(np.float16)
+    n, v = arrays["logits"].shape[:2]
+    total = sum(a.nbytes for a in arrays.values())
+    blocks = tuple(k.split("/")[1] for k in arrays if k != "logits")
+    rows_out = []
+    for fmt in ("zarr", "h5"):
+        for codec in FORMAT_CODECS[fmt]:
+            for rows in (1024, 4096, 8192, 16384, 65536):
+                layout = Layout(n, v, arrays["logits"].shape[2], blocks, arrays[f"features/{blocks[0]}"].shape[2],
+                                min(rows, n), codec)
+                path = work / f"sweep-{rows}-{codec}.{fmt}"
+                start = time.perf_counter()
+                store = create_store(path, layout, {"num_samples": n})
+                for k in range(layout.n_chunks):
+                    a, b = layout.rows(k)
+                    store.write_rows(a, {name: x[a:b] for name, x in arrays.items()})
+                    store.mark_done(k)
+                store.close()
+                t_write = time.perf_counter() - start
+                size = _disk_bytes(path)
+                store = open_store(path)
+                t_read = _best(lambda: [store.read_view(name, v // 2) for name in arrays], repeats)
+                store.close()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                rows_out.append({"format": fmt, "codec": codec, "chunk_rows": rows, "write_mb_s": total / t_write / 1e6,
+                                 "compression": total / size, "slab_read_mb_s": total / v / t_read / 1e6,
+                                 "slab_read_ms": t_read * 1e3})
+                print(_fmt_row(rows_out[-1]), flush=True)
+    return rows_out
+
+
+# ---------------------------------------------------------------- helpers and main
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # warm: page cache, lazily opened arrays
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device).lower())
+    return "cpu"
+
+
+def _fmt_row(row: dict) -> str:
+    return "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.cache_io", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=2048, help="synthetic samples for the stage timing")
+    parser.add_argument("--views", type=int, default=4, help="views per sample for the stage timing")
+    parser.add_argument("--arch", default="student_cnn", help="zoo architecture of the synthetic teacher")
+    parser.add_argument("--width", type=float, default=1.0, help="its width multiplier")
+    parser.add_argument("--batch-size", type=int, default=512, help="(sample, view) pairs per forward")
+    parser.add_argument("--chunk-rows", type=int, default=0, help="chunk rows for the stage timing (0 = samples/8)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed repeats (best is kept)")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache", action="append", default=[], type=Path,
+                        help="also measure slab reads of this existing cache (repeatable)")
+    parser.add_argument("--no-fashion-scale", action="store_true", help="skip the N=60000 slab-read stores")
+    parser.add_argument("--sweep", action="store_true", help="also run the chunk rows x codec grid")
+    parser.add_argument("--sweep-samples", type=int, default=60000, help="rows of the synthetic sweep arrays")
+    parser.add_argument("--sweep-views", type=int, default=4, help="views of the synthetic sweep arrays")
+    parser.add_argument("--sweep-from", type=Path, default=None, help="sweep over this cache's values instead")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-cache_io.json]")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    work = Path(tempfile.mkdtemp(prefix="cache_io-"))
+    try:
+        print(f"A. stage vs bare forward: {args.samples} synthetic samples x {args.views} views, "
+              f"{args.arch} width {args.width}, {device}", flush=True)
+        stage = stage_overhead(args, work, device)
+        stores = {} if args.no_fashion_scale else fashion_scale_stores(work, work / "stage.zarr")
+        stores.update({str(p): p for p in args.cache})
+        print("B. view slab reads", flush=True)
+        reads = slab_reads(stores, work, repeats=5)
+        grid = sweep(work, args.sweep_from, args.sweep_samples, args.sweep_views, 3) if args.sweep else []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print()
+    print(f"{'cache stage vs bare teacher forward':<44}{'seconds':>10}{'ratio':>8}{'bytes/(sample,view)':>22}")
+    print(f"{'  bare forward (' + format(stage['bare_views_per_s'], '.0f') + ' views/s)':<44}"
+          f"{stage['bare_forward_s']:>10.2f}{1.0:>8.2f}{stage['payload_bytes_per_sample_view']:>22.0f}")
+    for fmt in ("zarr", "h5"):
+        print(f"{'  cache stage -> ' + fmt:<44}{stage[fmt + '_stage_s']:>10.2f}{stage[fmt + '_ratio']:>8.2f}"
+              f"{stage[fmt + '_bytes_per_sample_view']:>22.0f}")
+    print()
+    print(f"{'view slab read':<44}{'MB':>8}{'store MB/s':>12}{'memmap MB/s':>13}{'ratio':>8}{'B/(s,v)':>9}")
+    for r in reads:
+        print(f"{'  ' + r['store'][-42:]:<44}{r['slab_mb']:>8.2f}{r['store_mb_s']:>12.0f}{r['memmap_mb_s']:>13.0f}"
+              f"{r['ratio']:>8.2f}{r['bytes_per_sample_view']:>9.0f}")
+    result = {
+        "device": _device_name(device),
+        "command": "python -m bench.cache_io" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("torch", "numpy", "zarr", "h5py")},
+                     "torch_threads": torch.get_num_threads()},
+        "stage": stage, "slab_reads": reads, "sweep": grid,
+    }
+    out = args.out or RESULTS / f"{result['device']}-cache_io.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The teacher cache, read side: `open_cache` -> `TeacherCache`, and `validate_caches` for the distill stage.
+
+A cache (`data/cache/<teacher>.zarr` or `.h5`, DESIGN.md section 3) holds one teacher's raw fp16
+logits (N, V, C) and aligned block features (N, V, L) for every (sample, view) of the view plan,
+with the identity of everything that made them in its attrs. It is written by
+`pipeline.cache_write.cache_teacher` (`python -m stages.cache_teachers`); its layout lives in
+`pipeline.cache_store`.
+
+Training reads one view slab per epoch, never per-minibatch fancy indexing:
+
+    cache = open_cache("data/cache/resnet18.zarr")
+    slab = cache.view_slab(epoch % cache.num_views)   # {"logits": (N, C) fp16, "block1": (N, L) fp16, ...}
+
+For notebooks, `from pipeline.cache import soft_labels` gives a pandas DataFrame (pipeline.inspect).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from pipeline import paths
+from pipeline.align import AlignConfig
+from pipeline.cache_store import FORMAT_CODECS, FORMATS, format_of, open_store
+from pipeline.config import UserError, build, check, check_choice
+
+CACHE_FORMAT = 1  # bump when the layout or the meaning of an attr changes
+
+
+@dataclass
+class CacheConfig:
+    format: str = "zarr"  # zarr | h5 (stages.cache_teachers --format overrides)
+    align: dict[str, Any] = field(default_factory=lambda: {"kind": "channel", "length": 32})  # pipeline.align
+    batch_size: int = 512  # (sample, view) pairs per teacher forward
+    # Sample rows per chunk: the write and resume unit, and the read granularity of a view slab.
+    # Measured (bench.cache_io --sweep, 2-core CPU, N=60000 V=4 C=10 3x L=32): reading a view slab
+    # runs 0.55 / 1.5 / 2.9 GB/s from zarr at 4096 / 16384 / 65536 rows (per-chunk overhead about
+    # 0.4 ms), HDF5 3.8-4.5 GB/s at any of them. 8192 keeps a slab read around 10 ms for
+    # Fashion-MNIST (nothing next to an epoch) while a killed run loses at most 8192 x V forwards.
+    chunk_rows: int = 8192
+    # none | zstd | blosc (zarr); none | lzf | gzip (h5). Measured on the same data: zstd-1 made the
+    # store 1.27x smaller but a slab read 3.7x slower and writes 2x slower; lzf/gzip were 10-30x slower
+    # to read in h5. Teacher outputs (fp16 mantissas) barely compress, so the default stores them raw.
+    codec: str = "none"
+    queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
+    prefetch_batches: int = 4  # augmented input batches prepared ahead of the teacher forward
+    autocast: bool = False  # bf16 autocast on CUDA: faster, but logits carry bf16 (8-bit) precision
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, FORMATS, "cache.format")
+        build(AlignConfig, self.align, "cache.align")
+        check(self.batch_size >= 1, f"cache.batch_size = {self.batch_size} must be at least 1")
+        check(self.chunk_rows >= 1, f"cache.chunk_rows = {self.chunk_rows} must be at least 1")
+        check(self.codec in FORMAT_CODECS[self.format],
+              f"cache.codec = {self.codec!r} is not available for format {self.format}: "
+              f"choose one of {', '.join(FORMAT_CODECS[self.format])}")
+        check(self.queue_chunks >= 1, f"cache.queue_chunks = {self.queue_chunks} must be at least 1")
+        check(self.prefetch_batches >= 1, f"cache.prefetch_batches = {self.prefetch_batches} must be at least 1")
+
+    @property
+    def align_config(self) -> AlignConfig:
+        return build(AlignConfig, self.align, "cache.align")
+
+
+def rerun_hint(teacher: str, fmt: str, overwrite: bool = False) -> str:
+    """The command that (re)builds a teacher's cache."""
+    return (f"python -m stages.cache_teachers --teacher {teacher}"
+            + (" --format h5" if fmt == "h5" else "") + (" --overwrite" if overwrite else ""))
+
+
+class TeacherCache:
+    """One teacher's cache, open for reading (zarr or h5 alike)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.format = format_of(self.path)
+        guess = self.path.name.split(".")[0]
+        if not self.path.exists():
+            raise UserError(f"teacher cache {self.path} not found: run {rerun_hint(guess, self.format)}")
+        try:
+            self._store = open_store(self.path)
+            self.attrs: dict[str, Any] = self._store.attrs
+            self._done = self._store.done()
+        except Exception as exc:  # a foreign or damaged store: one line, no traceback
+            raise UserError(f"teacher cache {self.path} cannot be read ({type(exc).__name__}): "
+                            f"delete it and run {rerun_hint(guess, self.format)}") from None
+        if self.attrs.get("format_version") != CACHE_FORMAT:
+            self.close()
+            raise UserError(f"teacher cache {self.path} has format version {self.attrs.get('format_version')!r}, "
+                            f"this code reads {CACHE_FORMAT}: run {rerun_hint(guess, self.format, True)}")
+
+    # ------------------------------------------------------------ identity and shape
+
+    @property
+    def teacher(self) -> str:
+        return self.attrs["teacher"]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.attrs["num_samples"])
+
+    @property
+    def num_views(self) -> int:
+        return int(self.attrs["num_views"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.attrs["num_classes"])
+
+    @property
+    def blocks(self) -> list[str]:
+        return list(self.attrs["blocks"])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Block name -> aligned vector length L."""
+        return dict(self.attrs["dims"])
+
+    @property
+    def align(self) -> dict[str, Any]:
+        return dict(self.attrs["align"])
+
+    @property
+    def done_chunks(self) -> int:
+        return int(self._done.sum())
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._done)
+
+    @property
+    def complete(self) -> bool:
+        """Marked complete and every chunk's `done` marker set."""
+        return bool(self.attrs.get("complete")) and bool(self._done.all())
+
+    def check_complete(self) -> None:
+        if not self.complete:
+            raise UserError(f"cache {self.path} is incomplete ({self.done_chunks}/{self.num_chunks} chunks): "
+                            f"rerun {rerun_hint(self.teacher, self.format)} to finish it")
+
+    # ------------------------------------------------------------ reading
+
+    def view_slab(self, view: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """View `view` of every sample: {"logits": (N, C), "<block>": (N, L), ...}, float16 in RAM.
+
+        `names` limits the read to some of them (e.g. ["logits"]).
+        """
+        if not 0 <= view < self.num_views:
+            raise IndexError(f"view {view} out of range: {self.path} has {self.num_views} views")
+        wanted = ["logits", *self.blocks] if names is None else list(names)
+        out = {}
+        for name in wanted:
+            if name != "logits" and name not in self.blocks:
+                raise KeyError(f"{self.path} has no array {name!r}; it has logits, {', '.join(self.blocks)}")
+            out[name] = np.asarray(self._store.read_view("logits" if name == "logits" else f"features/{name}", view))
+        return out
+
+    def array(self, name: str):
+        """The lazy on-disk array (zarr.Array or h5py.Dataset) `logits` or a block name, (N, V, W)."""
+        return self._store.array("logits" if name == "logits" else f"features/{name}")
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "TeacherCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"{self.done_chunks}/{self.num_chunks} chunks"
+        return (f"TeacherCache({str(self.path)!r}, teacher={self.teacher!r}, N={self.num_samples}, "
+                f"V={self.num_views}, C={self.num_classes}, blocks={self.dims}, {state})")
+
+
+def open_cache(path: str | Path) -> TeacherCache:
+    return TeacherCache(path)
+
+
+def validate_caches(
+    caches: Iterable[TeacherCache | str | Path],
+    plan,
+    data_fingerprint: str,
+    num_classes: int,
+    check_checkpoints: bool = True,
+    checkpoint_path: Callable[[str], Path] = paths.teacher_checkpoint,
+) -> list[TeacherCache]:
+    """Refuse, with one line naming the cache and the fix, caches the student cannot use together.
+
+    Checks each cache against the view plan (`plan`, a ViewPlan), the student's training data
+    (`data_fingerprint`, `num_classes`) and the others (N, V, number of blocks, align spec), that it is
+    complete, and (with `check_checkpoints`) that its teacher's checkpoint still hashes to what the
+    cache recorded; a checkpoint file that is no longer there is not checked (the cache stands alone).
+    Returns the caches, opened.
+    """
+    from pipeline.checkpoints import sha256_file
+
+    opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in caches]
+    if not opened:
+        raise UserError("no teacher caches given: list the teachers to distill from and cache them first")
+    plan_name = plan.path or "the view plan"
+    if plan.dataset_fingerprint != data_fingerprint:
+        raise UserError(f"view plan {plan_name} was made from another dataset than the student's training data: "
+                        f"rerun python -m stages.plan_views, then the teacher caches")
+    first = opened[0]
+    for cache in opened:
+        fix = f"rerun {rerun_hint(cache.teacher, cache.format, overwrite=True)}"
+        if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
+            raise UserError(f"cache {cache.path} was made from another view plan than {plan_name}: {fix}")
+        if cache.attrs.get("dataset_fingerprint") != data_fingerprint:
+            raise UserError(f"cache {cache.path} was made from another dataset than the student's training data: {fix}")
+        if cache.num_classes != num_classes:
+            raise UserError(f"cache {cache.path} has {cache.num_classes} classes but the data has {num_classes}: {fix}")
+        for what, mine, theirs in (
+            ("sample count", cache.num_samples, first.num_samples),
+            ("view count", cache.num_views, first.num_views),
+            ("block count", len(cache.blocks), len(first.blocks)),
+            ("align spec", cache.align, first.align),
+        ):
+            if mine != theirs:
+                raise UserError(f"caches {first.path} and {cache.path} disagree on the {what} ({theirs} vs {mine}): "
+                                f"rebuild them with the same params ({fix})")
+        cache.check_complete()
+        if check_checkpoints:
+            ckpt = Path(checkpoint_path(cache.teacher))
+            if ckpt.is_file() and sha256_file(ckpt) != cache.attrs.get("checkpoint_sha256"):
+                raise UserError(f"teacher checkpoint {ckpt} changed since cache {cache.path} was made: {fix}")
+    return opened
+
+
+def __getattr__(name: str):
+    # `from pipeline.cache import soft_labels` (DESIGN.md section 1), imported lazily because
+    # pipeline.inspect itself reads caches through this module.
+    if name == "soft_labels":
+        from pipeline.inspect import soft_labels
+
+        return soft_labels
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

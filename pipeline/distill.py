@@ -1,0 +1,291 @@
+"""The one student training loop: every method (pipeline.methods) is a plan run through it.
+
+    distill()            the epoch loop, top to bottom: slab for view e mod V, train, evaluate, checkpoint
+    train_one_epoch()    one pass over the training split in a seeded order, on view e mod V
+    train_step()         student forward, the plan's losses, the discriminators' game, the optimizer steps
+    evaluate()           test accuracy of the student (pipeline.train.evaluate)
+
+The step never syncs with the host: losses and discriminator accuracies are summed on the device and
+read once per `log_every` steps (progress bar) and once per epoch (metrics). Randomness is a function
+of (seed, epoch) only (batch order, teacher draws, dropout), so a resumed run repeats the epochs it
+did not finish exactly as an uninterrupted one would, and cached and online runs see the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from pipeline import train as pretraining
+from pipeline.align import AlignConfig, align
+from pipeline.augment import AugmentConfig, apply_views, normalize
+from pipeline.discriminators import Discriminator, discriminator_loss, fooling_loss
+from pipeline.losses import grad_reverse
+from pipeline.methods import DistillConfig, Plan, StudentOut, Targets
+from pipeline.device import autocast, memory_format
+from pipeline.schedules import lr_at
+
+
+@dataclass
+class TrainSet:
+    """The training split on the device, with the view plan that says what every epoch shows."""
+
+    images: torch.Tensor  # (N, C, H, W) uint8 on the device
+    labels: torch.Tensor  # (N,) int64 on the device
+    aug: np.ndarray  # (N, V, P) int16 view parameters (pipeline.views)
+    augment: AugmentConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @property
+    def num_views(self) -> int:
+        return int(self.aug.shape[1])
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Run:
+    """Everything a step touches: the plan, the models, their optimizers."""
+
+    plan: Plan
+    cfg: DistillConfig
+    student: nn.Module
+    discs: nn.ModuleDict  # discriminator name -> Discriminator (empty without a game)
+    opt: torch.optim.Optimizer  # the student's SGD (and, in `cooperative`, the discriminators too)
+    d_opt: torch.optim.Optimizer | None  # the discriminators' own optimizer (alternating, reversal)
+    align_cfg: AlignConfig
+    device: torch.device
+    forward: Callable[[torch.Tensor], Any]  # the student, or its torch.compile'd wrapper
+
+
+def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: int, align_cfg: AlignConfig,
+              device: torch.device) -> Run:
+    """Discriminators for the plan and both optimizers, on `device` (seed torch before calling)."""
+    student.to(device=device, memory_format=memory_format(device))
+    discs = nn.ModuleDict({name: Discriminator(dim) for name, dim in
+                           plan.discriminators(num_classes, align_cfg.length).items()}).to(device)
+    groups = pretraining.param_groups(student, cfg.weight_decay)
+    d_opt = None
+    if plan.game is not None:
+        g = plan.game
+        if g.adversarial == "cooperative":
+            # The official MEAL code: D trains inside the student's optimizer, on the summed loss.
+            groups.append({"params": list(discs.parameters()), "lr": g.d_lr, "weight_decay": g.d_weight_decay,
+                           "fixed_lr": True})
+        elif g.d_optimizer == "adam":
+            d_opt = torch.optim.Adam(discs.parameters(), lr=g.d_lr, betas=(0.5, 0.999), weight_decay=g.d_weight_decay)
+        else:
+            d_opt = torch.optim.SGD(discs.parameters(), lr=g.d_lr, momentum=0.9, weight_decay=g.d_weight_decay)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    forward = torch.compile(student) if cfg.compile else student
+    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward)
+
+
+def set_student_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule drives the student's groups; a discriminator group keeps its constant rate."""
+    for group in opt.param_groups:
+        if not group.get("fixed_lr", False):
+            group["lr"] = lr
+
+
+# ---------------------------------------------------------------- one step
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) -> dict[str, torch.Tensor]:
+    """One optimizer step of the student (and of the discriminators). Returns detached device scalars."""
+    plan, mode = run.plan, run.plan.adversarial
+    with autocast(run.device):
+        logits, feats = run.forward(x)  # (B, C), NUM_BLOCKS features
+        out = StudentOut(logits, {b: align(feats[b], run.align_cfg) for b in plan.feature_blocks})  # (B, L) each
+        terms = plan.losses(out, tgt, y)  # the student's own terms, weighted
+        stats: dict[str, torch.Tensor] = {}
+        d_total = None
+        if mode != "none":
+            w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
+            pairs = plan.disc_inputs(out, tgt)  # name -> (student (B, D), teacher (B, D))
+            for name, (s, t) in pairs.items():
+                if mode == "alternating":
+                    s = s.detach()  # D's step must not move the student
+                elif mode == "reversal":
+                    s = grad_reverse(s, w)  # D descends its loss, the student ascends w * it
+                d_loss, acc = discriminator_loss(run.discs[name], t, s, rows)
+                stats[f"d_loss_{name}"], stats[f"d_acc_{name}"] = d_loss.detach(), acc
+                d_total = d_loss if d_total is None else d_total + d_loss
+                if mode == "reversal":
+                    terms[f"adv_{name}"] = -w * d_loss.detach()  # reported: what the student effectively minimises
+                elif mode == "cooperative":
+                    terms[f"adv_{name}"] = w * d_loss  # the student helps D (official MEAL)
+
+    if mode == "alternating":
+        # The paper's game: first D maximises its accuracy against the student as it is ...
+        run.d_opt.zero_grad(set_to_none=True)
+        d_total.backward()
+        run.d_opt.step()
+        # ... then the student tries to pass for the teacher with the updated D (D frozen for it).
+        run.discs.requires_grad_(False)
+        with autocast(run.device):
+            for name, (s, _) in pairs.items():
+                terms[f"adv_{name}"] = w * fooling_loss(run.discs[name], s)
+        run.discs.requires_grad_(True)
+
+    loss = sum(terms.values())
+    objective = loss
+    if mode == "reversal":
+        objective = sum(v for k, v in terms.items() if not k.startswith("adv_")) + d_total
+    run.opt.zero_grad(set_to_none=True)
+    if mode == "reversal":
+        run.d_opt.zero_grad(set_to_none=True)
+    objective.backward()
+    run.opt.step()
+    if mode == "reversal":
+        run.d_opt.step()
+
+    stats["loss"] = loss.detach()
+    stats.update({k: v.detach() for k, v in terms.items()})
+    stats["train_acc"] = (logits.detach().argmax(1) == y).float().mean()
+    return stats
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def steps_per_epoch(n: int, cfg: DistillConfig) -> int:
+    return math.ceil(n / cfg.batch_size)
+
+
+def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: bool = True) -> dict[str, float]:
+    """One pass over the training split showing view `epoch mod V`; mean losses and D accuracies.
+
+    `targets(idx, x, picked) -> Targets` is a pipeline.slabs target source whose `start_epoch` has
+    been called for this epoch's view.
+    """
+    cfg, dev, plan = run.cfg, run.device, run.plan
+    run.student.train()
+    run.discs.train()
+    n, steps = len(data), steps_per_epoch(len(data), cfg)
+    total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
+    view = epoch % data.num_views
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).to(dev)  # (N,)
+    rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
+    torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
+    params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
+    fmt = memory_format(dev)
+
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    bar = tqdm(range(steps), desc=f"{plan.name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+    for i in bar:
+        set_student_lr(run.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,)
+        x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
+        x = x.contiguous(memory_format=fmt)  # (B, C, H, W) float32, the view the teachers saw
+        y = data.labels[idx]
+        picked = plan.pick(rng)
+        tgt = targets(idx, x, picked) if picked else None
+        stats = train_step(run, x, y, tgt)
+        b = len(idx)
+        for k, v in stats.items():
+            sums[k] = sums[k] + v * b if k in sums else v * b
+        seen += b
+        if progress and ((i + 1) % cfg.log_every == 0 or i + 1 == steps):
+            bar.set_postfix(_short(_means(sums, seen)), refresh=False)  # the one host sync per interval
+    return _means(sums, seen)
+
+
+def _means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+    if not sums:
+        return {}
+    values = torch.stack([v.float() for v in sums.values()]).tolist()  # one device -> host copy
+    return {k: v / count for k, v in zip(sums, values)}
+
+
+def _short(stats: dict[str, float]) -> dict[str, str]:
+    keep = {k: v for k, v in stats.items() if k == "loss" or k.startswith("d_acc_") or k == "train_acc"}
+    return {k.replace("d_acc_", "acc_D"): f"{v:.3f}" for k, v in keep.items()}
+
+
+# ---------------------------------------------------------------- evaluation and the epoch loop
+
+
+def evaluate(run: Run, data, batch_size: int | None = None) -> dict[str, float]:
+    """Accuracy (fraction), NLL and sample count of the student on `data` (an ImageData), no augmentation."""
+    return pretraining.evaluate(run.student, data, run.device, batch_size or run.cfg.eval_batch_size)
+
+
+def state_dict(run: Run) -> dict[str, Any]:
+    """The trainable state for a checkpoint (on the CPU)."""
+    cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
+    return {
+        "student": cpu(run.student.state_dict()),
+        "discriminators": cpu(run.discs.state_dict()),
+        "optimizer": run.opt.state_dict(),
+        "d_optimizer": run.d_opt.state_dict() if run.d_opt is not None else None,
+    }
+
+
+def load_state(run: Run, state: dict[str, Any]) -> None:
+    run.student.load_state_dict(state["student"])
+    run.discs.load_state_dict(state["discriminators"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.d_opt is not None:
+        run.d_opt.load_state_dict(state["d_optimizer"])
+
+
+def distill(
+    run: Run,
+    data: TrainSet,
+    test,
+    targets,
+    state: dict[str, Any] | None,
+    save: Callable[[dict[str, Any]], None],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The epoch loop. `state`: a checkpoint to resume from (or None); `save(ckpt)` persists one.
+
+    Epoch e trains on view e mod V: the slab of that view is loaded (already prefetched during the
+    previous epoch) and the next epoch's slab is read in the background while this one trains.
+    Returns the final checkpoint dict.
+    """
+    cfg = run.cfg
+    history: list[dict[str, Any]] = []
+    start, best_acc, best_epoch, wall = 0, -1.0, 0, 0.0
+    if state is not None:
+        load_state(run, state)
+        start, history = state["epoch"], list(state["history"])
+        best_acc, best_epoch, wall = state["best_acc"], state["best_epoch"], state["wall_time_s"]
+    ckpt: dict[str, Any] = dict(state or {})
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        nxt = (epoch + 1) % data.num_views if epoch + 1 < cfg.epochs else None
+        targets.start_epoch(epoch % data.num_views, nxt)
+        stats = train_one_epoch(run, epoch, data, targets, progress)
+        train_time = time.perf_counter() - t0
+        row: dict[str, Any] = {"epoch": epoch + 1, "view": epoch % data.num_views, **stats}
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            ev = evaluate(run, test)
+            row.update(test_acc=ev["accuracy"], test_nll=ev["nll"])
+            if ev["accuracy"] > best_acc:
+                best_acc, best_epoch = ev["accuracy"], epoch + 1
+        elapsed = time.perf_counter() - t0
+        wall += elapsed
+        row.update(lr=run.opt.param_groups[0]["lr"], epoch_time_s=elapsed, train_time_s=train_time,
+                   images_per_s=len(data) / train_time)
+        history.append(row)
+        if progress:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items()
+                              if k in ("loss", "test_acc") or k.startswith("d_acc_"))
+            tqdm.write(f"{run.plan.name} epoch {epoch + 1}/{cfg.epochs}  {shown}  {elapsed:.1f}s")
+        ckpt.update(state_dict(run), epoch=epoch + 1, finished=epoch + 1 == cfg.epochs, history=history,
+                    best_acc=best_acc, best_epoch=best_epoch, test_acc=row.get("test_acc"), wall_time_s=wall)
+        save(ckpt)
+    return ckpt

@@ -1,0 +1,174 @@
+"""Where a training step's teacher targets come from: cached view slabs in memory, or live teachers.
+
+Cached (the product): each epoch e shows view v = e mod V. `SlabLoader` reads the slab `[:, v]` of
+every needed array of every teacher cache into memory once (onto the GPU on CUDA) and reads the next
+epoch's slab in a background thread meanwhile; steps then gather their rows with in-memory indexing.
+Per-batch indexing into zarr/HDF5 costs ~40 ms per random batch against ~0.07 ms in memory
+(DESIGN.md section 3), so it never happens.
+
+Online (`--online`, the speed baseline and the cache's oracle): `OnlineTargets` runs the teachers
+live on the very pixels the student sees, aligns their features with the cache's spec and casts
+through fp16, so a step gets targets in exactly the cached format.
+
+Both hand the loop a `pipeline.methods.Targets`: logits (k, B, C) and aligned features (k, B, L),
+float32, for the k teachers the method picked this step.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from pipeline.align import AlignConfig, align
+from pipeline.device import memory_format
+from pipeline.methods import Targets
+
+
+class SlabSource(Protocol):
+    """Per-teacher view slabs: `read(v)` -> one dict per teacher of {"logits": (N, C), "<block>": (N, L)} fp16."""
+
+    teachers: list[str]
+    blocks: list[str]
+    num_views: int
+
+    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]: ...
+
+
+class CacheSlabs:
+    """Slabs from opened teacher caches (`pipeline.cache.TeacherCache`), one contiguous read per array."""
+
+    def __init__(self, caches: dict):
+        first = next(iter(caches.values()))
+        self.caches = caches
+        self.teachers = list(caches)
+        self.blocks = list(first.blocks)
+        self.num_views = int(first.num_views)
+
+    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        out = []
+        for cache in self.caches.values():
+            out.append(cache.view_slab(view, names))  # {"logits": (N, C), "<block>": (N, L)} fp16
+        return out
+
+
+class ArraySlabs:
+    """Slabs from whole in-memory arrays (N, V, ...) per teacher: tests and benchmarks without a store."""
+
+    def __init__(self, teachers: list[str], arrays: list[dict[str, np.ndarray]], blocks: list[str]):
+        self.teachers, self.arrays, self.blocks = list(teachers), arrays, list(blocks)
+        self.num_views = int(arrays[0]["logits"].shape[1])
+
+    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+        return [{k: np.ascontiguousarray(a[k][:, view]).astype(np.float16) for k in names} for a in self.arrays]
+
+
+@dataclass
+class Slab:
+    """One view of every teacher, stacked: on the training device, fp16."""
+
+    view: int
+    logits: torch.Tensor  # (K, N, C)
+    features: dict[int, torch.Tensor]  # block index -> (K, N, L)
+
+
+class SlabLoader:
+    """Loads view slabs of the arrays a method needs; `prefetch(v)` reads the next one in a thread."""
+
+    def __init__(self, source: SlabSource, feature_blocks: Sequence[int], device: torch.device):
+        self.source, self.device = source, device
+        self.feature_blocks = tuple(feature_blocks)
+        self.names = ["logits"] + [source.blocks[b] for b in self.feature_blocks]
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slab-prefetch")
+        self.pending: dict[int, Future] = {}
+        self.current: Slab | None = None
+
+    def _read(self, view: int) -> dict[str, torch.Tensor]:
+        """Runs in the background thread: disk read + decode, stacked over teachers, pinned on CUDA."""
+        per_teacher = self.source.read(view, self.names)
+        stacked = {k: torch.from_numpy(np.stack([t[k] for t in per_teacher]).astype(np.float16, copy=False))
+                   for k in self.names}  # (K, N, width)
+        if self.device.type == "cuda":
+            stacked = {k: v.pin_memory() for k, v in stacked.items()}
+        return stacked
+
+    def prefetch(self, view: int) -> None:
+        if view not in self.pending and (self.current is None or self.current.view != view):
+            self.pending[view] = self.pool.submit(self._read, view)
+
+    def get(self, view: int) -> Slab:
+        """The slab of `view` on the device (waits for its prefetch if one is under way)."""
+        if self.current is not None and self.current.view == view:
+            return self.current
+        self.prefetch(view)
+        host = self.pending.pop(view).result()
+        on_device = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        self.current = None  # drop the old slab before keeping the new one
+        self.current = Slab(view, on_device["logits"],
+                            {b: on_device[self.source.blocks[b]] for b in self.feature_blocks})
+        return self.current
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CachedTargets:
+    """Targets gathered from the epoch's slab by sample index: no store access inside the step loop."""
+
+    def __init__(self, loader: SlabLoader):
+        self.loader = loader
+        self.slab: Slab | None = None
+
+    def start_epoch(self, view: int, next_view: int | None) -> None:
+        self.slab = self.loader.get(view)
+        if next_view is not None:
+            self.loader.prefetch(next_view)
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
+        """`idx` (B,) sample indexes on the device; `x` unused (the cache already saw these pixels)."""
+        s = self.slab
+
+        def rows(t: torch.Tensor) -> torch.Tensor:  # (K, N, W) -> (k, B, W) float32
+            if len(picked) == t.shape[0]:
+                return t[:, idx].float()
+            return torch.stack([t[k, idx] for k in picked]).float()
+
+        return Targets(rows(s.logits), {b: rows(f) for b, f in s.features.items()})
+
+    def close(self) -> None:
+        self.loader.close()
+
+
+class OnlineTargets:
+    """Targets from the frozen teachers run live on the student's batch, in the cached format."""
+
+    def __init__(self, teachers: list[nn.Module], align_cfg: AlignConfig, feature_blocks: Sequence[int],
+                 device: torch.device, use_autocast: bool = False):
+        fmt = memory_format(device)
+        self.teachers = [t.eval().requires_grad_(False).to(device=device, memory_format=fmt) for t in teachers]
+        self.align_cfg, self.feature_blocks, self.device = align_cfg, tuple(feature_blocks), device
+        # The cache computes in fp32 unless `cache.autocast` (bf16 on CUDA): do what it does, so the
+        # online targets are the cache's oracle rather than a slightly different computation.
+        self.use_autocast = use_autocast and device.type == "cuda"
+
+    def start_epoch(self, view: int, next_view: int | None) -> None:
+        pass
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
+        """`x` (B, C, H, W): the normalised view the student sees. Only the picked teachers run."""
+        logits, feats = [], {b: [] for b in self.feature_blocks}
+        for k in picked:
+            with torch.autocast("cuda", torch.bfloat16, enabled=self.use_autocast):
+                out, blocks = self.teachers[k](x)
+            logits.append(out.float().half())  # (B, C): the cache stores fp16
+            for b in self.feature_blocks:
+                feats[b].append(align(blocks[b], self.align_cfg).half())  # (B, L)
+        return Targets(torch.stack(logits).float(), {b: torch.stack(f).float() for b, f in feats.items()})
+
+    def close(self) -> None:
+        pass

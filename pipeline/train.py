@@ -1,0 +1,207 @@
+"""Teacher pretraining: cross-entropy with pad-and-crop + flip, SGD with momentum, a pure LR schedule.
+
+The epoch loop lives in `pretrain()`, visible top to bottom; `train_one_epoch` and `evaluate` are
+plain functions. A checkpoint (a plain dict) is written after every epoch, so a killed run resumes from
+its last finished epoch instead of starting over.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.augment import AugmentConfig, apply_views, normalize, plan_views
+from pipeline.config import UserError, build, check, check_choice, to_dict
+from pipeline.data import ImageData
+from pipeline.device import autocast, memory_format
+from pipeline.schedules import SCHEDULES, lr_at, set_lr
+
+
+@dataclass
+class PretrainConfig:
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 256  # images per optimizer step
+    lr: float = 0.2  # peak learning rate (SGD)
+    momentum: float = 0.9  # SGD momentum (Nesterov)
+    weight_decay: float = 5e-4  # L2 penalty on weights (not on BatchNorm/bias)
+    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.schedules)
+    warmup_epochs: float = 1.0  # linear warm-up length (epochs)
+    label_smoothing: float = 0.1  # cross-entropy label smoothing (fraction)
+    seed: int = 0  # seeds weights, shuffling and augmentation
+    augment: dict[str, Any] = field(default_factory=lambda: {"kind": "crop_flip", "pad": 2, "flip": True})
+    eval_batch_size: int = 1024  # images per forward pass at test time
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, f"pretrain.epochs = {self.epochs} must be at least 1")
+        check(self.batch_size >= 1, f"pretrain.batch_size = {self.batch_size} must be at least 1")
+        check(self.lr > 0, f"pretrain.lr = {self.lr} must be positive")
+        check(0 <= self.momentum < 1, f"pretrain.momentum = {self.momentum} must be in [0, 1)")
+        check(self.weight_decay >= 0, f"pretrain.weight_decay = {self.weight_decay} must be >= 0")
+        check_choice(self.schedule, SCHEDULES, "pretrain.schedule")
+        check(0 <= self.warmup_epochs <= self.epochs, f"pretrain.warmup_epochs = {self.warmup_epochs} must be in [0, epochs]")
+        check(0 <= self.label_smoothing < 1, f"pretrain.label_smoothing = {self.label_smoothing} must be in [0, 1)")
+        check(self.eval_batch_size >= 1, f"pretrain.eval_batch_size = {self.eval_batch_size} must be at least 1")
+        build(AugmentConfig, self.augment, "pretrain.augment")  # validate now, before any work
+
+    @property
+    def augment_config(self) -> AugmentConfig:
+        return build(AugmentConfig, self.augment, "pretrain.augment")
+
+
+@dataclass
+class TeacherSpec:
+    arch: str = "resnet18"  # a name from pipeline.models.ZOO
+    model: dict[str, Any] = field(default_factory=dict)  # constructor kwargs, e.g. {width: 0.5}
+    pretrain: dict[str, Any] = field(default_factory=dict)  # overrides of the shared `pretrain` section
+
+
+def teacher_spec(params: dict[str, Any], name: str) -> tuple[TeacherSpec, PretrainConfig]:
+    """The named teacher's spec and its pretrain config (shared section + the teacher's overrides)."""
+    teachers = params.get("teachers") or {}
+    if name not in teachers:
+        known = ", ".join(teachers) or "(none)"
+        raise UserError(f"teacher '{name}' is not listed under `teachers` in the params; known: {known}")
+    spec = build(TeacherSpec, teachers[name], f"teachers.{name}")
+    merged = {**(params.get("pretrain") or {}), **spec.pretrain}
+    return spec, build(PretrainConfig, merged, "pretrain")  # the message names the key; it may be a teacher override
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on conv/linear weights only; BatchNorm scales and biases are left undecayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = device.type == "cuda"
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.momentum > 0, fused=fused or None)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: ImageData,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: PretrainConfig,
+    epoch: int,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One pass over `images` (N, C, H, W) uint8 already on `device`; returns mean loss and accuracy.
+
+    The epoch's augmentation is view `epoch` of the seeded plan (pipeline.augment), so it is replayable.
+    """
+    model.train()
+    aug = cfg.augment_config
+    n = len(labels)
+    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=gen).to(device)  # (N,)
+    views = torch.from_numpy(plan_views(aug, cfg.seed, np.arange(n), np.array([epoch]), *images.shape[2:])[:, 0])
+    views = views.to(device)  # (N, P)
+    fmt = memory_format(device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+    for i in bar:
+        set_lr(optimizer, lr_at(epoch * steps_per_epoch + i, total_steps, cfg.lr, warmup, cfg.schedule))
+        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (b,)
+        x = normalize(apply_views(images[idx], views[idx], aug), data.mean, data.std)  # (b, C, H, W)
+        x = x.contiguous(memory_format=fmt)
+        y = labels[idx]
+        with autocast(device):
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(idx)
+        correct += (logits.argmax(1) == y).sum()
+        if progress and i % 50 == 0:  # one host sync per 50 steps, not per step
+            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * cfg.batch_size):.3f}")
+    return {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, C) float32 on the CPU for the un-augmented images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    fmt = memory_format(device)
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = data.images[start:start + batch_size].to(device)
+        x = normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
+        with autocast(device):
+            logits, _ = model(x)
+        out.append(logits.float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, data.num_classes)
+
+
+def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1024) -> dict[str, float]:
+    """Top-1 accuracy (fraction) and mean NLL on `data`, no augmentation."""
+    logits = predict_logits(model, data, device, batch_size)
+    return {
+        "accuracy": (logits.argmax(1) == data.labels).float().mean().item(),
+        "nll": F.cross_entropy(logits, data.labels).item(),
+        "num_samples": len(data),
+    }
+
+
+def pretrain(
+    model: nn.Module,
+    train: ImageData,
+    test: ImageData,
+    cfg: PretrainConfig,
+    device: torch.device,
+    state: dict[str, Any] | None,
+    save: Callable[[dict[str, Any]], None],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The epoch loop. `state` is a checkpoint to resume from (or None); `save` persists a checkpoint dict.
+
+    Returns the final checkpoint dict (also passed to `save`).
+    """
+    model.to(device=device, memory_format=memory_format(device))
+    optimizer = make_optimizer(model, cfg, device)
+    history: list[dict[str, float]] = []
+    start_epoch, wall = 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, history, wall = state["epoch"], list(state["history"]), state.get("wall_time_s", 0.0)
+    images = train.images.to(device)  # (N, C, H, W) uint8, resident for the whole run
+    labels = train.labels.to(device)
+    ckpt: dict[str, Any] = dict(state or {})
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, optimizer, train, images, labels, cfg, epoch, device, progress)
+        test_stats = evaluate(model, test, device, cfg.eval_batch_size)
+        elapsed = time.perf_counter() - t0
+        wall += elapsed
+        row = {"epoch": epoch + 1, **stats, "test_acc": test_stats["accuracy"], "test_nll": test_stats["nll"],
+               "epoch_time_s": elapsed, "images_per_s": len(train) / elapsed}
+        history.append(row)
+        if progress:
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['train_loss']:.4f}  train {stats['train_acc']:.4f}"
+                       f"  test {test_stats['accuracy']:.4f}  {elapsed:.1f}s")
+        ckpt.update(model={k: v.cpu() for k, v in model.state_dict().items()}, optimizer=optimizer.state_dict(),
+                    epoch=epoch + 1, history=history, wall_time_s=wall, test_acc=test_stats["accuracy"],
+                    finished=epoch + 1 == cfg.epochs, config=to_dict(cfg))
+        save(ckpt)
+    return ckpt

@@ -1,0 +1,233 @@
+"""Stage: train the student from the teacher caches (MEAL, MEAL V2, ANC, KD) or from scratch.
+
+    python -m stages.distill                       # distill.method from params.yaml
+    python -m stages.distill --method kd --epochs 5
+    python -m stages.distill --online              # teachers run live on the same views (baseline, oracle)
+
+Reads data/views.zarr and data/cache/<teacher>.zarr (never a teacher, except with --online) and writes
+data/student/<method>.pt after every epoch and metrics/distill/<method>.json (`<method>_online` with
+--online). Killed and rerun, it resumes from the last finished epoch; a checkpoint made with other
+settings is refused unless --restart is given. Every option and params value is checked before any
+data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from pipeline import paths
+from pipeline.align import AlignConfig
+from pipeline.cache import CacheConfig, open_cache, validate_caches
+from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint, sha256_file, write_json
+from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
+from pipeline.data import DataConfig, load_split
+from pipeline.device import resolve_device, setup_threads
+from pipeline.distill import TrainSet, build_run, distill
+from pipeline.methods import DistillConfig, StudentConfig, distill_teachers, make_plan, method_configs
+from pipeline.models import build_model, count_parameters
+from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.views import open_view_plan
+
+# settings that change neither the student nor the metrics' meaning: a resume may differ in them
+NOT_IDENTITY = ("log_every", "eval_batch_size", "compile")
+
+
+@dataclass
+class Settings:
+    """Every config of the run, built and checked before any work."""
+
+    data: DataConfig
+    student: StudentConfig
+    distill: DistillConfig
+    options: Any  # the chosen method's config dataclass
+    cache: CacheConfig
+    teachers: list[str]
+    online: bool
+
+    @property
+    def method(self) -> str:
+        return self.distill.method
+
+    @property
+    def run_name(self) -> str:
+        """Online runs keep their own checkpoint and metrics (they are the speed baseline)."""
+        return f"{self.method}_online" if self.online and self.method != "scratch" else self.method
+
+
+def read_settings(params: dict[str, Any], method: str | None, epochs: int | None, seed: int | None,
+                  online: bool) -> Settings:
+    """All configs from the params plus command-line overrides; one-line UserError on anything wrong."""
+    data_cfg = build(DataConfig, section(params, "data"), "data")
+    student = build(StudentConfig, section(params, "student"), "student")
+    overrides = {k: v for k, v in (("method", method), ("epochs", epochs), ("seed", seed)) if v is not None}
+    cfg = build(DistillConfig, {**section(params, "distill"), **overrides}, "distill")
+    listed = list(section(params, "teachers"))
+    teachers = distill_teachers(cfg, listed)
+    options = method_configs(cfg, teachers)[cfg.method]  # builds (and checks) every method's options
+    cache_cfg = build(CacheConfig, section(params, "cache"), "cache")
+    with torch.device("meta"):  # checks arch and kwargs without allocating anything
+        build_model(student.arch, 10, 1, **student.model)
+    return Settings(data_cfg, student, cfg, options, cache_cfg, teachers if cfg.method != "scratch" else [], online)
+
+
+def check_plan(plan, train) -> None:
+    """The view plan must index this very training split, sample by sample."""
+    if plan.dataset_fingerprint != train.fingerprint or plan.num_samples != len(train):
+        raise UserError(f"view plan {plan.path} was made from other training data ({plan.num_samples} samples) "
+                        f"than the `data` params give ({len(train)}): rerun python -m stages.plan_views, "
+                        f"then the teacher caches")
+    if not np.array_equal(plan.labels.astype(np.int64), train.labels.numpy()):
+        raise UserError(f"view plan {plan.path} holds other labels than the training data: "
+                        f"rerun python -m stages.plan_views")
+
+
+def open_targets(s: Settings, plan, train, feature_blocks, device):
+    """(target source, align spec, block names, per-teacher identity) for cached or online training."""
+    if not s.teachers:  # scratch
+        return None, s.cache.align_config, None, {}
+    if s.online:
+        models, hashes = [], {}
+        for name in s.teachers:
+            path = paths.teacher_checkpoint(name)
+            model, ckpt = load_teacher(path, device)
+            kw = ckpt["model_kwargs"]
+            if ckpt.get("dataset_fingerprint") != train.fingerprint:
+                raise UserError(f"teacher checkpoint {path} was trained on other data than the student's training "
+                                f"split: retrain it (python -m stages.pretrain --teacher {name} --restart)")
+            if kw.get("num_classes") != train.num_classes or kw.get("in_channels") != train.in_channels:
+                raise UserError(f"teacher checkpoint {path} is for {kw.get('num_classes')} classes and "
+                                f"{kw.get('in_channels')} channels, the data has {train.num_classes} and "
+                                f"{train.in_channels}: retrain it with python -m stages.pretrain --teacher {name}")
+            models.append(model)
+            hashes[name] = sha256_file(path)
+        align_cfg = s.cache.align_config
+        return OnlineTargets(models, align_cfg, feature_blocks, device, s.cache.autocast), align_cfg, None, hashes
+    caches = validate_caches([open_cache(paths.teacher_cache(t, s.cache.format)) for t in s.teachers], plan,
+                             train.fingerprint, train.num_classes, check_checkpoints=True)
+    align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
+    source = CacheSlabs(dict(zip(s.teachers, caches)))
+    hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(s.teachers, caches)}
+    return CachedTargets(SlabLoader(source, feature_blocks, device)), align_cfg, caches[0].blocks, hashes
+
+
+@click.command()
+@click.option("--method", default=None, help="meal | meal_v2 | anc | kd | scratch  [default: params distill.method]")
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--online", is_flag=True, help="Run the teachers live on the same views instead of reading the caches.")
+@click.option("--epochs", type=int, default=None, help="Override distill.epochs.")
+@click.option("--seed", type=int, default=None, help="Override distill.seed.")
+@click.option("--restart", is_flag=True, help="Discard an existing checkpoint made with other settings and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(method: str | None, params_path: str, device: str, online: bool, epochs: int | None, seed: int | None,
+         restart: bool, quiet: bool) -> None:
+    """Train the student with `distill.method` from the cached teacher outputs; resumable."""
+    s = read_settings(load_params(params_path), method, epochs, seed, online)
+    dev = resolve_device(device)
+    setup_threads()
+
+    train = load_split(s.data, "train")
+    test = load_split(s.data, "val" if s.data.val_size > 0 else "test")
+    plan_views = open_view_plan(paths.view_plan())
+    check_plan(plan_views, train)
+    plan = make_plan(s.method, s.options, s.teachers)
+    targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, plan.feature_blocks, dev)
+    plan = make_plan(s.method, s.options, s.teachers, blocks)
+
+    model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **s.student.model}
+    torch.manual_seed(s.distill.seed)
+    student = build_model(s.student.arch, **model_kwargs)
+    run = build_run(plan, s.distill, student, train.num_classes, align_cfg, dev)
+    distill_dict = {k: v for k, v in to_dict(s.distill).items() if k not in NOT_IDENTITY and k not in
+                    ("meal", "meal_v2", "anc", "kd", "scratch")}
+    identity = {
+        "method": s.method,
+        "online": s.online and s.method != "scratch",
+        "distill": distill_dict,
+        "options": to_dict(s.options),
+        "student": to_dict(s.student),
+        "model_kwargs": model_kwargs,
+        "data": to_dict(s.data),
+        "dataset_fingerprint": train.fingerprint,
+        "view_plan": plan_views.fingerprint,
+        "teachers": hashes,
+        "align": to_dict(align_cfg),
+    }
+
+    path = paths.student_checkpoint(s.run_name)
+    state = None
+    if path.exists():
+        state = load_checkpoint(path, "student checkpoint")
+        changed = [k for k, v in identity.items() if state.get("identity", {}).get(k) != v]
+        if changed and not restart:
+            raise UserError(f"{path} was made with different {', '.join(changed)}: pass --restart to start over, "
+                            f"or delete the file")
+        if changed:
+            state = None
+    params_count = count_parameters(student)
+    resumed = f", resuming after epoch {state['epoch']}" if state else ""
+    click.echo(f"{s.run_name}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on {dev}, "
+               f"{len(train):,} images x {plan_views.num_views} views, teachers {', '.join(s.teachers) or 'none'}, "
+               f"adversarial {plan.adversarial}{resumed}")
+    if state is not None and state.get("finished"):
+        click.echo(f"{s.run_name}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
+
+    base = {"method": s.method, "run": s.run_name, "arch": s.student.arch, "model_kwargs": model_kwargs,
+            "params": params_count, "identity": identity}
+
+    def save(ckpt: dict[str, Any]) -> None:
+        save_checkpoint(path, {**base, **ckpt})
+        write_json(paths.student_metrics(s.run_name), metrics(s, base, ckpt, str(dev)))
+
+    data = TrainSet(train.images.to(dev), train.labels.to(dev), plan_views.aug, plan_views.augment,
+                    train.mean, train.std)
+    targets = targets or _NoTargets()
+    try:
+        ckpt = distill(run, data, test, targets, state, save, progress=not quiet)
+    finally:
+        targets.close()
+    if state is not None and state.get("finished"):
+        save(ckpt)  # refresh the metrics file; the checkpoint is unchanged
+    click.echo(f"{s.run_name}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at epoch "
+               f"{ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
+
+
+class _NoTargets:
+    """The scratch method's target source: it never asks for teacher targets."""
+
+    def start_epoch(self, view: int, next_view: int | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def metrics(s: Settings, base: dict[str, Any], ckpt: dict[str, Any], device: str) -> dict[str, Any]:
+    history = ckpt["history"]
+    return {
+        "method": s.method,
+        "run": s.run_name,
+        "online": s.online and s.method != "scratch",
+        "arch": base["arch"],
+        "params": base["params"],
+        "teachers": s.teachers,
+        "device": device,
+        "epochs": ckpt["epoch"],
+        "finished": ckpt["finished"],
+        "test_acc": ckpt["test_acc"],
+        "best_acc": ckpt["best_acc"],
+        "best_epoch": ckpt["best_epoch"],
+        "wall_time_s": round(ckpt["wall_time_s"], 3),
+        "images_per_s": sum(r["images_per_s"] for r in history) / max(1, len(history)),
+        "options": to_dict(s.options),
+        "history": history,
+    }
+
+
+if __name__ == "__main__":
+    main()

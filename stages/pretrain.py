@@ -1,0 +1,86 @@
+"""Stage 1: pretrain one teacher of the zoo.
+
+    python -m stages.pretrain --teacher resnet18
+
+Writes data/teachers/<name>.pt (a plain dict: weights, arch and kwargs, config, dataset fingerprint,
+epoch, test accuracy) after every epoch, and metrics/pretrain/<name>.json at the end. Killed and rerun,
+it resumes from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import click
+import torch
+
+from pipeline import paths
+from pipeline.checkpoints import load_checkpoint, save_checkpoint, write_json
+from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
+from pipeline.data import DataConfig, load_split
+from pipeline.device import resolve_device, setup_threads
+from pipeline.models import build_model, count_parameters
+from pipeline.train import pretrain, teacher_spec
+
+
+@click.command()
+@click.option("--teacher", required=True, help="Teacher name, a key of `teachers` in the params file.")
+@click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--restart", is_flag=True, help="Discard an existing checkpoint made with other settings and start over.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool) -> None:
+    """Train one teacher with cross-entropy, pad-and-crop + flip and SGD; resumable."""
+    params = load_params(params_path)
+    data_cfg = build(DataConfig, section(params, "data"), "data")
+    spec, cfg = teacher_spec(params, teacher)
+    dev = resolve_device(device)
+    setup_threads()
+
+    train = load_split(data_cfg, "train")
+    test = load_split(data_cfg, "test")
+    model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **spec.model}
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec.arch, **model_kwargs)
+    identity = {
+        "teacher": teacher,
+        "arch": spec.arch,
+        "model_kwargs": model_kwargs,
+        "config": to_dict(cfg),
+        "data": to_dict(data_cfg),
+        "dataset_fingerprint": train.fingerprint,
+    }
+
+    path = paths.teacher_checkpoint(teacher)
+    state = None
+    if path.exists():
+        state = load_checkpoint(path, "teacher checkpoint")
+        changed = [k for k, v in identity.items() if state.get(k) != v]
+        if changed and not restart:
+            raise UserError(
+                f"{path} was trained with different {', '.join(changed)}: "
+                f"pass --restart to retrain it, or delete the file"
+            )
+        if changed:
+            state = None
+        elif state.get("finished"):
+            click.echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
+    click.echo(f"{teacher}: {spec.arch} {spec.model} with {count_parameters(model):,} parameters on {dev}, "
+               f"{len(train):,} training images" + (f", resuming after epoch {state['epoch']}" if state else ""))
+
+    base = {**identity, "params": count_parameters(model)}
+    ckpt = pretrain(model, train, test, cfg, dev, state and {**base, **state},
+                    lambda c: save_checkpoint(path, {**base, **c}), progress=not quiet)
+    write_json(paths.teacher_metrics(teacher), {
+        "teacher": teacher,
+        "arch": spec.arch,
+        "params": count_parameters(model),
+        "test_acc": ckpt["test_acc"],
+        "epochs": ckpt["epoch"],
+        "wall_time_s": round(ckpt["wall_time_s"], 2),
+        "history": ckpt["history"],
+    })
+    click.echo(f"{teacher}: test accuracy {ckpt['test_acc']:.4f} after {ckpt['epoch']} epochs, "
+               f"{ckpt['wall_time_s']:.0f}s of training -> {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The distill stage on tiny data: cached == online, every method end to end, resume, one-line refusals.
+
+Setup (`tiny_pipeline`): 96 synthetic 1x28x28 images, two untrained student_cnn (width 0.25) teachers
+saved as teacher checkpoints per the contract schema, a view plan with V = 2, and both teachers cached
+through the real stages (plan_views, cache_teachers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import pipeline.distill
+from pipeline import paths
+from pipeline.cache import open_cache
+from pipeline.checkpoints import save_checkpoint
+from pipeline.config import build, to_dict
+from pipeline.data import DataConfig, load_split
+from pipeline.distill import TrainSet, build_run, train_one_epoch
+from pipeline.methods import DistillConfig, make_plan, method_configs
+from pipeline.models import build_model
+from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.align import AlignConfig
+from pipeline.views import open_view_plan
+from stages import cache_teachers as cache_stage
+from stages import distill as distill_stage
+from stages import plan_views as plan_stage
+
+TEACHERS = ("t1", "t2")
+
+
+def params_for(root: Path) -> dict:
+    return {
+        "data": {"name": "fashion_mnist", "root": str(root), "limit": 96},
+        "teachers": {t: {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}} for t in TEACHERS},
+        "views": {"num_views": 2, "seed": 0, "augment": {"kind": "crop_flip", "pad": 2, "flip": True}},
+        "cache": {"format": "zarr", "align": {"kind": "channel", "length": 8}, "batch_size": 64, "chunk_rows": 32},
+        "student": {"arch": "student_cnn", "model": {"width": 0.25, "dropout": 0.1}},
+        "distill": {"method": "meal", "epochs": 2, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256,
+                    "log_every": 1, "meal": {"adversarial": "alternating"}},
+    }
+
+
+def write_params(params: dict) -> None:
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def fake_teacher(name: str, seed: int, train) -> None:
+    """A teacher checkpoint per the contract schema (untrained weights: targets only need to be fixed)."""
+    torch.manual_seed(seed)
+    kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, "width": 0.25}
+    model = build_model("student_cnn", **kwargs)
+    save_checkpoint(paths.teacher_checkpoint(name), {
+        "teacher": name, "arch": "student_cnn", "model_kwargs": kwargs, "model": model.state_dict(),
+        "optimizer": {}, "config": {}, "data": to_dict(DataConfig()), "dataset_fingerprint": train.fingerprint,
+        "epoch": 1, "finished": True, "test_acc": 0.1, "history": [],
+    })
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
+    """tmp_path as the working directory, with params.yaml, teachers, view plan and caches in place."""
+    monkeypatch.chdir(tmp_path)
+    params = params_for(fashion_root)
+    write_params(params)
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    for i, name in enumerate(TEACHERS):
+        fake_teacher(name, 100 + i, train)
+    runner = CliRunner()
+    assert runner.invoke(plan_stage.main, []).exit_code == 0
+    for name in TEACHERS:
+        result = runner.invoke(cache_stage.main, ["--teacher", name, "--quiet", "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+    return params
+
+
+def run(*args: str):
+    return CliRunner().invoke(distill_stage.main, ["--quiet", "--device", "cpu", *args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+# ---------------------------------------------------------------- cached == online
+
+
+class Recorder:
+    """Wraps a target source and keeps every step's targets."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def start_epoch(self, view, next_view):
+        self.inner.start_epoch(view, next_view)
+
+    def __call__(self, idx, x, picked):
+        tgt = self.inner(idx, x, picked)
+        self.seen.append((list(picked), tgt))
+        return tgt
+
+
+@pytest.mark.parametrize("method", ["meal", "kd"])
+def test_cached_and_online_training_see_the_same_targets(tiny_pipeline, method):
+    params = tiny_pipeline
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    plan_views = open_view_plan(paths.view_plan())
+    cfg = build(DistillConfig, {**params["distill"], "method": method}, "distill")
+    options = method_configs(cfg, list(TEACHERS))[method]
+    align_cfg = AlignConfig(**params["cache"]["align"])
+    dev = torch.device("cpu")
+    data = TrainSet(train.images, train.labels, plan_views.aug, plan_views.augment, train.mean, train.std)
+
+    def train_with(online: bool):
+        plan = make_plan(method, options, list(TEACHERS))
+        if online:
+            from pipeline.checkpoints import load_teacher
+            source = OnlineTargets([load_teacher(paths.teacher_checkpoint(t))[0] for t in TEACHERS], align_cfg,
+                                   plan.feature_blocks, dev)
+        else:
+            caches = {t: open_cache(paths.teacher_cache(t)) for t in TEACHERS}
+            source = CachedTargets(SlabLoader(CacheSlabs(caches), plan.feature_blocks, dev))
+        torch.manual_seed(cfg.seed)
+        student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
+        run_ = build_run(plan, cfg, student, 10, align_cfg, dev)
+        recorder = Recorder(source)
+        history = []
+        for epoch in range(cfg.epochs):
+            recorder.start_epoch(epoch % 2, (epoch + 1) % 2)
+            history.append(train_one_epoch(run_, epoch, data, recorder, progress=False))
+        return recorder.seen, history, student
+
+    cached_seen, cached_hist, cached_student = train_with(False)
+    online_seen, online_hist, online_student = train_with(True)
+    assert len(cached_seen) == len(online_seen) == 2 * 3  # 2 epochs x 3 steps of 32
+    for (pc, tc), (po, to) in zip(cached_seen, online_seen):
+        assert pc == po  # the same teacher draws
+        # both went through fp16: equal up to one fp16 rounding step of a value near 1e1
+        torch.testing.assert_close(tc.logits, to.logits, rtol=1e-3, atol=2e-3)
+        assert tc.features.keys() == to.features.keys()
+        for b in tc.features:
+            torch.testing.assert_close(tc.features[b], to.features[b], rtol=1e-3, atol=1e-3)
+    # the losses agree to 1e-4 relative over all steps (measured: identical on the CPU)
+    for hc, ho in zip(cached_hist, online_hist):
+        assert hc.keys() == ho.keys()
+        for key in hc:
+            assert hc[key] == pytest.approx(ho[key], rel=1e-4, abs=1e-6), key
+    for (name, a), b in zip(cached_student.state_dict().items(), online_student.state_dict().values()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- every method through the stage
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("meal", []), ("meal_v2", []), ("anc", []), ("kd", []), ("scratch", []), ("kd", ["--online"]),
+])
+def test_every_method_runs_end_to_end(tiny_pipeline, method, extra):
+    result = run("--method", method, *extra)
+    assert result.exit_code == 0, result.output
+    name = f"{method}_online" if extra else method
+    ckpt = torch.load(paths.student_checkpoint(name), weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["finished"] and ckpt["method"] == method
+    assert set(ckpt) >= {"student", "discriminators", "optimizer", "d_optimizer", "identity", "history", "best_acc"}
+    metrics = json.loads(paths.student_metrics(name).read_text())
+    assert len(metrics["history"]) == 2 and 0 <= metrics["test_acc"] <= 1
+    row = metrics["history"][-1]
+    assert {"loss", "test_acc", "epoch_time_s", "images_per_s"} <= set(row)
+    d_acc = [k for k in row if k.startswith("d_acc_")]
+    expected = {"meal": 3, "meal_v2": 1, "anc": 1}.get(method, 0)
+    assert len(d_acc) == expected and all(0 <= row[k] <= 1 for k in d_acc)
+    # the rerun finds the finished checkpoint and trains nothing more
+    again = run("--method", method, *extra)
+    assert again.exit_code == 0 and "already trained" in again.output
+
+
+@pytest.mark.parametrize("game", ["reversal", "cooperative"])
+def test_meal_games_run_through_the_stage(tiny_pipeline, game):
+    params = tiny_pipeline
+    params["distill"]["meal"] = {"adversarial": game, "similarity": "kl", "logit_similarity": "kl"}
+    params["distill"]["epochs"] = 1
+    write_params(params)
+    result = run()
+    assert result.exit_code == 0, result.output
+    ckpt = torch.load(paths.student_checkpoint("meal"), weights_only=False)
+    assert (ckpt["d_optimizer"] is None) == (game == "cooperative")  # cooperative: D inside the student's SGD
+    assert len(ckpt["optimizer"]["param_groups"]) == (3 if game == "cooperative" else 2)
+
+
+def test_killed_run_resumes_from_the_saved_epoch(tiny_pipeline, monkeypatch):
+    assert run().exit_code == 0
+    reference = torch.load(paths.student_checkpoint("meal"), weights_only=False)
+    paths.student_checkpoint("meal").unlink()
+
+    real = pipeline.distill.train_one_epoch
+
+    def dies_in_epoch_two(run_, epoch, *args, **kwargs):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(run_, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.distill, "train_one_epoch", dies_in_epoch_two)
+    with pytest.raises((KeyboardInterrupt, click.exceptions.Abort)):  # click turns ^C into Abort
+        distill_stage.main(["--quiet", "--device", "cpu"], standalone_mode=False)
+    partial = torch.load(paths.student_checkpoint("meal"), weights_only=False)
+    assert partial["epoch"] == 1 and not partial["finished"]
+
+    monkeypatch.setattr(pipeline.distill, "train_one_epoch", real)
+    resumed = run()
+    assert resumed.exit_code == 0 and "resuming after epoch 1" in resumed.output
+    final = torch.load(paths.student_checkpoint("meal"), weights_only=False)
+    assert final["epoch"] == 2 and len(final["history"]) == 2
+    for key in ("student", "discriminators"):
+        for name, value in reference[key].items():
+            torch.testing.assert_close(final[key][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_changed_settings_refuse_without_restart(tiny_pipeline):
+    params = tiny_pipeline
+    params["distill"]["epochs"] = 1
+    write_params(params)
+    assert run().exit_code == 0
+    before = paths.student_checkpoint("meal").read_bytes()
+    line = one_line_error(run("--seed", "3"))
+    assert "--restart" in line and "distill" in line
+    assert paths.student_checkpoint("meal").read_bytes() == before  # nothing destroyed
+    assert run("--seed", "3", "--restart").exit_code == 0
+
+
+# ---------------------------------------------------------------- one-line refusals
+
+
+@pytest.mark.parametrize("args,edit,needle", [
+    (["--method", "fitnets"], None, "distill.method"),
+    ([], ("meal", {"adversarial": "wgan"}), "distill.meal.adversarial"),
+    ([], ("meal", {"similarity": "cosine"}), "distill.meal.similarity"),
+    ([], ("meal", {"block_weights": [1.0]}), "block_weights"),
+    ([], ("kd", {"alpha": 1.5}), "distill.kd.alpha"),  # another method's options are checked too
+    ([], ("kd", {"teacher": "nobody"}), "distill.kd.teacher"),
+    ([], ("anc", {"lambda": 1.0}), "unknown key"),
+    ([], ("student", {"arch": "nonet"}), "unknown architecture"),
+    ([], ("student", {"arch": "student_cnn", "model": {"depth": 3}}), "does not take"),
+    (["--device", "tpu"], None, "--device"),
+])
+def test_bad_methods_and_options_fail_in_one_line_before_any_work(tmp_path, monkeypatch, args, edit, needle):
+    monkeypatch.chdir(tmp_path)
+    params = params_for(tmp_path / "no-such-data")  # nothing to read: only the checks can run
+    if edit is not None:
+        where, value = edit
+        if where == "student":
+            params["student"] = value
+        else:
+            params["distill"][where] = value
+    write_params(params)
+    monkeypatch.setattr(distill_stage, "load_split", lambda *a, **k: pytest.fail("work started"))
+    line = one_line_error(run(*args))
+    assert needle in line
+    assert not Path("data").exists()
+
+
+def test_stale_teacher_checkpoint_is_refused(tiny_pipeline):
+    train = load_split(build(DataConfig, tiny_pipeline["data"], "data"), "train")
+    fake_teacher("t2", 999, train)  # retrained after its cache was made
+    line = one_line_error(run())
+    assert "t2" in line and "changed" in line
+
+
+def test_incomplete_cache_is_refused(tiny_pipeline):
+    import zarr
+
+    zarr.open_group(str(paths.teacher_cache("t1")), mode="r+").attrs["complete"] = False
+    line = one_line_error(run())
+    assert "incomplete" in line
+
+
+def test_view_plan_of_other_data_is_refused(tiny_pipeline):
+    params = tiny_pipeline
+    params["data"]["limit"] = 64
+    write_params(params)
+    line = one_line_error(run("--method", "scratch"))
+    assert "view plan" in line
