@@ -35,15 +35,23 @@ class CacheConfig:
     format: str = "zarr"  # zarr | h5 (stages.cache_teachers --format overrides)
     align: dict[str, Any] = field(default_factory=lambda: {"kind": "channel", "length": 32})  # pipeline.align
     batch_size: int = 512  # (sample, view) pairs per teacher forward
-    # Sample rows per chunk: the write and resume unit, and the read granularity of a view slab.
-    # Measured (bench.cache_io --sweep, 2-core CPU, N=60000 V=4 C=10 3x L=32): reading a view slab
-    # runs 0.55 / 1.5 / 2.9 GB/s from zarr at 4096 / 16384 / 65536 rows (per-chunk overhead about
-    # 0.4 ms), HDF5 3.8-4.5 GB/s at any of them. 8192 keeps a slab read around 10 ms for
-    # Fashion-MNIST (nothing next to an epoch) while a killed run loses at most 8192 x V forwards.
+    # Sample rows per chunk (at most; balanced so the last chunk is not mostly padding: 60000 rows
+    # -> 8 chunks of 7500): the write and resume unit, and the read granularity of a view slab.
+    # Measured with `python -m bench.cache_io --sweep` (2-core CPU, warm page cache, N=60000 V=4,
+    # C=10 + 3 blocks x L=32 fp16, results in bench/results/cpu-cache_io.json): a view slab [:, v]
+    # reads from zarr at 0.18 / 0.65 / 1.08 / 1.45 / 2.48 GB/s with 1024 / 4096 / 8192 / 16384 / 65536
+    # rows (zarr costs about 0.4 ms per chunk file read, 2-4 ms per file written), from HDF5 at
+    # 2.6-4.3 GB/s at any of them, and a numpy memmap at about 3.4 GB/s. 8192 rows keeps a Fashion-MNIST
+    # slab read near 10 ms (nothing next to an epoch, and the next slab is prefetched), 1-4 ms per
+    # written chunk file amortised over 8192 x V forwards, while a killed run loses at most one chunk
+    # (on CPU about a minute of forwards). DESIGN's 1-8 MB per chunk would be 52k+ rows at C=10:
+    # one chunk for the whole dataset, i.e. no resume.
     chunk_rows: int = 8192
-    # none | zstd | blosc (zarr); none | lzf | gzip (h5). Measured on the same data: zstd-1 made the
-    # store 1.27x smaller but a slab read 3.7x slower and writes 2x slower; lzf/gzip were 10-30x slower
-    # to read in h5. Teacher outputs (fp16 mantissas) barely compress, so the default stores them raw.
+    # none | zstd | blosc (zarr); none | lzf | gzip (h5). Same sweep: fp16 teacher outputs barely
+    # compress (their mantissas are noise): zstd-1 1.28x smaller but slab reads 1.9x slower (0.58 GB/s)
+    # and writes 1.4x slower; blosc-lz4 with byte shuffle 1.0x; h5 lzf 1.06x and gzip-1 1.27x, both
+    # reading 15-20x slower (0.2 GB/s). Raw storage wins: the cache is ~212 bytes per (sample, view),
+    # about 100 MB per teacher for Fashion-MNIST at V=8.
     codec: str = "none"
     queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
     prefetch_batches: int = 4  # augmented input batches prepared ahead of the teacher forward

@@ -69,16 +69,22 @@ def cache_teacher(
     progress: bool = True,
     on_chunk: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    teacher: str | None = None,
 ) -> dict[str, Any]:
     """Fill the cache `out` (.zarr or .h5) for the teacher at `checkpoint`; returns a summary dict.
 
+    `teacher` is the name the cache records (default: the checkpoint's file stem, which is how
+    `paths.teacher_checkpoint(name)` finds it again when validate_caches checks its hash).
     `data` is the ImageData of the split the plan was made from. `on_chunk(k)` is called by the writer
     after chunk k is marked done (progress reporting, and the tests' fault injection); `log(line)` gets
     one line once every check passed and the work starts.
     """
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
+    if not checkpoint.is_file():
+        raise UserError(f"teacher checkpoint {checkpoint} not found: run python -m stages.pretrain "
+                        f"--teacher {checkpoint.stem} first")
     model, ckpt = load_teacher(checkpoint, device)
-    teacher = ckpt.get("teacher") or checkpoint.stem
+    teacher = teacher or checkpoint.stem
     _check_inputs(teacher, ckpt, plan, data, checkpoint)
 
     align_cfg = cfg.align_config
@@ -107,8 +113,10 @@ def cache_teacher(
         "software_version": pipeline.__version__,
         "complete": False,
     })
+    n_chunks = max(1, -(-plan.num_samples // cfg.chunk_rows))
+    rows = max(1, -(-plan.num_samples // n_chunks))  # <= chunk_rows, balanced: no mostly-empty last chunk
     layout = Layout(plan.num_samples, plan.num_views, attrs["num_classes"], tuple(blocks), align_cfg.length,
-                    max(1, min(cfg.chunk_rows, plan.num_samples)), cfg.codec)
+                    rows, cfg.codec)
     attrs.update(layout.to_attrs())
 
     store, staging = _prepare_store(out, attrs, layout, overwrite)
@@ -117,8 +125,9 @@ def cache_teacher(
         done = store.done()
         pending = [k for k in range(layout.n_chunks) if not done[k]]
         if log is not None:
-            state = (f"resuming, {len(pending)} of {layout.n_chunks} chunks to go" if 0 < len(pending) < layout.n_chunks
-                     else "already complete" if not pending else f"{layout.n_chunks} chunks")
+            chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
+            state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
+                     else "already complete" if not pending else chunks)
             log(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
                 f"{layout.num_views} views on {device}, {state}")
         if pending:
@@ -166,7 +175,7 @@ def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: 
     if out.exists():
         existing = _try_open(out)
         if existing is None and not overwrite:
-            raise UserError(f"{out} exists but is not a readable teacher cache: "
+            raise UserError(f"{out} exists but cannot be read as a teacher cache ({_open_error(out)}): "
                             f"pass --overwrite to replace it, or delete it")
         if existing is not None:
             changed = identity_diff(existing.attrs, attrs)
@@ -236,6 +245,16 @@ def _try_open(path: Path):
         store.close()
         return None
     return store
+
+
+def _open_error(path: Path) -> str:
+    """Why `path` does not open as a cache, in a few words (for the refusal message)."""
+    try:
+        open_store(path).close()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return "no cache attributes"
 
 
 def _open_writable(path: Path):

@@ -22,7 +22,7 @@ DEFAULT_PARAMS = "params.yaml"  # the one place the default params path is writt
 class UserError(click.ClickException):
     """A problem with the user's input (path, parameter, cache...): printed as one line, no traceback.
 
-    Raised from library code; inside a click command click prints `Error: <message>` and exits 1.
+    Raised from library code; inside a click command click prints `Error: <message>` and exits 2.
     """
 
     exit_code = 2

@@ -116,7 +116,9 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
             for name, (s, t) in pairs.items():
                 if mode == "alternating":
                     s = s.detach()  # D's step must not move the student
-                elif mode == "reversal":
+                elif rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
+                    s = torch.cat([s[:rows].detach(), s[rows:]])
+                if mode == "reversal":
                     s = grad_reverse(s, w)  # D descends its loss, the student ascends w * it
                 d_loss, acc = discriminator_loss(run.discs[name], t, s, rows)
                 stats[f"d_loss_{name}"], stats[f"d_acc_{name}"] = d_loss.detach(), acc
@@ -210,8 +212,9 @@ def _means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
 
 
 def _short(stats: dict[str, float]) -> dict[str, str]:
-    keep = {k: v for k, v in stats.items() if k == "loss" or k.startswith("d_acc_") or k == "train_acc"}
-    return {k.replace("d_acc_", "acc_D"): f"{v:.3f}" for k, v in keep.items()}
+    """Progress-bar fields: the loss and its terms, and each discriminator's accuracy (D losses omitted)."""
+    keep = {k: v for k, v in stats.items() if not k.startswith("d_loss_") and k != "train_acc"}
+    return {k.replace("d_acc_", "acc_D_"): f"{v:.3f}" for k, v in keep.items()}
 
 
 # ---------------------------------------------------------------- evaluation and the epoch loop

@@ -168,7 +168,8 @@ def plot_summary(df: pd.DataFrame, tables: dict[str, pd.DataFrame], out_dir: str
     teachers = tables["teachers"]
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(teachers), 3.5))
     ax.bar(teachers.index.astype(str), teachers.accuracy, color="tab:blue")
-    ax.set_ylabel("accuracy over all views")
+    ax.set_ylabel("accuracy")
+    ax.set_title("accuracy over all (sample, view) pairs", fontsize=10)
     ax.set_ylim(max(0.0, teachers.accuracy.min() - 0.1), 1.0)
     ax.tick_params(axis="x", rotation=30)
     save(fig, "accuracy.png")
@@ -177,8 +178,10 @@ def plot_summary(df: pd.DataFrame, tables: dict[str, pd.DataFrame], out_dir: str
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in per_class.columns:
         ax.plot(per_class.index, per_class[name], marker="o", label=str(name))
-    ax.set_xlabel("class")
+    ax.set_xticks(list(per_class.index))
+    ax.set_xlabel("class (label)")
     ax.set_ylabel("accuracy")
+    ax.set_title("accuracy per class, over all views", fontsize=10)
     ax.legend(fontsize=8)
     save(fig, "per_class_accuracy.png")
 
@@ -193,6 +196,7 @@ def plot_summary(df: pd.DataFrame, tables: dict[str, pd.DataFrame], out_dir: str
             shade = im.norm(value)  # light text on the dark end of viridis, dark text on the bright end
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="k" if shade > 0.6 else "w", fontsize=8)
     fig.colorbar(im, ax=ax)
+    ax.set_title("same prediction (fraction)", fontsize=10)
     save(fig, "agreement.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -200,6 +204,7 @@ def plot_summary(df: pd.DataFrame, tables: dict[str, pd.DataFrame], out_dir: str
         ax.hist(part.entropy, bins=50, histtype="step", label=str(name))
     ax.set_xlabel("entropy of the soft label (nats)")
     ax.set_ylabel("(sample, view) rows")
+    ax.set_title("soft-label entropy per teacher", fontsize=10)
     ax.legend(fontsize=8)
     save(fig, "entropy.png")
     return written

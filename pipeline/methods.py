@@ -60,6 +60,9 @@ class DistillConfig:
     anc: dict[str, Any] = field(default_factory=dict)  # AncConfig options
     kd: dict[str, Any] = field(default_factory=dict)  # KdConfig options
     scratch: dict[str, Any] = field(default_factory=dict)  # ScratchConfig options
+    # Named runs (pipeline.runs): run name -> {method: NAME, overrides deep-merged into this section};
+    # `stages.distill --run NAME` trains one, dvc.yaml has a distill@NAME stage per run.
+    runs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "distill.method")

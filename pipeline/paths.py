@@ -35,3 +35,18 @@ def student_checkpoint(method: str) -> Path:
 
 def student_metrics(method: str) -> Path:
     return METRICS / "distill" / f"{method}.json"
+
+
+def evaluate_metrics() -> Path:
+    """Every model's test accuracy, NLL, ECE, cost and per-class accuracy (`dvc metrics show`)."""
+    return METRICS / "evaluate.json"
+
+
+def summary_report() -> Path:
+    """The evaluation as a markdown table, linking the plots."""
+    return REPORTS / "summary.md"
+
+
+def report_plot(name: str) -> Path:
+    """One PNG plot of the evaluation report (pipeline.report.PLOTS names them)."""
+    return REPORTS / "plots" / f"{name}.png"

@@ -44,7 +44,7 @@ def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, ove
     train = load_split(data_cfg, "train")
     out = paths.teacher_cache(teacher, cfg.format)
     summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,
-                            progress=not quiet, log=click.echo)
+                            progress=not quiet, log=click.echo, teacher=teacher)
     click.echo(f"{summary['teacher']}: {summary['chunks_written']} of {summary['chunks']} chunks written, "
                f"cache complete -> {out}")
 

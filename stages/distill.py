@@ -2,11 +2,12 @@
 
     python -m stages.distill                       # distill.method from params.yaml
     python -m stages.distill --method kd --epochs 5
+    python -m stages.distill --run meal_coop       # a named run of distill.runs (pipeline.runs)
     python -m stages.distill --online              # teachers run live on the same views (baseline, oracle)
 
 Reads data/views.zarr and data/cache/<teacher>.zarr (never a teacher, except with --online) and writes
-data/student/<method>.pt after every epoch and metrics/distill/<method>.json (`<method>_online` with
---online). Killed and rerun, it resumes from the last finished epoch; a checkpoint made with other
+data/student/<method>.pt after every epoch and metrics/distill/<method>.json (`<run>` instead of
+`<method>` with --run, and `_online` appended with --online). Killed and rerun, it resumes from the last finished epoch; a checkpoint made with other
 settings is refused unless --restart is given. Every option and params value is checked before any
 data is read.
 """
@@ -30,6 +31,7 @@ from pipeline.device import resolve_device, setup_threads
 from pipeline.distill import TrainSet, build_run, distill
 from pipeline.methods import DistillConfig, StudentConfig, distill_teachers, make_plan, method_configs
 from pipeline.models import build_model, count_parameters
+from pipeline.runs import check_runs, run_section
 from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
 from pipeline.views import open_view_plan
 
@@ -48,6 +50,7 @@ class Settings:
     cache: CacheConfig
     teachers: list[str]
     online: bool
+    run: str | None = None  # the distill.runs entry trained, or None for plain `distill.method`
 
     @property
     def method(self) -> str:
@@ -55,24 +58,36 @@ class Settings:
 
     @property
     def run_name(self) -> str:
-        """Online runs keep their own checkpoint and metrics (they are the speed baseline)."""
-        return f"{self.method}_online" if self.online and self.method != "scratch" else self.method
+        """The name of the checkpoint and metrics: the run's (or the method's); online runs keep their own
+        (they are the speed baseline)."""
+        name = self.run or self.method
+        return f"{name}_online" if self.online and self.method != "scratch" else name
 
 
 def read_settings(params: dict[str, Any], method: str | None, epochs: int | None, seed: int | None,
-                  online: bool) -> Settings:
-    """All configs from the params plus command-line overrides; one-line UserError on anything wrong."""
+                  online: bool, run: str | None = None) -> Settings:
+    """All configs from the params plus command-line overrides; one-line UserError on anything wrong.
+
+    Every named run under `distill.runs` is checked too, whichever run (or none) is trained.
+    """
     data_cfg = build(DataConfig, section(params, "data"), "data")
     student = build(StudentConfig, section(params, "student"), "student")
-    overrides = {k: v for k, v in (("method", method), ("epochs", epochs), ("seed", seed)) if v is not None}
-    cfg = build(DistillConfig, {**section(params, "distill"), **overrides}, "distill")
     listed = list(section(params, "teachers"))
+    distill_section = section(params, "distill")
+    check_runs(distill_section, listed)
+    if run is not None and method is not None:
+        raise UserError(f"--run {run} and --method {method} both given: a run names its own method "
+                        f"(distill.runs.{run}.method), so pass only one")
+    base = run_section(distill_section, run) if run is not None else distill_section
+    overrides = {k: v for k, v in (("method", method), ("epochs", epochs), ("seed", seed)) if v is not None}
+    cfg = build(DistillConfig, {**base, **overrides}, "distill")
     teachers = distill_teachers(cfg, listed)
     options = method_configs(cfg, teachers)[cfg.method]  # builds (and checks) every method's options
     cache_cfg = build(CacheConfig, section(params, "cache"), "cache")
     with torch.device("meta"):  # checks arch and kwargs without allocating anything
         build_model(student.arch, 10, 1, **student.model)
-    return Settings(data_cfg, student, cfg, options, cache_cfg, teachers if cfg.method != "scratch" else [], online)
+    return Settings(data_cfg, student, cfg, options, cache_cfg, teachers if cfg.method != "scratch" else [], online,
+                    run)
 
 
 def check_plan(plan, train) -> None:
@@ -117,6 +132,8 @@ def open_targets(s: Settings, plan, train, feature_blocks, device):
 
 @click.command()
 @click.option("--method", default=None, help="meal | meal_v2 | anc | kd | scratch  [default: params distill.method]")
+@click.option("--run", "run", default=None,
+              help="A named run of distill.runs: its overrides apply, it writes data/student/RUN.pt.")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--online", is_flag=True, help="Run the teachers live on the same views instead of reading the caches.")
@@ -124,10 +141,10 @@ def open_targets(s: Settings, plan, train, feature_blocks, device):
 @click.option("--seed", type=int, default=None, help="Override distill.seed.")
 @click.option("--restart", is_flag=True, help="Discard an existing checkpoint made with other settings and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(method: str | None, params_path: str, device: str, online: bool, epochs: int | None, seed: int | None,
-         restart: bool, quiet: bool) -> None:
-    """Train the student with `distill.method` from the cached teacher outputs; resumable."""
-    s = read_settings(load_params(params_path), method, epochs, seed, online)
+def main(method: str | None, run: str | None, params_path: str, device: str, online: bool, epochs: int | None,
+         seed: int | None, restart: bool, quiet: bool) -> None:
+    """Train the student with `distill.method` (or a named run) from the cached teacher outputs; resumable."""
+    s = read_settings(load_params(params_path), method, epochs, seed, online, run)
     dev = resolve_device(device)
     setup_threads()
 
@@ -144,7 +161,7 @@ def main(method: str | None, params_path: str, device: str, online: bool, epochs
     student = build_model(s.student.arch, **model_kwargs)
     run = build_run(plan, s.distill, student, train.num_classes, align_cfg, dev)
     distill_dict = {k: v for k, v in to_dict(s.distill).items() if k not in NOT_IDENTITY and k not in
-                    ("meal", "meal_v2", "anc", "kd", "scratch")}
+                    ("meal", "meal_v2", "anc", "kd", "scratch", "runs")}
     identity = {
         "method": s.method,
         "online": s.online and s.method != "scratch",
@@ -156,7 +173,7 @@ def main(method: str | None, params_path: str, device: str, online: bool, epochs
         "dataset_fingerprint": train.fingerprint,
         "view_plan": plan_views.fingerprint,
         "teachers": hashes,
-        "align": to_dict(align_cfg),
+        "align": to_dict(align_cfg) if s.teachers else None,  # scratch compares no features
     }
 
     path = paths.student_checkpoint(s.run_name)
@@ -174,6 +191,8 @@ def main(method: str | None, params_path: str, device: str, online: bool, epochs
     click.echo(f"{s.run_name}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on {dev}, "
                f"{len(train):,} images x {plan_views.num_views} views, teachers {', '.join(s.teachers) or 'none'}, "
                f"adversarial {plan.adversarial}{resumed}")
+    if s.method == "anc" and not s.student.model.get("dropout"):
+        click.echo("anc: student.model.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
         click.echo(f"{s.run_name}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
 

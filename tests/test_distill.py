@@ -35,6 +35,17 @@ from stages import plan_views as plan_stage
 TEACHERS = ("t1", "t2")
 
 
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make these tiny
+    steps up to 50x slower (stages call setup_threads, which respects OMP_NUM_THREADS)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def params_for(root: Path) -> dict:
     return {
         "data": {"name": "fashion_mnist", "root": str(root), "limit": 96},
@@ -184,17 +195,22 @@ def test_every_method_runs_end_to_end(tiny_pipeline, method, extra):
     assert again.exit_code == 0 and "already trained" in again.output
 
 
-@pytest.mark.parametrize("game", ["reversal", "cooperative"])
-def test_meal_games_run_through_the_stage(tiny_pipeline, game):
+@pytest.mark.parametrize("method,game", [("meal", "reversal"), ("meal", "cooperative"), ("anc", "reversal"),
+                                         ("meal_v2", "none")])
+def test_games_run_through_the_stage(tiny_pipeline, method, game):
     params = tiny_pipeline
-    params["distill"]["meal"] = {"adversarial": game, "similarity": "kl", "logit_similarity": "kl"}
+    params["distill"][method] = {"adversarial": game}
+    if method == "meal":
+        params["distill"]["meal"].update(similarity="kl", logit_similarity="kl")
     params["distill"]["epochs"] = 1
     write_params(params)
-    result = run()
+    result = run("--method", method)
     assert result.exit_code == 0, result.output
-    ckpt = torch.load(paths.student_checkpoint("meal"), weights_only=False)
-    assert (ckpt["d_optimizer"] is None) == (game == "cooperative")  # cooperative: D inside the student's SGD
+    ckpt = torch.load(paths.student_checkpoint(method), weights_only=False)
+    # cooperative: D trains inside the student's SGD, as a third param group; none: no D at all
+    assert (ckpt["d_optimizer"] is None) == (game in ("cooperative", "none"))
     assert len(ckpt["optimizer"]["param_groups"]) == (3 if game == "cooperative" else 2)
+    assert bool(ckpt["discriminators"]) == (game != "none")
 
 
 def test_killed_run_resumes_from_the_saved_epoch(tiny_pipeline, monkeypatch):
@@ -289,3 +305,29 @@ def test_view_plan_of_other_data_is_refused(tiny_pipeline):
     write_params(params)
     line = one_line_error(run("--method", "scratch"))
     assert "view plan" in line
+
+
+def test_slab_loader_reads_whole_views_and_prefetches(tiny_pipeline):
+    import numpy as np
+
+    from pipeline.slabs import ArraySlabs
+
+    caches = {t: open_cache(paths.teacher_cache(t)) for t in TEACHERS}
+    loader = SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu"))
+    slab = loader.get(1)
+    assert slab.view == 1 and slab.logits.shape == (2, 96, 10) and slab.logits.dtype == torch.float16
+    assert set(slab.features) == {0, 2} and slab.features[2].shape == (2, 96, 8)
+    for k, cache in enumerate(caches.values()):
+        np.testing.assert_array_equal(slab.logits[k].numpy(), np.asarray(cache.array("logits")[:, 1]))
+        np.testing.assert_array_equal(slab.features[0][k].numpy(), np.asarray(cache.array("block1")[:, 1]))
+    loader.prefetch(0)
+    assert 0 in loader.pending  # read in the background thread meanwhile
+    again = loader.get(0)
+    assert again.view == 0 and not loader.pending and loader.get(0) is again
+    # an in-memory source gives the same slabs (what benchmarks use without a store)
+    arrays = [{name: np.asarray(c.array(name)[...]) for name in ("logits", "block1", "block3")}
+              for c in caches.values()]
+    memory = SlabLoader(ArraySlabs(list(TEACHERS), arrays, ["block1", "block2", "block3"]), (0, 2), torch.device("cpu"))
+    assert torch.equal(memory.get(0).logits, again.logits) and torch.equal(memory.get(0).features[2], again.features[2])
+    loader.close()
+    memory.close()

@@ -1,0 +1,453 @@
+"""The teacher cache: equal to the live teacher (oracle), deterministic, resumable, never destroys work.
+
+Tiny setup: 96 synthetic 1x28x28 images, V = 3 views, a random student_cnn (width 0.25) saved as a
+teacher checkpoint, chunks of 32 rows (3 chunks) and forward batches of 40 pairs (not aligned with chunks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from click.testing import CliRunner
+
+from bench.cache_io import fake_teacher, synthetic_data
+from pipeline import cache_store, paths
+from pipeline.align import AlignConfig, align_all
+from pipeline.augment import apply_views, normalize
+from pipeline.cache import CacheConfig, TeacherCache, open_cache, validate_caches
+from pipeline.cache_write import cache_teacher
+from pipeline.checkpoints import load_teacher
+from pipeline.config import UserError, build
+from pipeline.views import ViewsConfig, make_view_plan
+from stages import cache_teachers as cache_stage
+
+N, V = 96, 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    data = synthetic_data(N, seed=0)
+    plan = make_view_plan(ViewsConfig(num_views=V), data)
+    ckpt = fake_teacher(root / "teachers" / "t.pt", data, width=0.25, seed=0)
+    return {"root": root, "data": data, "plan": plan, "ckpt": ckpt}
+
+
+def config(fmt: str = "zarr", **kw) -> CacheConfig:
+    return CacheConfig(**{"format": fmt, "chunk_rows": 32, "batch_size": 40, **kw})
+
+
+def build_cache(setup, out: Path, fmt: str = "zarr", ckpt: Path | None = None, plan=None, overwrite: bool = False,
+                on_chunk=None, **cfg):
+    """Cache the fixture's teacher (or `ckpt`) into `out`; `cfg` overrides CacheConfig fields."""
+    return cache_teacher(ckpt or setup["ckpt"], out, plan or setup["plan"], setup["data"], config(fmt, **cfg),
+                         progress=False, overwrite=overwrite, on_chunk=on_chunk)
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    with open_cache(path) as c:
+        out = {name: np.asarray(c.array(name)[...]) for name in ["logits", *c.blocks]}
+        out["done"] = np.asarray(c._store.done())
+    return out
+
+
+def tree_digest(path: Path) -> str:
+    """A hash of every file (name and bytes) under a store: proves nothing was touched."""
+    h = hashlib.sha256()
+    for f in sorted([path] if path.is_file() else path.rglob("*")):
+        if f.is_file():
+            h.update(str(f.relative_to(path.parent)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- oracle and layout
+
+
+@pytest.mark.parametrize("fmt,kind", [("zarr", "channel"), ("zarr", "meal"), ("h5", "channel"), ("h5", "meal")])
+def test_cache_equals_the_live_teacher_on_the_replayed_view(setup, tmp_path, fmt, kind):
+    out = tmp_path / f"t.{fmt}"
+    align = {"kind": kind, "length": 16}
+    build_cache(setup, out, fmt, align=align)
+    cache = open_cache(out)
+    assert cache.complete and cache.format == fmt
+    assert (cache.num_samples, cache.num_views, cache.num_classes) == (N, V, 10)
+    assert cache.blocks == ["block1", "block2", "block3"] and cache.dims == {b: 16 for b in cache.blocks}
+    assert cache.attrs["align"] == align and cache.attrs["view_plan_fingerprint"] == setup["plan"].fingerprint
+
+    model, _ = load_teacher(setup["ckpt"])
+    data, plan = setup["data"], setup["plan"]
+    rng = np.random.default_rng(1)
+    rows, views = rng.integers(0, N, 24), rng.integers(0, V, 24)  # random (sample, view) pairs
+    x = apply_views(data.images[rows], torch.from_numpy(plan.aug[rows, views]), plan.augment)
+    with torch.no_grad():
+        logits, feats = model(normalize(x, data.mean, data.std))
+    live = [logits.numpy(), *[f.numpy() for f in align_all(feats, AlignConfig(**align))]]
+    for name, want in zip(["logits", *cache.blocks], live):
+        got = np.asarray(cache.array(name)[...])[rows, views]  # (24, W) float16
+        rounded = want.astype(np.float16)  # the live value in fp16
+        # within fp16 rounding: at most one fp16 step apart (the batch differs, so fp32 sums may differ
+        # in their last bits and round the other way), and nearly always exactly the rounded live value
+        step = np.spacing(np.abs(rounded)).astype(np.float32)
+        assert np.all(np.abs(got.astype(np.float32) - rounded.astype(np.float32)) <= step), name
+        assert np.mean(got == rounded) > 0.95, name
+    slab = cache.view_slab(2)
+    assert set(slab) == {"logits", "block1", "block2", "block3"}
+    assert slab["logits"].shape == (N, 10) and slab["block1"].shape == (N, 16)
+    assert all(a.dtype == np.float16 for a in slab.values())
+    assert np.array_equal(slab["logits"], np.asarray(cache.array("logits")[...])[:, 2])
+    cache.close()
+
+
+def test_store_layout_attrs_and_dimension_names(setup, tmp_path):
+    out = tmp_path / "t.zarr"
+    build_cache(setup, out)
+    root = zarr.open_group(str(out), mode="r")
+    assert root["logits"].metadata.dimension_names == ("sample", "view", "class")
+    assert root["features/block2"].metadata.dimension_names == ("sample", "view", "feature")
+    assert root["done"].metadata.dimension_names == ("chunk",)
+    assert root["logits"].dtype == np.float16 and root["logits"].chunks == (32, 1, 10)
+    assert root["done"].shape == (3,) and root["done"].dtype == np.uint8
+    attrs = dict(root.attrs)
+    for key in ("format_version", "teacher", "arch", "model_kwargs", "checkpoint_sha256", "view_plan_fingerprint",
+                "dataset_fingerprint", "dataset", "num_classes", "num_samples", "num_views", "blocks", "dims",
+                "align", "dtype", "software_version", "complete"):
+        assert key in attrs, key
+    assert attrs["complete"] is True and attrs["teacher"] == "t" and attrs["dtype"] == "float16"
+
+    h5 = tmp_path / "t.h5"
+    build_cache(setup, h5, "h5")
+    import h5py
+
+    with h5py.File(h5, "r") as f:
+        assert [d.label for d in f["logits"].dims] == ["sample", "view", "class"]
+        assert [d.label for d in f["features/block1"].dims] == ["sample", "view", "feature"]
+        assert f["logits"].chunks == (32, 1, 10)
+    assert open_cache(h5).attrs == {**attrs, "complete": True}  # same attrs through the same API
+
+
+# ---------------------------------------------------------------- determinism and resume
+
+
+def test_two_runs_and_both_formats_give_identical_arrays(setup, tmp_path):
+    a, b, h = tmp_path / "a.zarr", tmp_path / "b.zarr", tmp_path / "a.h5"
+    build_cache(setup, a)
+    build_cache(setup, b)
+    build_cache(setup, h, "h5")
+    first, second, third = arrays(a), arrays(b), arrays(h)
+    for name in first:
+        assert first[name].tobytes() == second[name].tobytes() == third[name].tobytes(), name
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_a_killed_run_resumes_to_the_same_bytes(setup, tmp_path, fmt):
+    reference = tmp_path / f"ref.{fmt}"
+    build_cache(setup, reference, fmt)
+    out = tmp_path / f"t.{fmt}"
+
+    def fail_after_first(k):
+        raise Boom(f"killed after chunk {k}")
+
+    with pytest.raises(Boom):
+        build_cache(setup, out, fmt, on_chunk=fail_after_first)
+    half = open_cache(out)
+    assert not half.complete and half.attrs["complete"] is False
+    assert 1 <= half.done_chunks < half.num_chunks
+    with pytest.raises(UserError, match="is incomplete.*rerun python -m stages.cache_teachers --teacher t"):
+        half.check_complete()
+    with pytest.raises(UserError, match="incomplete"):
+        validate_caches([half], setup["plan"], setup["data"].fingerprint, 10)
+    already = half.done_chunks
+    half.close()
+
+    written = []
+    summary = build_cache(setup, out, fmt, on_chunk=written.append)
+    assert summary["chunks_written"] == 3 - already and len(written) == 3 - already  # done chunks skipped
+    assert open_cache(out).complete
+    got, want = arrays(out), arrays(reference)
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+def test_a_chunk_interrupted_between_rows_and_marker_is_rewritten(setup, tmp_path, monkeypatch):
+    reference = tmp_path / "ref.zarr"
+    build_cache(setup, reference)
+    out = tmp_path / "t.zarr"
+    original = cache_store.ZarrStore.write_rows
+
+    def half_write(self, start, chunk):
+        if start == 32:  # chunk 1: only the logits land, then the process "dies"
+            original(self, start, {"logits": chunk["logits"] * 0})
+            raise Boom("died mid-chunk")
+        original(self, start, chunk)
+
+    monkeypatch.setattr(cache_store.ZarrStore, "write_rows", half_write)
+    with pytest.raises(Boom):
+        build_cache(setup, out)
+    monkeypatch.setattr(cache_store.ZarrStore, "write_rows", original)
+    assert not open_cache(out).complete
+    build_cache(setup, out)
+    got, want = arrays(out), arrays(reference)
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+
+
+# ---------------------------------------------------------------- refusals that keep existing work
+
+
+def test_existing_cache_from_another_checkpoint_plan_or_align_is_refused_untouched(setup, tmp_path):
+    out = tmp_path / "t.zarr"
+    build_cache(setup, out)
+    before = tree_digest(out)
+    other_ckpt = fake_teacher(tmp_path / "other" / "t.pt", setup["data"], seed=9)
+    other_plan = make_view_plan(ViewsConfig(num_views=V, seed=1), setup["data"])
+    for kwargs, what in (({"ckpt": other_ckpt}, "checkpoint"), ({"plan": other_plan}, "view plan"),
+                         ({"align": {"kind": "meal", "length": 32}}, "align spec")):
+        with pytest.raises(UserError, match=f"made from another.*{what}.*pass --overwrite to replace it, or delete it"):
+            build_cache(setup, out, **kwargs)
+        assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "t.zarr"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5"])
+def test_overwrite_swaps_in_only_a_finished_store(setup, tmp_path, fmt):
+    out = tmp_path / f"t.{fmt}"
+    build_cache(setup, out, fmt)
+    before = tree_digest(out)
+    other_ckpt = fake_teacher(tmp_path / "other" / "t.pt", setup["data"], seed=9)
+
+    def fail(k):
+        raise Boom("killed")
+
+    with pytest.raises(Boom):
+        build_cache(setup, out, fmt, ckpt=other_ckpt, overwrite=True, on_chunk=fail)
+    assert tree_digest(out) == before and open_cache(out).complete  # the old cache is still whole
+    staging = out.with_name(out.name + ".new")
+    assert staging.exists()
+    written = []
+    build_cache(setup, out, fmt, ckpt=other_ckpt, overwrite=True, on_chunk=written.append)
+    assert len(written) == 2  # the interrupted overwrite resumed in its staging store
+    assert not staging.exists() and not out.with_name(out.name + ".old").exists()
+    with open_cache(out) as cache:
+        assert cache.complete
+        model, ckpt = load_teacher(other_ckpt)
+        from pipeline.checkpoints import sha256_file
+
+        assert cache.attrs["checkpoint_sha256"] == sha256_file(other_ckpt)
+
+
+def test_missing_or_foreign_checkpoint_and_unwritable_path(setup, tmp_path):
+    out = tmp_path / "t.zarr"
+    with pytest.raises(UserError, match="not found"):
+        build_cache(setup, out, ckpt=tmp_path / "nope.pt")
+    other_data = synthetic_data(N, seed=5)  # another dataset, same shapes
+    foreign = fake_teacher(tmp_path / "foreign.pt", other_data)
+    with pytest.raises(UserError, match="trained on another dataset"):
+        build_cache(setup, out, ckpt=foreign)
+    assert not out.exists()
+    (tmp_path / "file").write_text("a file where a folder should be")
+    with pytest.raises(UserError, match="cannot write the cache"):
+        build_cache(setup, tmp_path / "file" / "t.zarr")
+    with pytest.raises(UserError, match="cannot write the cache"):
+        build_cache(setup, tmp_path / "file" / "t.h5", "h5")
+    with pytest.raises(UserError, match="was made from another dataset"):
+        cache_teacher(setup["ckpt"], out, setup["plan"], other_data, config(), progress=False)
+
+
+def test_foreign_files_at_the_output_path_are_kept_unless_overwrite(setup, tmp_path):
+    for out in (tmp_path / "t.h5", tmp_path / "t.zarr"):
+        if out.suffix == ".h5":
+            out.write_bytes(b"someone's notes")
+        else:
+            (out / "sub").mkdir(parents=True)
+            (out / "sub" / "notes.txt").write_text("keep me")
+        before = tree_digest(out)
+        with pytest.raises(UserError, match="cannot be read as a teacher cache .* pass --overwrite"):
+            build_cache(setup, out, out.suffix[1:])
+        assert tree_digest(out) == before
+        build_cache(setup, out, out.suffix[1:], overwrite=True)
+        assert open_cache(out).complete
+
+
+def test_a_swap_killed_halfway_is_finished_or_undone(setup, tmp_path):
+    out = tmp_path / "t.zarr"
+    build_cache(setup, out)
+    good = tree_digest(out)
+    # killed after the old store was moved aside, before the new one took its place
+    out.rename(tmp_path / "t.zarr.old")
+    written = []
+    build_cache(setup, out, on_chunk=written.append)
+    assert written == [] and tree_digest(out) == good  # the old store came back, nothing recomputed
+    assert not (tmp_path / "t.zarr.old").exists()
+    # killed the same way during an --overwrite whose new store was complete: the new one is kept
+    other = fake_teacher(tmp_path / "o" / "t.pt", setup["data"], seed=5)
+    build_cache(setup, tmp_path / "t.zarr.new", ckpt=other)
+    out.rename(tmp_path / "t.zarr.old")
+    build_cache(setup, out, ckpt=other, on_chunk=written.append)
+    assert written == [] and not (tmp_path / "t.zarr.old").exists() and not (tmp_path / "t.zarr.new").exists()
+    from pipeline.checkpoints import sha256_file
+
+    assert open_cache(out).attrs["checkpoint_sha256"] == sha256_file(other)
+
+
+def test_config_checks():
+    with pytest.raises(UserError, match="not available for format h5"):
+        CacheConfig(format="h5", codec="zstd")
+    with pytest.raises(UserError, match="alignment kind"):
+        CacheConfig(align={"kind": "max", "length": 4})
+    with pytest.raises(UserError, match="unknown key"):
+        build(CacheConfig, {"fromat": "zarr"}, "cache")
+    for codec in ("zstd", "blosc"):
+        CacheConfig(codec=codec)
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_compressed_stores_read_back_the_same(setup, tmp_path, codec):
+    build_cache(setup, tmp_path / "raw.zarr")
+    build_cache(setup, tmp_path / "c.zarr", codec=codec)
+    got, want = arrays(tmp_path / "c.zarr"), arrays(tmp_path / "raw.zarr")
+    assert all(got[k].tobytes() == want[k].tobytes() for k in want)
+
+
+# ---------------------------------------------------------------- validate_caches (the distill stage's guard)
+
+
+def test_validate_caches(setup, tmp_path):
+    data, plan = setup["data"], setup["plan"]
+    a, b = tmp_path / "a.zarr", tmp_path / "b.h5"
+    build_cache(setup, a)
+    build_cache(setup, b, "h5")
+    opened = validate_caches([a, b], plan, data.fingerprint, 10, checkpoint_path=lambda t: setup["ckpt"])
+    assert all(isinstance(c, TeacherCache) for c in opened)
+
+    with pytest.raises(UserError, match="view plan"):
+        validate_caches([a], make_view_plan(ViewsConfig(num_views=V, seed=3), data), data.fingerprint, 10)
+    with pytest.raises(UserError, match="view plan .* another dataset"):
+        validate_caches([a], plan, "0" * 64, 10)
+    with pytest.raises(UserError, match="has 10 classes but the data has 7"):
+        validate_caches([a], plan, data.fingerprint, 7)
+    meal = tmp_path / "meal.zarr"
+    build_cache(setup, meal, align={"kind": "meal", "length": 32})
+    with pytest.raises(UserError, match="disagree on the align spec"):
+        validate_caches([a, meal], plan, data.fingerprint, 10)
+    with pytest.raises(UserError, match="no teacher caches"):
+        validate_caches([], plan, data.fingerprint, 10)
+
+    # the teacher was retrained after its cache was made
+    changed = tmp_path / "teachers" / "t.pt"
+    fake_teacher(changed, data, seed=4)
+    with pytest.raises(UserError, match=r"changed since cache .* --teacher t --overwrite"):
+        validate_caches([a], plan, data.fingerprint, 10, checkpoint_path=lambda t: changed)
+    validate_caches([a], plan, data.fingerprint, 10, check_checkpoints=False, checkpoint_path=lambda t: changed)
+    validate_caches([a], plan, data.fingerprint, 10, checkpoint_path=lambda t: tmp_path / "gone.pt")
+
+
+def test_open_cache_errors(tmp_path):
+    with pytest.raises(UserError, match="not found: run python -m stages.cache_teachers --teacher x"):
+        open_cache(tmp_path / "x.zarr")
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(UserError, match="cannot be read"):
+        open_cache(tmp_path / "junk.h5")
+
+
+# ---------------------------------------------------------------- the click stage
+
+
+@pytest.fixture
+def stage_dir(tmp_path, fashion_root, monkeypatch):
+    """tmp_path as the working directory: params, a view plan and a teacher checkpoint in place."""
+    from pipeline.data import DataConfig, load_split
+    from stages import plan_views as plan_stage
+
+    monkeypatch.chdir(tmp_path)
+    params = {"data": {"name": "fashion_mnist", "root": str(fashion_root), "limit": 64},
+              "views": {"num_views": 2}, "cache": {"align": {"kind": "channel", "length": 8}, "chunk_rows": 16}}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    assert CliRunner().invoke(plan_stage.main, []).exit_code == 0
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    fake_teacher(paths.teacher_checkpoint("t"), train)
+    return train
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cache_stage.main, ["--quiet", "--device", "cpu", *args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
+    return lines[0]
+
+
+def test_stage_writes_resumes_and_refuses(stage_dir):
+    ok = invoke("--teacher", "t")
+    assert ok.exit_code == 0, ok.output
+    assert open_cache(paths.teacher_cache("t")).complete
+    again = invoke("--teacher", "t")
+    assert again.exit_code == 0 and "already complete" in again.output
+    h5 = invoke("--teacher", "t", "--format", "h5", "--batch-size", "7")
+    assert h5.exit_code == 0, h5.output
+    assert arrays(paths.teacher_cache("t", "h5"))["logits"].tobytes() == arrays(paths.teacher_cache("t"))["logits"].tobytes()
+
+    assert "teacher checkpoint data/teachers/nope.pt not found" in one_line_error(invoke("--teacher", "nope"))
+    before = tree_digest(paths.teacher_cache("t"))
+    fake_teacher(paths.teacher_checkpoint("t"), stage_dir, seed=3)  # retrained
+    line = one_line_error(invoke("--teacher", "t"))
+    assert "made from another checkpoint" in line and "--overwrite" in line
+    assert tree_digest(paths.teacher_cache("t")) == before
+    assert invoke("--teacher", "t", "--overwrite").exit_code == 0
+    assert tree_digest(paths.teacher_cache("t")) != before
+
+
+def test_stage_one_line_errors(stage_dir):
+    import shutil
+
+    shutil.move("data/views.zarr", "views-aside.zarr")
+    assert "run python -m stages.plan_views" in one_line_error(invoke("--teacher", "t"))
+    shutil.move("views-aside.zarr", "data/views.zarr")
+    Path("data/cache").write_text("not a folder")
+    assert "cannot write the cache" in one_line_error(invoke("--teacher", "t"))
+    Path("data/cache").unlink()
+    fake_teacher(paths.teacher_checkpoint("t"), synthetic_data(64, seed=1))
+    assert "trained on another dataset" in one_line_error(invoke("--teacher", "t"))
+    assert "cache.codec" in one_line_error(invoke("--teacher", "t", "--format", "h5", "--params", _params_with(codec="zstd")))
+
+
+def _params_with(**cache) -> str:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["cache"].update(cache)
+    Path("other.yaml").write_text(yaml.safe_dump(params))
+    return "other.yaml"
+
+
+# ---------------------------------------------------------------- the benchmark script runs
+
+
+def test_bench_cache_io_runs(tmp_path):
+    from bench.cache_io import main
+
+    out = tmp_path / "bench.json"
+    result = main(["--samples", "64", "--views", "2", "--repeats", "1", "--width", "0.25", "--batch-size", "32",
+                   "--no-fashion-scale", "--cache", str(_tiny_cache(tmp_path)), "--out", str(out)])
+    assert out.exists() and result["device"] == "cpu"
+    assert result["stage"]["zarr_ratio"] > 0 and result["slab_reads"][0]["ratio"] > 0
+
+
+def _tiny_cache(tmp_path: Path) -> Path:
+    data = synthetic_data(40)
+    plan = make_view_plan(ViewsConfig(num_views=2), data)
+    out = tmp_path / "tiny.zarr"
+    cache_teacher(fake_teacher(tmp_path / "tiny.pt", data), out, plan, data, config(), progress=False)
+    return out

@@ -1,0 +1,226 @@
+"""Method plans and the adversarial game: who the student's gradient helps, what each plan reads."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from pipeline.align import AlignConfig, align
+from pipeline.config import UserError, build
+from pipeline.discriminators import Discriminator, discriminator_loss, fooling_loss, teacher_probability
+from pipeline.distill import build_run, train_step
+from pipeline.losses import grad_reverse, soften
+from pipeline.methods import (
+    DistillConfig, StudentOut, Targets, distill_teachers, make_plan, method_configs,
+)
+from pipeline.models import build_model
+
+TEACHERS = ["t1", "t2", "t3"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second spinning thread only slows them on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def options(method: str, **values):
+    cfg = build(DistillConfig, {"method": method, method: values}, "distill")
+    return method_configs(cfg, TEACHERS)[method]
+
+
+# ---------------------------------------------------------------- the game's direction
+
+
+def student_step(mode: str, disc: Discriminator, s: torch.nn.Parameter, t: torch.Tensor, lr: float = 20.0) -> None:
+    """One SGD step on the student vectors alone, with the adversarial term as each mode builds it.
+
+    The losses are batch means, so a row's gradient is 1/B of its own: hence the large step.
+    """
+    if mode == "alternating":
+        loss = fooling_loss(disc, s)
+    elif mode == "reversal":
+        loss, _ = discriminator_loss(disc, t, grad_reverse(s, 1.0))
+    else:  # cooperative: D's own loss, minimised by the student too
+        loss, _ = discriminator_loss(disc, t, s)
+    disc.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        s -= lr * s.grad
+    s.grad = None
+
+
+@pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
+def test_student_gradient_fools_d_in_the_true_game_and_helps_it_in_cooperative(mode, direction):
+    torch.manual_seed(0)
+    disc = Discriminator(16)
+    teacher = torch.randn(64, 16) + 1.0
+    s = torch.nn.Parameter(torch.randn(64, 16))
+    before = teacher_probability(disc, s)
+    for _ in range(3):
+        student_step(mode, disc, s, teacher)
+    after = teacher_probability(disc, s)
+    assert direction * (after - before) > 1e-4, (mode, before.item(), after.item())
+
+
+def tiny_run(mode: str):
+    """A MEAL run whose student loss is the adversarial term alone, D frozen (lr 0) to measure the student."""
+    torch.manual_seed(0)
+    cfg = build(DistillConfig, {"method": "meal", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}, "distill")
+    opts = options("meal", adversarial=mode, adv_weight=1.0, logit_weight=0.0, block_weights=[0.0, 0.0, 0.0])
+    plan = make_plan("meal", opts, TEACHERS[:2])
+    student = build_model("student_cnn", 10, 1, width=0.25)
+    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
+    for opt in (run.opt, run.d_opt):
+        for group in (opt.param_groups if opt is not None else []):
+            if opt is run.d_opt or group.get("fixed_lr"):
+                group["lr"] = 0.0  # a fixed D: only the student moves
+    return run
+
+
+def d_teacher_prob(run, x) -> float:
+    with torch.no_grad():
+        _, feats = run.student(x)
+        vecs = [align(f, run.align_cfg) for f in feats]  # (B, 8) each, as the step aligns them
+        return sum(teacher_probability(run.discs[f"block{b + 1}"], v) for b, v in enumerate(vecs)).item() / 3
+
+
+@pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
+def test_training_step_moves_the_student_the_right_way(mode, direction):
+    run = tiny_run(mode)
+    x = torch.randn(32, 1, 28, 28)
+    y = torch.randint(0, 10, (32,))
+    tgt = Targets(torch.randn(1, 32, 10), {b: torch.rand(1, 32, 8) * 3 for b in range(3)})
+    d_before = {k: v.clone() for k, v in run.discs.state_dict().items()}
+    run.student.eval()  # fixed BatchNorm statistics, so the probe sees only the weight change
+    before = d_teacher_prob(run, x)
+    for _ in range(3):
+        stats = train_step(run, x, y, tgt)
+    after = d_teacher_prob(run, x)
+    assert all(torch.equal(v, run.discs.state_dict()[k]) for k, v in d_before.items())  # D did not move
+    assert direction * (after - before) > 0, (mode, before, after)
+    assert set(stats) >= {"loss", "d_acc_block1", "d_loss_block3", "adv_block2"}
+
+
+def test_alternating_step_trains_d_to_separate():
+    torch.manual_seed(0)
+    disc = Discriminator(8)
+    opt = torch.optim.Adam(disc.parameters(), lr=1e-2, betas=(0.5, 0.999))
+    teacher, student = torch.randn(128, 8) + 2.0, torch.randn(128, 8)
+    for _ in range(50):
+        loss, acc = discriminator_loss(disc, teacher, student)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert acc.item() > 0.9
+    # adversarial samples (ANC): student rows labelled teacher pull D's student side up
+    loss_plain, _ = discriminator_loss(disc, teacher, student)
+    loss_adv, _ = discriminator_loss(disc, teacher, student, adversarial_rows=32)
+    assert loss_adv.item() > loss_plain.item()
+
+
+def test_discriminator_shape():
+    disc = Discriminator(32)
+    widths = [m.out_features for m in disc.net if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 8, 1]
+    assert disc(torch.randn(5, 32)).shape == (5,)
+    assert not isinstance(disc.net[-1], (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.Sigmoid))
+
+
+# ---------------------------------------------------------------- plans
+
+
+def test_meal_draws_one_teacher_per_step_seeded():
+    plan = make_plan("meal", options("meal"), TEACHERS)
+    draws = [plan.pick(random.Random(5)) for _ in range(3)]
+    assert draws[0] == draws[1] == draws[2] and len(draws[0]) == 1  # a function of the seed
+    rng = random.Random(0)
+    seen = {plan.pick(rng)[0] for _ in range(100)}
+    assert seen == {0, 1, 2}
+    assert plan.feature_blocks == (0, 1, 2)
+    assert plan.discriminators(10, 8) == {"block1": 8, "block2": 8, "block3": 8}
+    assert make_plan("meal", options("meal", adversarial="none"), TEACHERS).discriminators(10, 8) == {}
+
+
+def test_meal_losses_are_zero_when_the_student_is_the_teacher():
+    plan = make_plan("meal", options("meal", similarity="l1", logit_similarity="kl"), TEACHERS)
+    logits, vecs = torch.randn(4, 10), {b: torch.rand(4, 8) for b in range(3)}
+    tgt = Targets(logits[None].clone(), {b: v[None].clone() for b, v in vecs.items()})
+    terms = plan.losses(StudentOut(logits, vecs), tgt, torch.zeros(4, dtype=torch.long))
+    assert set(terms) == {"sim_logits", "sim_block1", "sim_block2", "sim_block3"}
+    assert all(abs(v.item()) < 1e-6 for v in terms.values())
+
+
+def test_meal_v2_target_is_the_mean_of_teacher_softmaxes():
+    plan = make_plan("meal_v2", options("meal_v2"), TEACHERS)
+    assert plan.pick(random.Random(0)) == [0, 1, 2] and plan.feature_blocks == ()
+    t = torch.randn(3, 4, 10)
+    mean = soften(t).mean(0)
+    out = StudentOut(mean.log(), {})  # a student whose softmax equals the mean: soft CE = entropy
+    terms = plan.losses(out, Targets(t, {}), torch.zeros(4, dtype=torch.long))
+    entropy = -(mean * mean.log()).sum(-1).mean()
+    assert terms["soft_ce"].item() == pytest.approx(entropy.item(), rel=1e-5)
+    s, tv = plan.disc_inputs(out, Targets(t, {}))["outputs"]
+    torch.testing.assert_close(tv, mean)
+    assert plan.discriminators(10, 8) == {"outputs": 10}
+
+
+def test_anc_plan():
+    plan = make_plan("anc", options("anc", teacher="t2", adv_sample_rate=0.25), TEACHERS)
+    assert plan.pick(random.Random(0)) == [1]
+    assert plan.feature_blocks == (2,) and plan.discriminators(10, 8) == {"block3": 8}
+    assert plan.adversarial_rows(32) == 8
+    logits = torch.randn(4, 10)
+    terms = plan.losses(StudentOut(logits, {2: torch.rand(4, 8)}), Targets(logits[None], {}), None)
+    assert terms["l2_logits"].item() == 0.0
+    assert make_plan("anc", options("anc", teacher="mean"), TEACHERS).pick(random.Random(0)) == [0, 1, 2]
+
+
+def test_kd_plan_named_teacher_and_mean():
+    assert make_plan("kd", options("kd", teacher="t3"), TEACHERS).pick(random.Random(0)) == [2]
+    plan = make_plan("kd", options("kd", temperature=2.0, alpha=1.0), TEACHERS)
+    assert plan.pick(random.Random(0)) == [0, 1, 2]
+    same = torch.randn(3, 4, 10)
+    same[:] = same[0]  # three identical teachers: their mean is each of them
+    terms = plan.losses(StudentOut(same[0], {}), Targets(same, {}), torch.zeros(4, dtype=torch.long))
+    assert terms["kd_soft"].item() == pytest.approx(0.0, abs=1e-6) and terms["ce"].item() == 0.0
+
+
+def test_scratch_plan_needs_no_teacher():
+    plan = make_plan("scratch", options("scratch"), TEACHERS)
+    assert plan.pick(random.Random(0)) == [] and plan.teachers == [] and plan.adversarial == "none"
+
+
+# ---------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("values,needle", [
+    ({"method": "fitnets"}, "distill.method"),
+    ({"meal": {"adversarial": "wgan"}}, "distill.meal.adversarial"),
+    ({"meal_v2": {"d_input": "features"}}, "distill.meal_v2.d_input"),
+    ({"anc": {"adv_sample_rate": 1.0}}, "distill.anc.adv_sample_rate"),
+    ({"kd": {"temperature": 0}}, "distill.kd.temperature"),
+    ({"kd": {"teacher": "t9"}}, "distill.kd.teacher"),
+    ({"scratch": {"label_smoothing": "a"}}, "wrong type"),
+    ({"meal": {"typo": 1}}, "unknown key"),
+    ({"epochs": 0}, "distill.epochs"),
+])
+def test_bad_values_are_one_line_user_errors(values, needle):
+    with pytest.raises(UserError) as err:
+        cfg = build(DistillConfig, values, "distill")
+        method_configs(cfg, TEACHERS)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_teacher_list():
+    cfg = build(DistillConfig, {"teachers": ["t2"]}, "distill")
+    assert distill_teachers(cfg, TEACHERS) == ["t2"]
+    assert distill_teachers(build(DistillConfig, {}, "distill"), TEACHERS) == TEACHERS
+    with pytest.raises(UserError, match="not under `teachers`"):
+        distill_teachers(build(DistillConfig, {"teachers": ["zz"]}, "distill"), TEACHERS)
+    with pytest.raises(UserError, match="needs teachers"):
+        distill_teachers(build(DistillConfig, {}, "distill"), [])
