@@ -1,5 +1,6 @@
 """Evaluation: students against their teachers and the true ensemble, on accuracy, calibration and cost.
 
+    check_checkpoints()        refuse missing, unfinished or mismatched checkpoints before any work
     evaluate_models()          every teacher, the true ensemble, every student: one `Row` each
     classification_metrics()   top-1 accuracy, NLL, expected calibration error, per-class accuracy
     model_cost()               parameters, FLOPs per image, CPU latency (batch 1) and throughput (batch 256)
@@ -79,8 +80,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     conf, pred = probs.max(1)  # (N,), (N,)
     correct = (pred == labels).double()
     index = (torch.ceil(conf.double() * bins).long() - 1).clamp(0, bins - 1)  # (N,)
-    count = torch.bincount(index, minlength=bins).double()  # (bins,)
-    conf_sum = torch.bincount(index, weights=conf.double(), minlength=bins)
+    conf_sum = torch.bincount(index, weights=conf.double(), minlength=bins)  # (bins,)
     correct_sum = torch.bincount(index, weights=correct, minlength=bins)
     return float((conf_sum - correct_sum).abs().sum() / max(1, len(labels)))
 
@@ -176,17 +176,36 @@ def ensemble_cost(costs: list[dict[str, float]]) -> dict[str, float]:
 # ---------------------------------------------------------------- loading the models
 
 
-def check_trained_on(what: str, path: Path, fingerprint: str | None, train: ImageData, fix: str) -> None:
-    """A model trained on another training split than the `data` params give would be compared unfairly."""
-    if fingerprint != train.fingerprint:
-        raise UserError(f"{what} {path} was trained on other data than the `data` params give: {fix}")
+def check_checkpoints(teachers: dict[str, Path], students: dict[str, Path], train: ImageData,
+                      test: ImageData) -> None:
+    """Refuse, before any work, a checkpoint that is missing, unfinished, or made for other data.
+
+    A model trained on another training split than the `data` params give (other dataset, limit,
+    validation carve-out) would be compared unfairly, and one with another class count cannot be.
+    """
+    found = [("teacher", name, path, f"python -m stages.pretrain --teacher {name}") for name, path in teachers.items()]
+    found += [("student", run, path, f"python -m stages.distill --run {run}") for run, path in students.items()]
+    for kind, name, path, command in found:
+        what = f"{kind} checkpoint"
+        ckpt = load_checkpoint(path, what, f"run {command} first")
+        if not ckpt.get("finished", False):
+            raise UserError(f"{what} {path} is from an unfinished run (epoch {ckpt.get('epoch')}): "
+                            f"rerun {command} to finish it")
+        fingerprint = ckpt.get("dataset_fingerprint") if kind == "teacher" else \
+            ckpt.get("identity", {}).get("dataset_fingerprint")
+        if fingerprint != train.fingerprint:
+            raise UserError(f"{what} {path} was trained on other data than the `data` params give: "
+                            f"retrain it with {command} --restart")
+        kw = ckpt.get("model_kwargs", {})
+        if kw.get("num_classes") != test.num_classes or kw.get("in_channels") != test.in_channels:
+            raise UserError(f"{what} {path} is for {kw.get('num_classes')} classes and {kw.get('in_channels')} "
+                            f"channels, the test data has {test.num_classes} and {test.in_channels}: "
+                            f"retrain it with {command} --restart")
 
 
-def load_student(path: Path, device: torch.device, fix: str) -> tuple[nn.Module, dict[str, Any]]:
+def load_student(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """A distilled (or scratch) student in eval mode, and its checkpoint dict (see stages.distill)."""
-    ckpt = load_checkpoint(path, "student checkpoint", fix)
-    if not ckpt.get("finished", False):
-        raise UserError(f"student checkpoint {path} is from an unfinished run (epoch {ckpt.get('epoch')}): {fix}")
+    ckpt = load_checkpoint(path, "student checkpoint")
     model = build_model(ckpt["arch"], **ckpt["model_kwargs"])
     model.load_state_dict(ckpt["student"])
     model.eval().requires_grad_(False).to(device)
@@ -201,7 +220,6 @@ def evaluate_models(
     members: list[str],
     students: dict[str, Path],
     test: ImageData,
-    train: ImageData,
     cfg: EvaluateConfig,
     device: torch.device,
     log: Callable[[str], None] = print,
@@ -209,6 +227,7 @@ def evaluate_models(
     """Rows for every teacher, the true ensemble of `members` (a subset of the teachers), every student.
 
     Models are loaded one at a time; only their test probabilities (N, C) are kept for the ensemble.
+    Call `check_checkpoints` first: this assumes every checkpoint is there, finished and fits the data.
     """
     image_shape = tuple(test.images.shape[1:])  # (C, H, W)
     rows: list[Row] = []
@@ -225,10 +244,7 @@ def evaluate_models(
         return probs
 
     for name, path in teachers.items():
-        fix = f"retrain it with python -m stages.pretrain --teacher {name}"
         model, ckpt = load_teacher(path, device)
-        check_trained_on("teacher checkpoint", path, ckpt.get("dataset_fingerprint"), train, fix)
-        _check_classes("teacher checkpoint", path, ckpt, test, fix)
         probs = add(name, "teacher", ckpt["arch"], None, model)
         if name in members:
             member_probs.append(probs)
@@ -246,20 +262,10 @@ def evaluate_models(
             f"ece {metrics['ece']:.4f}")
 
     for run, path in students.items():
-        fix = f"retrain it with python -m stages.distill --run {run} --restart"
-        model, ckpt = load_student(path, device, fix)
-        check_trained_on("student checkpoint", path, ckpt.get("identity", {}).get("dataset_fingerprint"), train, fix)
-        _check_classes("student checkpoint", path, ckpt, test, fix)
+        model, ckpt = load_student(path, device)
         add(run, "student", ckpt["arch"], ckpt.get("method"), model)
         del model
     return rows
-
-
-def _check_classes(what: str, path: Path, ckpt: dict[str, Any], test: ImageData, fix: str) -> None:
-    kw = ckpt.get("model_kwargs", {})
-    if kw.get("num_classes") != test.num_classes or kw.get("in_channels") != test.in_channels:
-        raise UserError(f"{what} {path} is for {kw.get('num_classes')} classes and {kw.get('in_channels')} "
-                        f"channels, the test data has {test.num_classes} and {test.in_channels}: {fix}")
 
 
 def metrics_payload(rows: list[Row], test: ImageData, cfg: EvaluateConfig, members: list[str]) -> dict[str, Any]:

@@ -135,9 +135,11 @@ class AncConfig(GameConfig):
     logit_weight: float = 1.0  # lambda: weight of the L2 between student and teacher logits
     adv_sample_rate: float = 0.1  # fraction of each batch's student vectors shown to D labelled "teacher"
     adv_weight: float = 1.0  # ANC's objective is L_adv + lambda L_data: the adversarial term at full weight
+    dropout: float = 0.1  # ANC's noise z: dropout before the student's classifier (replaces student.model.dropout)
 
     def __post_init__(self) -> None:
         self._check_game("distill.anc")
+        check(0 <= self.dropout < 1, f"distill.anc.dropout = {self.dropout} must be in [0, 1)")
         check(self.logit_weight >= 0, f"distill.anc.logit_weight = {self.logit_weight} must be >= 0")
         check(0 <= self.adv_sample_rate < 1, f"distill.anc.adv_sample_rate = {self.adv_sample_rate} must be in [0, 1)")
 

@@ -30,7 +30,7 @@ from pipeline.zoo_cifar import (
     preact_resnet18, resnet18, scaled, vgg11, vgg16, vgg19_bn,
 )
 
-__all__ = ["NUM_BLOCKS", "ZOO", "STUDENTS", "build_model", "count_parameters", "block_dims", "parameter_table"]
+__all__ = ["NUM_BLOCKS", "ZOO", "STUDENTS", "TAKES_DROPOUT", "build_model", "count_parameters", "block_dims", "parameter_table"]
 
 
 # ---------------------------------------------------------------- LeNet-4 and NiN (the ANC pair)
@@ -169,8 +169,11 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
     "resnet8": resnet8,
 }
 
-# The student-sized networks: under 100k parameters at width 1, and they take `dropout`.
+# The student-sized networks: under 100k parameters at width 1.
 STUDENTS = ("lenet4", "student_cnn", "resnet8")
+# The networks that take `dropout` (ANC's student noise): the students and the ResNet-18s, which
+# serve as full-size students on the GPU profile.
+TAKES_DROPOUT = STUDENTS + ("resnet18", "preact_resnet18")
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:

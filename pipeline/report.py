@@ -12,12 +12,14 @@ so no global backend or figure state is touched, and written atomically.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from pipeline.evaluate import EvaluateConfig, Row
 
@@ -98,6 +100,7 @@ def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: Path)
     loss_ax.set(xlabel="epoch", ylabel="training loss (the run's objective)", title="Training loss")
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if histories:
             ax.legend(fontsize=8)
     if not histories:
@@ -119,11 +122,22 @@ def plot_accuracy_vs(rows: list[Row], key: str, xlabel: str, path: Path) -> None
         for r in chosen:
             ax.annotate(r.name, (r.cost[key], 100 * r.metrics["accuracy"]), textcoords="offset points",
                         xytext=(5, 4), fontsize=8)
-    ax.set_xscale("log")
+    _log_x(ax, [r.cost[key] for r in rows])
     ax.set(xlabel=xlabel, ylabel="test top-1 accuracy (%)", title=f"Accuracy against {xlabel.split(' (')[0]}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+def _log_x(ax, values: list[float]) -> None:
+    """Log x axis with plain-number labels, denser when the values span few decades (costs of models
+    range from a fraction of a decade, students alike, to several, teachers vs students)."""
+    ax.set_xscale("log")
+    span = math.log10(max(values) / min(values)) if values and min(values) > 0 else 0.0
+    subs = (1.0, 2.0, 3.0, 5.0) if span < 1.5 else (1.0, 2.0, 5.0) if span < 3 else (1.0,)
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_per_class(rows: list[Row], classes: list[str], path: Path) -> None:

@@ -140,22 +140,23 @@ class ResNet(nn.Module):
         return self.head(outs[-1]), outs[-NUM_BLOCKS:]
 
 
-def resnet18(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+def resnet18(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0) -> ResNet:
     """CIFAR ResNet-18: BasicBlock x [2, 2, 2, 2], 64/128/256/512 channels (11.2M params at width 1).
 
     Blocks: stage 2 (128, H/2), stage 3 (256, H/4), stage 4 (512, H/8) channels at width 1.
     """
     c = [scaled(n, width) for n in (64, 128, 256, 512)]
-    return ResNet(BasicBlock, [2, 2, 2, 2], c, c[0], num_classes, in_channels)
+    return ResNet(BasicBlock, [2, 2, 2, 2], c, c[0], num_classes, in_channels, dropout=dropout)
 
 
-def preact_resnet18(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> ResNet:
+def preact_resnet18(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                    dropout: float = 0.0) -> ResNet:
     """Pre-activation ResNet-18: PreActBlock x [2, 2, 2, 2], 64/128/256/512 channels.
 
     Blocks: stage 2 (128, H/2), stage 3 (256, H/4), BN-ReLU(stage 4) (512, H/8) channels at width 1.
     """
     c = [scaled(n, width) for n in (64, 128, 256, 512)]
-    return ResNet(PreActBlock, [2, 2, 2, 2], c, c[0], num_classes, in_channels, preact=True)
+    return ResNet(PreActBlock, [2, 2, 2, 2], c, c[0], num_classes, in_channels, dropout=dropout, preact=True)
 
 
 # ---------------------------------------------------------------- VGG with BatchNorm

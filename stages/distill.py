@@ -157,6 +157,8 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     plan = make_plan(s.method, s.options, s.teachers, blocks)
 
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **s.student.model}
+    if s.method == "anc":  # ANC's noise is dropout in the student, so the method sets it
+        model_kwargs["dropout"] = s.options.dropout
     torch.manual_seed(s.distill.seed)
     student = build_model(s.student.arch, **model_kwargs)
     run = build_run(plan, s.distill, student, train.num_classes, align_cfg, dev)
@@ -191,8 +193,8 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     click.echo(f"{s.run_name}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on {dev}, "
                f"{len(train):,} images x {plan_views.num_views} views, teachers {', '.join(s.teachers) or 'none'}, "
                f"adversarial {plan.adversarial}{resumed}")
-    if s.method == "anc" and not s.student.model.get("dropout"):
-        click.echo("anc: student.model.dropout is 0, so the student gets no noise (ANC's z is dropout)")
+    if s.method == "anc" and not s.options.dropout:
+        click.echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
         click.echo(f"{s.run_name}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
 

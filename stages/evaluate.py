@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
-
 import click
 
 from pipeline import paths
@@ -23,19 +21,20 @@ from pipeline.checkpoints import write_json
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_threads
-from pipeline.evaluate import EvaluateConfig, evaluate_models, metrics_payload
+from pipeline.evaluate import EvaluateConfig, check_checkpoints, evaluate_models, metrics_payload
 from pipeline.methods import METHODS, DistillConfig, distill_teachers
 from pipeline.report import PLOTS, summary_markdown, write_plots, write_text
 from pipeline.runs import run_names
 
 
-def select_students(cfg: EvaluateConfig, distill_section: dict, log: Callable[[str], None]) -> dict[str, Path]:
-    """Run name -> student checkpoint. `evaluate.runs` must all exist; otherwise every run of
-    `distill.runs` (or every method name, without runs) that has a checkpoint, the rest skipped."""
+def select_students(cfg: EvaluateConfig, distill_section: dict) -> tuple[dict[str, Path], list[str]]:
+    """(run name -> student checkpoint, messages about skipped runs). `evaluate.runs` must all exist;
+    otherwise every run of `distill.runs` (or every method name, without runs) that has a checkpoint."""
     runs = run_names(distill_section)
     explicit = bool(cfg.runs)
     names = cfg.runs if explicit else (runs or list(METHODS))
     chosen: dict[str, Path] = {}
+    skipped: list[str] = []
     for name in names:
         path = paths.student_checkpoint(name)
         train = f"python -m stages.distill {'--run' if name in runs else '--method'} {name}"
@@ -45,8 +44,8 @@ def select_students(cfg: EvaluateConfig, distill_section: dict, log: Callable[[s
             raise UserError(f"evaluate.runs lists '{name}' but {path} does not exist: train it with {train}, "
                             f"or remove it from evaluate.runs")
         elif runs:  # a declared run not trained yet: worth saying; absent plain methods are not
-            log(f"{name}: no student checkpoint {path}, skipped (train it with {train})")
-    return chosen
+            skipped.append(f"{name}: no student checkpoint {path}, skipped (train it with {train})")
+    return chosen, skipped
 
 
 @click.command()
@@ -61,7 +60,7 @@ def main(params_path: str, device: str) -> None:
     listed = list(section(params, "teachers"))
     distill_section = section(params, "distill")
     members = distill_teachers(build(DistillConfig, distill_section, "distill"), listed)
-    students = select_students(cfg, distill_section, click.echo)
+    students, skipped = select_students(cfg, distill_section)
     if not listed and not students:
         raise UserError("nothing to evaluate: no `teachers` in the params and no student checkpoint under "
                         f"{paths.student_checkpoint('x').parent}; run the pipeline first (dvc repro)")
@@ -71,9 +70,12 @@ def main(params_path: str, device: str) -> None:
     test = load_split(data_cfg, "test")
     train = load_split(data_cfg, "train")  # its fingerprint says which data every model was trained on
     teachers = {name: paths.teacher_checkpoint(name) for name in listed}
+    check_checkpoints(teachers, students, train, test)  # every refusal before any output or work
+    for line in skipped:
+        click.echo(line)
     click.echo(f"evaluating {len(teachers)} teacher(s), the ensemble of {', '.join(members) or 'none'} and "
                f"{len(students)} student(s) on {len(test):,} {test.name} {test.split} images ({dev})")
-    rows = evaluate_models(teachers, members, students, test, train, cfg, dev, click.echo)
+    rows = evaluate_models(teachers, members, students, test, cfg, dev, click.echo)
     payload = metrics_payload(rows, test, cfg, members)
 
     histories = {}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pipeline.config import UserError
 from pipeline.models import (
-    NUM_BLOCKS, STUDENTS, ZOO, block_dims, build_model, count_parameters, parameter_table,
+    NUM_BLOCKS, STUDENTS, TAKES_DROPOUT, ZOO, block_dims, build_model, count_parameters, parameter_table,
 )
 
 SMALL = {"lenet4", "nin", "student_cnn", "resnet8"}  # fast enough to test at full width
@@ -50,7 +50,7 @@ def test_constructors_share_the_keyword_interface():
         params = inspect.signature(constructor).parameters
         for key, default in (("num_classes", 10), ("in_channels", 3), ("width", 1.0)):
             assert params[key].default == default, (arch, key)
-        assert ("dropout" in params) == (arch in STUDENTS), arch
+        assert ("dropout" in params) == (arch in TAKES_DROPOUT), arch
 
 
 def test_unknown_arch_is_a_user_error():
@@ -59,8 +59,8 @@ def test_unknown_arch_is_a_user_error():
 
 
 def test_unknown_kwarg_is_a_user_error():
-    with pytest.raises(UserError, match="'resnet18' does not take argument 'dropout'"):
-        build_model("resnet18", 10, 3, dropout=0.1)
+    with pytest.raises(UserError, match="'vgg11' does not take argument 'dropout'"):
+        build_model("vgg11", 10, 3, dropout=0.1)
     with pytest.raises(UserError, match="'student_cnn' does not take argument 'depth'"):
         build_model("student_cnn", 10, 3, depth=3)
 
