@@ -26,6 +26,7 @@ from pipeline.checkpoints import load_teacher
 from pipeline.config import UserError, build
 from pipeline.views import ViewsConfig, make_view_plan
 from stages import cache_teachers as cache_stage
+from helpers import one_line_error
 
 N, V = 96, 3
 
@@ -381,14 +382,6 @@ def stage_dir(tmp_path, fashion_root, monkeypatch):
 
 def invoke(*args: str):
     return CliRunner().invoke(cache_stage.main, ["--quiet", "--device", "cpu", *args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 def test_stage_writes_resumes_and_refuses(stage_dir):

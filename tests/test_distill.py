@@ -31,6 +31,8 @@ from pipeline.views import open_view_plan
 from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
 from stages import plan_views as plan_stage
+from bench.cache_io import fake_teacher as make_teacher
+from helpers import one_line_error
 
 TEACHERS = ("t1", "t2")
 
@@ -64,14 +66,7 @@ def write_params(params: dict) -> None:
 
 def fake_teacher(name: str, seed: int, train) -> None:
     """A teacher checkpoint per the contract schema (untrained weights: targets only need to be fixed)."""
-    torch.manual_seed(seed)
-    kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, "width": 0.25}
-    model = build_model("student_cnn", **kwargs)
-    save_checkpoint(paths.teacher_checkpoint(name), {
-        "teacher": name, "arch": "student_cnn", "model_kwargs": kwargs, "model": model.state_dict(),
-        "optimizer": {}, "config": {}, "data": to_dict(DataConfig()), "dataset_fingerprint": train.fingerprint,
-        "epoch": 1, "finished": True, "test_acc": 0.1, "history": [],
-    })
+    make_teacher(paths.teacher_checkpoint(name), train, seed=seed, name=name)
 
 
 @pytest.fixture
@@ -93,14 +88,6 @@ def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
 
 def run(*args: str):
     return CliRunner().invoke(distill_stage.main, ["--quiet", "--device", "cpu", *args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 # ---------------------------------------------------------------- cached == online

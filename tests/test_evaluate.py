@@ -32,6 +32,8 @@ from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
 from stages import plan_views as plan_stage
+from bench.cache_io import fake_teacher as make_teacher
+from helpers import one_line_error
 
 TEACHERS = ("t1", "t2")
 TRAINED_RUNS = ("scratch", "meal_coop")
@@ -137,15 +139,8 @@ def params_for(root: Path) -> dict:
 
 
 def fake_teacher(name: str, seed: int, train) -> None:
-    """A teacher checkpoint per the contract schema (untrained weights are fine for the plumbing)."""
-    torch.manual_seed(seed)
-    kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, "width": 0.25}
-    model = build_model("student_cnn", **kwargs)
-    save_checkpoint(paths.teacher_checkpoint(name), {
-        "teacher": name, "arch": "student_cnn", "model_kwargs": kwargs, "model": model.state_dict(),
-        "optimizer": {}, "config": {}, "data": to_dict(DataConfig()), "dataset_fingerprint": train.fingerprint,
-        "epoch": 1, "finished": True, "test_acc": 0.1, "history": [],
-    })
+    """A teacher checkpoint per the contract schema (untrained weights: targets only need to be fixed)."""
+    make_teacher(paths.teacher_checkpoint(name), train, seed=seed, name=name)
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +177,6 @@ def workdir(built, tmp_path, monkeypatch) -> Path:
 
 def evaluate(*args: str):
     return CliRunner().invoke(evaluate_stage.main, ["--device", "cpu", *args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 def test_distill_run_writes_its_own_checkpoint_and_metrics(workdir):

@@ -14,6 +14,7 @@ from pipeline import paths
 from pipeline.checkpoints import load_teacher
 from pipeline.schedules import lr_at
 from stages import pretrain as pretrain_stage
+from helpers import one_line_error
 
 
 class Killed(Exception):
@@ -22,14 +23,6 @@ class Killed(Exception):
 
 def run(*args: str):
     return CliRunner().invoke(pretrain_stage.main, ["--quiet", *args])
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code != 0
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 def test_pretrain_writes_checkpoint_and_metrics(tiny_params):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from pipeline.config import UserError
 from pipeline.runs import check_runs, deep_merge, run_config, run_names, run_section
 from stages import distill as distill_stage
+from helpers import one_line_error
 
 TEACHERS = ["t1", "t2"]
 
@@ -68,14 +69,6 @@ def test_bad_runs_fail_in_one_line_naming_the_run(runs, fragment):
 def test_runs_must_be_a_mapping():
     with pytest.raises(UserError, match="distill.runs must be a mapping"):
         run_names({"runs": ["meal", "kd"]})
-
-
-def one_line_error(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
-    return lines[0]
 
 
 @pytest.fixture
