@@ -109,3 +109,12 @@ def test_schedules_are_pure_and_bounded():
         assert lrs == [lr_at(s, 100, 0.1, 10, kind) for s in range(100)]
         assert max(lrs) == pytest.approx(0.1) and min(lrs) >= 0
         assert lrs[0] == pytest.approx(0.01)
+
+
+def test_eval_every_tests_only_on_schedule_and_after_the_last_epoch(tiny_params):
+    params = yaml.safe_load(tiny_params.read_text())
+    params["pretrain"]["eval_every"] = 2
+    tiny_params.write_text(yaml.safe_dump(params))
+    assert run("--teacher", "lenet").exit_code == 0
+    history = json.loads(paths.teacher_metrics("lenet").read_text())["history"]
+    assert [row["test_acc"] is not None for row in history] == [False, True, True]
