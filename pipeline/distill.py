@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline import train as pretraining
 from pipeline.align import AlignConfig, align
 from pipeline.augment import AugmentConfig, apply_views, normalize
-from pipeline.discriminators import Discriminator, discriminator_loss, fooling_loss
+from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss
 from pipeline.losses import grad_reverse
 from pipeline.methods import DistillConfig, Plan, StudentOut, Targets
 from pipeline.device import autocast, memory_format
@@ -60,7 +60,7 @@ class Run:
     plan: Plan
     cfg: DistillConfig
     student: nn.Module
-    discs: nn.ModuleDict  # discriminator name -> Discriminator (empty without a game)
+    discs: Discriminators | None  # one per name the plan gives, batched (None without a game)
     opt: torch.optim.Optimizer  # the student's SGD (and, in `cooperative`, the discriminators too)
     d_opt: torch.optim.Optimizer | None  # the discriminators' own optimizer (alternating, reversal)
     align_cfg: AlignConfig
@@ -72,8 +72,12 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
               device: torch.device) -> Run:
     """Discriminators for the plan and both optimizers, on `device` (seed torch before calling)."""
     student.to(device=device, memory_format=memory_format(device))
-    discs = nn.ModuleDict({name: Discriminator(dim) for name, dim in
-                           plan.discriminators(num_classes, align_cfg.length).items()}).to(device)
+    dims = plan.discriminators(num_classes, align_cfg.length)  # name -> input size
+    discs = None
+    if dims:
+        if len(set(dims.values())) != 1:
+            raise ValueError(f"plan {plan.name} asks for discriminators of different sizes {dims}: one bank needs one")
+        discs = Discriminators(list(dims), next(iter(dims.values()))).to(device)
     groups = pretraining.param_groups(student, cfg.weight_decay)
     d_opt = None
     if plan.game is not None:
@@ -109,41 +113,42 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
         out = StudentOut(logits, {b: align(feats[b], run.align_cfg) for b in plan.feature_blocks})  # (B, L) each
         terms = plan.losses(out, tgt, y)  # the student's own terms, weighted
         stats: dict[str, torch.Tensor] = {}
-        d_total = None
         if mode != "none":
             w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
+            names = run.discs.names
             pairs = plan.disc_inputs(out, tgt)  # name -> (student (B, D), teacher (B, D))
-            for name, (s, t) in pairs.items():
-                if mode == "alternating":
-                    s = s.detach()  # D's step must not move the student
-                elif rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
-                    s = torch.cat([s[:rows].detach(), s[rows:]])
-                if mode == "reversal":
-                    s = grad_reverse(s, w)  # D descends its loss, the student ascends w * it
-                d_loss, acc = discriminator_loss(run.discs[name], t, s, rows)
-                stats[f"d_loss_{name}"], stats[f"d_acc_{name}"] = d_loss.detach(), acc
-                d_total = d_loss if d_total is None else d_total + d_loss
-                if mode == "reversal":
-                    terms[f"adv_{name}"] = -w * d_loss.detach()  # reported: what the student effectively minimises
-                elif mode == "cooperative":
-                    terms[f"adv_{name}"] = w * d_loss  # the student helps D (official MEAL)
+            s = torch.stack([pairs[n][0] for n in names]).float()  # (G, B, D)
+            t = torch.stack([pairs[n][1] for n in names]).float()  # (G, B, D)
+            s_d = s
+            if mode == "alternating":
+                s_d = s.detach()  # D's step must not move the student
+            elif rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
+                s_d = torch.cat([s[:, :rows].detach(), s[:, rows:]], dim=1)
+            if mode == "reversal":
+                s_d = grad_reverse(s_d, w)  # D descends its loss, the student ascends w * it
+            d_loss, acc = discriminator_loss(run.discs, t, s_d, rows)  # (G,) each
+            d_total = d_loss.sum()
+            stats["d_loss"], stats["d_acc"] = d_loss.detach(), acc
+            if mode == "reversal":
+                adv = -w * d_loss.detach()  # reported: what the student effectively minimises
+            elif mode == "cooperative":
+                adv = w * d_loss  # the student helps D (official MEAL)
 
     if mode == "alternating":
         # The paper's game: first D maximises its accuracy against the student as it is ...
         run.d_opt.zero_grad(set_to_none=True)
         d_total.backward()
         run.d_opt.step()
-        # ... then the student tries to pass for the teacher with the updated D (D frozen for it).
-        run.discs.requires_grad_(False)
+        # ... then the student tries to pass for the teacher with the updated D (D's weights held fixed).
         with autocast(run.device):
-            for name, (s, _) in pairs.items():
-                terms[f"adv_{name}"] = w * fooling_loss(run.discs[name], s)
-        run.discs.requires_grad_(True)
+            adv = w * fooling_loss(run.discs, s)  # (G,)
+    if mode != "none":
+        terms["adv"] = adv.sum()
 
     loss = sum(terms.values())
     objective = loss
     if mode == "reversal":
-        objective = sum(v for k, v in terms.items() if not k.startswith("adv_")) + d_total
+        objective = sum(v for k, v in terms.items() if k != "adv") + d_total
     run.opt.zero_grad(set_to_none=True)
     if mode == "reversal":
         run.d_opt.zero_grad(set_to_none=True)
@@ -153,8 +158,11 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
         run.d_opt.step()
 
     stats["loss"] = loss.detach()
-    stats.update({k: v.detach() for k, v in terms.items()})
+    stats.update({k: v.detach() for k, v in terms.items() if k != "adv"})
     stats["train_acc"] = (logits.detach().argmax(1) == y).float().mean()
+    if mode != "none":  # per discriminator: its loss, its accuracy and the student's term against it
+        for key, values in (("d_loss", stats.pop("d_loss")), ("d_acc", stats.pop("d_acc")), ("adv", adv.detach())):
+            stats.update({f"{key}_{name}": v for name, v in zip(names, values.unbind())})
     return stats
 
 
@@ -173,7 +181,6 @@ def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: boo
     """
     cfg, dev, plan = run.cfg, run.device, run.plan
     run.student.train()
-    run.discs.train()
     n, steps = len(data), steps_per_epoch(len(data), cfg)
     total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     view = epoch % data.num_views
@@ -183,7 +190,8 @@ def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: boo
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
     fmt = memory_format(dev)
 
-    sums: dict[str, torch.Tensor] = {}
+    keys: list[str] = []
+    sums: torch.Tensor | None = None  # (S,) batch-weighted sums of the step's stats, on the device
     seen = 0
     bar = tqdm(range(steps), desc=f"{plan.name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
     for i in bar:
@@ -196,19 +204,21 @@ def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: boo
         tgt = targets(idx, x, picked) if picked else None
         stats = train_step(run, x, y, tgt)
         b = len(idx)
-        for k, v in stats.items():
-            sums[k] = sums[k] + v * b if k in sums else v * b
+        row = torch.stack([v.float() for v in stats.values()]) * b  # (S,): one op per step, not two per stat
+        if sums is None:
+            keys, sums = list(stats), row
+        else:
+            sums += row  # a plan reports the same stats every step
         seen += b
         if progress and ((i + 1) % cfg.log_every == 0 or i + 1 == steps):
-            bar.set_postfix(_short(_means(sums, seen)), refresh=False)  # the one host sync per interval
-    return _means(sums, seen)
+            bar.set_postfix(_short(_means(keys, sums, seen)), refresh=False)  # the one host sync per interval
+    return _means(keys, sums, seen)
 
 
-def _means(sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-    if not sums:
+def _means(keys: list[str], sums: torch.Tensor | None, count: int) -> dict[str, float]:
+    if sums is None:
         return {}
-    values = torch.stack([v.float() for v in sums.values()]).tolist()  # one device -> host copy
-    return {k: v / count for k, v in zip(sums, values)}
+    return {k: v / count for k, v in zip(keys, sums.tolist())}  # one device -> host copy
 
 
 def _short(stats: dict[str, float]) -> dict[str, str]:
@@ -230,7 +240,7 @@ def state_dict(run: Run) -> dict[str, Any]:
     cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
     return {
         "student": cpu(run.student.state_dict()),
-        "discriminators": cpu(run.discs.state_dict()),
+        "discriminators": cpu(run.discs.state_dict()) if run.discs is not None else {},
         "optimizer": run.opt.state_dict(),
         "d_optimizer": run.d_opt.state_dict() if run.d_opt is not None else None,
     }
@@ -238,7 +248,8 @@ def state_dict(run: Run) -> dict[str, Any]:
 
 def load_state(run: Run, state: dict[str, Any]) -> None:
     run.student.load_state_dict(state["student"])
-    run.discs.load_state_dict(state["discriminators"])
+    if run.discs is not None:
+        run.discs.load_state_dict(state["discriminators"])
     run.opt.load_state_dict(state["optimizer"])
     if run.d_opt is not None:
         run.d_opt.load_state_dict(state["d_optimizer"])

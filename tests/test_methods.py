@@ -9,7 +9,7 @@ import torch
 
 from pipeline.align import AlignConfig, align
 from pipeline.config import UserError, build
-from pipeline.discriminators import Discriminator, discriminator_loss, fooling_loss, teacher_probability
+from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss, teacher_probability
 from pipeline.distill import build_run, train_step
 from pipeline.losses import grad_reverse, soften
 from pipeline.methods import (
@@ -36,17 +36,17 @@ def options(method: str, **values):
 # ---------------------------------------------------------------- the game's direction
 
 
-def student_step(mode: str, disc: Discriminator, s: torch.nn.Parameter, t: torch.Tensor, lr: float = 20.0) -> None:
+def student_step(mode: str, disc: Discriminators, s: torch.nn.Parameter, t: torch.Tensor, lr: float = 20.0) -> None:
     """One SGD step on the student vectors alone, with the adversarial term as each mode builds it.
 
     The losses are batch means, so a row's gradient is 1/B of its own: hence the large step.
     """
     if mode == "alternating":
-        loss = fooling_loss(disc, s)
+        loss = fooling_loss(disc, s).sum()
     elif mode == "reversal":
-        loss, _ = discriminator_loss(disc, t, grad_reverse(s, 1.0))
+        loss = discriminator_loss(disc, t, grad_reverse(s, 1.0))[0].sum()
     else:  # cooperative: D's own loss, minimised by the student too
-        loss, _ = discriminator_loss(disc, t, s)
+        loss = discriminator_loss(disc, t, s)[0].sum()
     disc.zero_grad()
     loss.backward()
     with torch.no_grad():
@@ -57,9 +57,9 @@ def student_step(mode: str, disc: Discriminator, s: torch.nn.Parameter, t: torch
 @pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
 def test_student_gradient_fools_d_in_the_true_game_and_helps_it_in_cooperative(mode, direction):
     torch.manual_seed(0)
-    disc = Discriminator(16)
-    teacher = torch.randn(64, 16) + 1.0
-    s = torch.nn.Parameter(torch.randn(64, 16))
+    disc = Discriminators(["d"], 16)
+    teacher = torch.randn(1, 64, 16) + 1.0
+    s = torch.nn.Parameter(torch.randn(1, 64, 16))
     before = teacher_probability(disc, s)
     for _ in range(3):
         student_step(mode, disc, s, teacher)
@@ -86,7 +86,7 @@ def d_teacher_prob(run, x) -> float:
     with torch.no_grad():
         _, feats = run.student(x)
         vecs = [align(f, run.align_cfg) for f in feats]  # (B, 8) each, as the step aligns them
-        return sum(teacher_probability(run.discs[f"block{b + 1}"], v) for b, v in enumerate(vecs)).item() / 3
+        return teacher_probability(run.discs, torch.stack(vecs)).mean().item()  # D order: block1..3
 
 
 @pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
@@ -108,13 +108,13 @@ def test_training_step_moves_the_student_the_right_way(mode, direction):
 
 def test_alternating_step_trains_d_to_separate():
     torch.manual_seed(0)
-    disc = Discriminator(8)
+    disc = Discriminators(["d"], 8)
     opt = torch.optim.Adam(disc.parameters(), lr=1e-2, betas=(0.5, 0.999))
-    teacher, student = torch.randn(128, 8) + 2.0, torch.randn(128, 8)
+    teacher, student = torch.randn(1, 128, 8) + 2.0, torch.randn(1, 128, 8)
     for _ in range(50):
         loss, acc = discriminator_loss(disc, teacher, student)
         opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()
         opt.step()
     assert acc.item() > 0.9
     # adversarial samples (ANC): student rows labelled teacher pull D's student side up
@@ -124,11 +124,45 @@ def test_alternating_step_trains_d_to_separate():
 
 
 def test_discriminator_shape():
-    disc = Discriminator(32)
-    widths = [m.out_features for m in disc.net if isinstance(m, torch.nn.Linear)]
-    assert widths == [16, 8, 1]
-    assert disc(torch.randn(5, 32)).shape == (5,)
-    assert not isinstance(disc.net[-1], (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.Sigmoid))
+    disc = Discriminators(["a", "b", "c"], 32)
+    assert disc.widths == [16, 8, 1]
+    assert disc(torch.randn(3, 5, 32)).shape == (3, 5)
+
+
+def test_discriminator_bank_is_independent_mlps():
+    """Group g of the batched bank is exactly its own MLP: D -> D/2 -> D/4 -> 1, LeakyReLU, no end activation."""
+    torch.manual_seed(0)
+    disc = Discriminators(["a", "b"], 12)
+    x = torch.randn(2, 7, 12)
+    for g in range(2):
+        h = x[g]
+        for i, (w, b) in enumerate(zip(disc.weights, disc.biases)):
+            h = h @ w[g] + b[g]
+            h = torch.nn.functional.leaky_relu(h, 0.2) if i < 2 else h
+        torch.testing.assert_close(disc(x)[g], h[:, 0])
+    # a gradient through one group's input reaches only that group's weights
+    disc(x)[1].sum().backward()
+    assert all(w.grad[0].abs().sum() == 0 and w.grad[1].abs().sum() > 0 for w in disc.weights)
+    # frozen: the student's turn gives D's weights no gradient at all
+    disc.zero_grad(set_to_none=True)
+    s = torch.randn(2, 7, 12, requires_grad=True)
+    fooling_loss(disc, s).sum().backward()
+    assert s.grad is not None and all(w.grad is None for w in disc.weights)
+
+
+def test_discriminator_loss_matches_the_plain_formula():
+    torch.manual_seed(0)
+    disc = Discriminators(["a", "b"], 8)
+    t, s = torch.randn(2, 16, 8) + 1, torch.randn(2, 16, 8)
+    loss, acc = discriminator_loss(disc, t, s, adversarial_rows=4)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    d_t, d_s = disc(t), disc(s)
+    target_s = torch.zeros(16)
+    target_s[:4] = 1
+    for g in range(2):
+        expected = 0.5 * (bce(d_t[g], torch.ones(16)) + bce(d_s[g], target_s))
+        torch.testing.assert_close(loss[g], expected)
+        torch.testing.assert_close(acc[g], 0.5 * ((d_t[g] > 0).float().mean() + (d_s[g] <= 0).float().mean()))
 
 
 # ---------------------------------------------------------------- plans

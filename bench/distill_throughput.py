@@ -1,0 +1,205 @@
+"""Benchmark: distilling from the cache at the student's own training speed, and against online MEAL.
+
+    python -m bench.distill_throughput                                  # default profile, synthetic data
+    python -m bench.distill_throughput --params profiles/gpu.yaml --device cuda --teachers 4   # ResNet-18 student
+    python -m bench.distill_throughput --params profiles/gpu.yaml --device cuda                # the 5-teacher zoo
+
+Three trainings of the params' student on the same synthetic images, views, batch size and steps:
+  (a) scratch: the student alone (cross-entropy), the speed every method is held to;
+  (b) cached: the params' method (MEAL by default): student plus discriminators, targets gathered from
+      view slabs that real zarr teacher caches (pipeline.cache_write) hold, loaded and prefetched as
+      `stages.distill` does;
+  (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
+Each timed unit is one real epoch of pipeline.distill.train_one_epoch (slab switch included). The
+three run interleaved for `--rounds` rounds (a shared machine drifts; every variant sees the same
+drift) after one warm-up epoch each; the median epoch is reported, and the ratios b/a and c/b.
+
+The teachers are randomly initialised zoo models of the params' architectures and widths (speed does
+not depend on what they learned). Writes bench/results/<device>-distill_throughput.json with the
+device, library versions, the command and every epoch time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+from bench.cache_io import RESULTS, _device_name, _sync, fake_teacher, synthetic_data
+from pipeline.align import AlignConfig
+from pipeline.augment import AugmentConfig
+from pipeline.cache import CacheConfig, open_cache
+from pipeline.cache_write import cache_teacher
+from pipeline.checkpoints import load_teacher
+from pipeline.config import DEFAULT_PARAMS, build, load_params, section
+from pipeline.distill import TrainSet, build_run, train_one_epoch
+from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
+from pipeline.models import build_model, count_parameters
+from pipeline.device import resolve_device
+from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.views import ViewsConfig, make_view_plan
+
+# input shape and classes of each dataset the params may name (imagefolder: data.image_size, 3 channels)
+SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10)}
+
+
+class NoTargets:
+    def start_epoch(self, view: int, next_view: int | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def setup(args, params: dict, work: Path, device: torch.device) -> dict:
+    """Synthetic data, view plan, teacher checkpoints and their caches; the three runs ready to train."""
+    data_cfg = section(params, "data")
+    channels, size, classes = SHAPES.get(data_cfg["name"], (3, int(data_cfg.get("image_size", 32)), 10))
+    data = synthetic_data(args.samples, num_classes=classes, size=size, channels=channels)
+    views = build(ViewsConfig, {**section(params, "views"), "num_views": args.views}, "views")
+    plan_views = make_view_plan(views, data)
+    cache_cfg = build(CacheConfig, {**section(params, "cache"), "chunk_rows": max(1, args.samples // 4)}, "cache")
+    align_cfg = build(AlignConfig, cache_cfg.align, "cache.align")
+
+    listed = section(params, "teachers")
+    names = list(args.teacher or listed)[: args.teachers or None]
+    caches, checkpoints = {}, {}
+    for i, name in enumerate(names):
+        spec = listed[name]
+        width = float(spec.get("model", {}).get("width", 1.0))  # every zoo model's only shape knob
+        ckpt = fake_teacher(work / f"{name}.pt", data, spec["arch"], width, seed=i, name=name)
+        out = work / f"{name}.zarr"
+        start = time.perf_counter()
+        cache_teacher(ckpt, out, plan_views, data, cache_cfg, device, progress=False)
+        print(f"  cached {name} ({spec['arch']} {spec.get('model', {})}): {args.samples} x {args.views} views "
+              f"in {time.perf_counter() - start:.1f}s", flush=True)
+        caches[name], checkpoints[name] = open_cache(out), ckpt
+
+    student_cfg = build(StudentConfig, section(params, "student"), "student")
+    distill_section = {k: v for k, v in section(params, "distill").items() if k != "runs"}
+    overrides = {"epochs": args.rounds + 1, "compile": args.compile or distill_section.get("compile", False)}
+    if args.batch_size:
+        overrides["batch_size"] = args.batch_size
+    train = TrainSet(data.images.to(device), data.labels.to(device), plan_views.aug, plan_views.augment,
+                     data.mean, data.std)
+
+    def make(method: str, online: bool):
+        cfg = build(DistillConfig, {**distill_section, **overrides, "method": method}, "distill")
+        options = method_configs(cfg, names)[method]
+        teachers = names if method != "scratch" else []
+        plan = make_plan(method, options, teachers, caches[names[0]].blocks if names else None)
+        torch.manual_seed(0)
+        kwargs = {"num_classes": classes, "in_channels": channels, **student_cfg.model}
+        student = build_model(student_cfg.arch, **kwargs)
+        run = build_run(plan, cfg, student, classes, align_cfg, device)
+        if method == "scratch":
+            return run, NoTargets()
+        if online:
+            models = [load_teacher(checkpoints[n], device)[0] for n in names]
+            return run, OnlineTargets(models, align_cfg, plan.feature_blocks, device, cache_cfg.autocast)
+        loader = SlabLoader(CacheSlabs({n: caches[n] for n in names}), plan.feature_blocks, device)
+        return run, CachedTargets(loader)
+
+    runs = {"a_scratch": make("scratch", False), "b_cached": make(args.method, False),
+            "c_online": make(args.method, True)}
+    return {"runs": runs, "train": train, "teachers": names, "student": student_cfg,
+            "student_params": count_parameters(runs["a_scratch"][0].student), "shape": (channels, size, classes),
+            "augment": views.augment}
+
+
+def time_epoch(run, targets, epoch: int, train: TrainSet, device: torch.device) -> float:
+    """Seconds of one epoch as stages.distill trains it: slab switch (+ next prefetch), every step."""
+    _sync(device)
+    start = time.perf_counter()
+    targets.start_epoch(epoch % train.num_views, (epoch + 1) % train.num_views)
+    train_one_epoch(run, epoch, train, targets, progress=False)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.distill_throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default=DEFAULT_PARAMS, help="params file whose student, teachers, distill and "
+                        "cache sections are measured [params.yaml]")
+    parser.add_argument("--method", default="meal", help="the distillation method of (b) and (c) [meal]")
+    parser.add_argument("--teacher", action="append", default=[], help="only these teachers (repeatable)")
+    parser.add_argument("--teachers", type=int, default=0, help="only the first N teachers (0 = all)")
+    parser.add_argument("--samples", type=int, default=8192, help="synthetic training images (one epoch each)")
+    parser.add_argument("--views", type=int, default=2, help="cached views per image")
+    parser.add_argument("--batch-size", type=int, default=0, help="override distill.batch_size (0 = params)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per variant, interleaved")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the student (also if distill.compile)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-distill_throughput.json]")
+    args = parser.parse_args(argv)
+
+    device = resolve_device(args.device)
+    params = load_params(args.params)
+    work = Path(tempfile.mkdtemp(prefix="distill_throughput-"))
+    try:
+        print(f"setup: {args.params} on {device}", flush=True)
+        s = setup(args, params, work, device)
+        runs, train = s["runs"], s["train"]
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for name, (run, targets) in runs.items():  # warm-up epoch: allocator, kernels, compile
+            time_epoch(run, targets, 0, train, device)
+        for r in range(1, args.rounds + 1):
+            order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate, so none always runs first
+            for name in order:
+                run, targets = runs[name]
+                times[name].append(time_epoch(run, targets, r, train, device))
+            print(f"  round {r}: " + "  ".join(f"{k} {len(train) / times[k][-1]:.0f} img/s" for k in runs), flush=True)
+        for _, targets in runs.values():
+            targets.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ips = {k: len(train) / v for k, v in med.items()}
+    # per-round ratios (the variants of one round ran seconds apart), median over rounds
+    b_over_a = statistics.median(a / b for a, b in zip(times["a_scratch"], times["b_cached"]))
+    c_over_b = statistics.median(b / c for b, c in zip(times["b_cached"], times["c_online"]))
+    channels, size, classes = s["shape"]
+    print()
+    print(f"student {s['student'].arch} {s['student'].model} ({s['student_params']:,} parameters), "
+          f"{channels}x{size}x{size}, batch {runs['a_scratch'][0].cfg.batch_size}, "
+          f"{len(s['teachers'])} teachers: {', '.join(s['teachers'])}, method {args.method}, {device}")
+    print(f"{'variant':<34}{'img/s':>10}{'vs scratch':>12}")
+    labels = {"a_scratch": "(a) scratch student", "b_cached": f"(b) {args.method} from the caches",
+              "c_online": f"(c) {args.method} online (live teachers)"}
+    for k in runs:
+        print(f"{labels[k]:<34}{ips[k]:>10.0f}{ips[k] / ips['a_scratch']:>12.2f}")
+    print(f"b/a = {b_over_a:.3f}   c/b = {c_over_b:.3f}   (cached is {1 / c_over_b:.2f}x faster than online; "
+          f"medians of per-round ratios over {args.rounds} rounds)")
+
+    result = {
+        "device": _device_name(device),
+        "command": "python -m bench.distill_throughput" + "".join(
+            " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("torch", "numpy", "zarr")},
+                     "torch_threads": torch.get_num_threads()},
+        "params": args.params, "method": args.method, "student": {"arch": s["student"].arch, **s["student"].model},
+        "student_params": s["student_params"], "teachers": s["teachers"], "input": [channels, size, size],
+        "samples": args.samples, "views": args.views, "batch_size": runs["a_scratch"][0].cfg.batch_size,
+        "rounds": args.rounds, "epoch_times_s": times, "images_per_s": ips,
+        "b_over_a": b_over_a, "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
+    }
+    out = args.out or RESULTS / f"{result['device']}-distill_throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwritten {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

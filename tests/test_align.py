@@ -1,0 +1,59 @@
+"""Alignment pooling: the DESIGN.md formulas, any input shape, and a gradient in the activations' layout."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.align import AlignConfig, align
+from pipeline.config import UserError
+
+
+def reference(x: torch.Tensor, kind: str, length: int) -> torch.Tensor:
+    """DESIGN.md section 4, written the plain way (the official code's order of operations)."""
+    if x.dim() == 2:
+        x = x[:, :, None]
+    x = x.flatten(2).float()  # (B, C, H*W)
+    if kind == "meal":
+        return F.adaptive_avg_pool1d(x, length).mean(dim=1)
+    return F.adaptive_avg_pool1d(x.mean(dim=2)[:, None], length)[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["meal", "channel"])
+@pytest.mark.parametrize("shape", [(4, 6, 7, 5), (3, 40, 4, 4), (2, 12)])
+def test_align_matches_the_formula(kind, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).relu()
+    for length in (8, 32):
+        got = align(x, AlignConfig(kind, length))
+        assert got.shape == (shape[0], length) and got.dtype == torch.float32
+        torch.testing.assert_close(got, reference(x, kind, length), rtol=1e-5, atol=1e-6)
+    if x.dim() == 4:  # the layout of the input must not change the vector
+        cl = x.contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(align(cl, AlignConfig(kind, 8)), reference(x, kind, 8), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["meal", "channel"])
+def test_align_gradient_keeps_channels_last(kind):
+    """An NCHW gradient against channels_last activations slows every later backward op 2-3x on the CPU."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    block = torch.relu(conv(x))  # a block output: it feeds the next block and the alignment
+    downstream = conv(block).square().sum()
+    grad = torch.autograd.grad(align(block, AlignConfig(kind, 4)).sum() + downstream, block, retain_graph=True)[0]
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.autograd.grad(downstream, block)[0] + align_grad(kind, block.shape)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+
+
+def align_grad(kind: str, shape) -> torch.Tensor:
+    """d sum(align(x)) / dx by the reference formula."""
+    x = torch.zeros(shape, requires_grad=True)
+    reference(x, kind, 4).sum().backward()
+    return x.grad
+
+
+def test_bad_align_spec_is_one_line():
+    with pytest.raises(UserError, match="alignment kind"):
+        AlignConfig("max", 8)
+    with pytest.raises(UserError, match="alignment length"):
+        AlignConfig("channel", 0)

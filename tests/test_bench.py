@@ -1,0 +1,32 @@
+"""The speed benchmarks run end to end on tiny settings (their figures are measured on real sizes, not here)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["meal", "meal_v2"])
+def test_bench_distill_throughput_runs(tmp_path, method):
+    from bench.distill_throughput import main
+
+    out = tmp_path / "bench.json"
+    result = main(["--params", str(ROOT / "profiles" / "tiny.yaml"), "--method", method, "--samples", "96",
+                   "--views", "2", "--rounds", "2", "--batch-size", "32", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["device"] == "cpu" and saved["method"] == method
+    assert set(saved["epoch_times_s"]) == {"a_scratch", "b_cached", "c_online"}
+    assert all(len(v) == 2 and min(v) > 0 for v in saved["epoch_times_s"].values())
+    assert result["b_over_a"] > 0 and result["c_over_b"] > 0
+    assert saved["teachers"] and saved["batch_size"] == 32
