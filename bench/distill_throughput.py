@@ -37,7 +37,6 @@ import torch
 
 from bench.cache_io import RESULTS, _device_name, _sync, fake_teacher, synthetic_data
 from pipeline.align import AlignConfig
-from pipeline.augment import AugmentConfig
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
 from pipeline.checkpoints import load_teacher

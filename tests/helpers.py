@@ -1,5 +1,7 @@
 """Assertions shared by the stage tests."""
 
+from pathlib import Path
+
 
 def one_line_error(result, exit_code: int = 2) -> str:
     """A click result that failed the way users must see failures: one `Error:` line, no traceback."""
@@ -8,3 +10,43 @@ def one_line_error(result, exit_code: int = 2) -> str:
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:"), result.output
     return lines[0]
+
+
+# ---------------------------------------------------------------- a tiny cached pipeline (distill, evaluate)
+
+TINY_TEACHERS = ("t1", "t2")
+
+
+def tiny_distill_params(root, student_dropout: float = 0.0, **distill) -> dict:
+    """Params for 96 tiny Fashion-MNIST images under `root`, two width-0.25 student_cnn teachers, V = 2."""
+    return {
+        "data": {"name": "fashion_mnist", "root": str(root), "limit": 96},
+        "teachers": {t: {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}} for t in TINY_TEACHERS},
+        "views": {"num_views": 2, "seed": 0, "augment": {"kind": "crop_flip", "pad": 2, "flip": True}},
+        "cache": {"format": "zarr", "align": {"kind": "channel", "length": 8}, "batch_size": 64, "chunk_rows": 32},
+        "student": {"arch": "student_cnn", "model": {"width": 0.25, "dropout": student_dropout}},
+        "distill": {"method": "meal", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256, **distill},
+    }
+
+
+def build_tiny_pipeline(params: dict) -> None:
+    """In the working directory: params.yaml, untrained teacher checkpoints (per the contract schema:
+    targets only need to be fixed), the view plan and every teacher's cache, through the real stages."""
+    import yaml
+    from click.testing import CliRunner
+
+    from bench.cache_io import fake_teacher
+    from pipeline import paths
+    from pipeline.config import build
+    from pipeline.data import DataConfig, load_split
+    from stages import cache_teachers, plan_views
+
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    for i, name in enumerate(params["teachers"]):
+        fake_teacher(paths.teacher_checkpoint(name), train, seed=100 + i, name=name)
+    runner = CliRunner()
+    assert runner.invoke(plan_views.main, []).exit_code == 0
+    for name in params["teachers"]:
+        result = runner.invoke(cache_teachers.main, ["--teacher", name, "--quiet", "--device", "cpu"])
+        assert result.exit_code == 0, result.output

@@ -19,8 +19,7 @@ from click.testing import CliRunner
 import pipeline.distill
 from pipeline import paths
 from pipeline.cache import open_cache
-from pipeline.checkpoints import save_checkpoint
-from pipeline.config import build, to_dict
+from pipeline.config import build
 from pipeline.data import DataConfig, load_split
 from pipeline.distill import TrainSet, build_run, train_one_epoch
 from pipeline.methods import DistillConfig, make_plan, method_configs
@@ -28,13 +27,11 @@ from pipeline.models import build_model
 from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
 from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
-from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
-from stages import plan_views as plan_stage
 from bench.cache_io import fake_teacher as make_teacher
-from helpers import one_line_error
+from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params
 
-TEACHERS = ("t1", "t2")
+TEACHERS = TINY_TEACHERS
 
 
 @pytest.fixture(autouse=True)
@@ -49,24 +46,11 @@ def one_thread(monkeypatch):
 
 
 def params_for(root: Path) -> dict:
-    return {
-        "data": {"name": "fashion_mnist", "root": str(root), "limit": 96},
-        "teachers": {t: {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}} for t in TEACHERS},
-        "views": {"num_views": 2, "seed": 0, "augment": {"kind": "crop_flip", "pad": 2, "flip": True}},
-        "cache": {"format": "zarr", "align": {"kind": "channel", "length": 8}, "batch_size": 64, "chunk_rows": 32},
-        "student": {"arch": "student_cnn", "model": {"width": 0.25, "dropout": 0.1}},
-        "distill": {"method": "meal", "epochs": 2, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256,
-                    "log_every": 1, "meal": {"adversarial": "alternating"}},
-    }
+    return tiny_distill_params(root, student_dropout=0.1, epochs=2, log_every=1, meal={"adversarial": "alternating"})
 
 
 def write_params(params: dict) -> None:
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-def fake_teacher(name: str, seed: int, train) -> None:
-    """A teacher checkpoint per the contract schema (untrained weights: targets only need to be fixed)."""
-    make_teacher(paths.teacher_checkpoint(name), train, seed=seed, name=name)
 
 
 @pytest.fixture
@@ -74,15 +58,7 @@ def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
     """tmp_path as the working directory, with params.yaml, teachers, view plan and caches in place."""
     monkeypatch.chdir(tmp_path)
     params = params_for(fashion_root)
-    write_params(params)
-    train = load_split(build(DataConfig, params["data"], "data"), "train")
-    for i, name in enumerate(TEACHERS):
-        fake_teacher(name, 100 + i, train)
-    runner = CliRunner()
-    assert runner.invoke(plan_stage.main, []).exit_code == 0
-    for name in TEACHERS:
-        result = runner.invoke(cache_stage.main, ["--teacher", name, "--quiet", "--device", "cpu"])
-        assert result.exit_code == 0, result.output
+    build_tiny_pipeline(params)
     return params
 
 
@@ -273,7 +249,7 @@ def test_bad_methods_and_options_fail_in_one_line_before_any_work(tmp_path, monk
 
 def test_stale_teacher_checkpoint_is_refused(tiny_pipeline):
     train = load_split(build(DataConfig, tiny_pipeline["data"], "data"), "train")
-    fake_teacher("t2", 999, train)  # retrained after its cache was made
+    make_teacher(paths.teacher_checkpoint("t2"), train, seed=999, name="t2")  # retrained after its cache was made
     line = one_line_error(run())
     assert "t2" in line and "changed" in line
 

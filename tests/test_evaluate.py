@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint
-from pipeline.config import UserError, build, to_dict
+from pipeline.config import UserError, build
 from pipeline.data import DataConfig, load_split
 from pipeline.evaluate import (
     EvaluateConfig, classification_metrics, count_flops, ensemble_cost, ensemble_probs,
@@ -28,14 +28,11 @@ from pipeline.evaluate import (
 )
 from pipeline.models import build_model
 from pipeline.report import PLOTS
-from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
-from stages import plan_views as plan_stage
-from bench.cache_io import fake_teacher as make_teacher
-from helpers import one_line_error
+from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params
 
-TEACHERS = ("t1", "t2")
+TEACHERS = TINY_TEACHERS
 TRAINED_RUNS = ("scratch", "meal_coop")
 
 
@@ -125,22 +122,10 @@ def test_bad_evaluate_params_fail_in_one_line():
 
 
 def params_for(root: Path) -> dict:
-    return {
-        "data": {"name": "fashion_mnist", "root": str(root), "limit": 96},
-        "teachers": {t: {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}} for t in TEACHERS},
-        "views": {"num_views": 2, "seed": 0, "augment": {"kind": "crop_flip", "pad": 2, "flip": True}},
-        "cache": {"format": "zarr", "align": {"kind": "channel", "length": 8}, "batch_size": 64, "chunk_rows": 32},
-        "student": {"arch": "student_cnn", "model": {"width": 0.25, "dropout": 0.0}},
-        "distill": {"method": "meal", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256,
-                    "runs": {"scratch": {"method": "scratch"}, "kd": {"method": "kd"},
-                             "meal_coop": {"method": "meal", "meal": {"adversarial": "cooperative"}}}},
-        "evaluate": {"batch_size": 64, "throughput_batch": 8, "warmup": 0, "repeats": 1, "latency_iters": 1},
-    }
-
-
-def fake_teacher(name: str, seed: int, train) -> None:
-    """A teacher checkpoint per the contract schema (untrained weights: targets only need to be fixed)."""
-    make_teacher(paths.teacher_checkpoint(name), train, seed=seed, name=name)
+    params = tiny_distill_params(root, runs={"scratch": {"method": "scratch"}, "kd": {"method": "kd"},
+                                             "meal_coop": {"method": "meal", "meal": {"adversarial": "cooperative"}}})
+    params["evaluate"] = {"batch_size": 64, "throughput_batch": 8, "warmup": 0, "repeats": 1, "latency_iters": 1}
+    return params
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +136,8 @@ def built(tmp_path_factory, fashion_root) -> Path:
         mp.chdir(root)
         mp.setenv("OMP_NUM_THREADS", "1")
         params = params_for(fashion_root)
-        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        train = load_split(build(DataConfig, params["data"], "data"), "train")
-        for i, name in enumerate(TEACHERS):
-            fake_teacher(name, 100 + i, train)
+        build_tiny_pipeline(params)
         runner = CliRunner()
-        assert runner.invoke(plan_stage.main, []).exit_code == 0
-        for name in TEACHERS:
-            result = runner.invoke(cache_stage.main, ["--teacher", name, "--quiet", "--device", "cpu"])
-            assert result.exit_code == 0, result.output
         for run in TRAINED_RUNS:
             result = runner.invoke(distill_stage.main, ["--run", run, "--quiet", "--device", "cpu"])
             assert result.exit_code == 0, result.output
