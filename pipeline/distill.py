@@ -80,6 +80,7 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
         discs = Discriminators(list(dims), next(iter(dims.values()))).to(device)
     groups = pretraining.param_groups(student, cfg.weight_decay)
     d_opt = None
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step for all parameters
     if plan.game is not None:
         g = plan.game
         if g.adversarial == "cooperative":
@@ -87,10 +88,12 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
             groups.append({"params": list(discs.parameters()), "lr": g.d_lr, "weight_decay": g.d_weight_decay,
                            "fixed_lr": True})
         elif g.d_optimizer == "adam":
-            d_opt = torch.optim.Adam(discs.parameters(), lr=g.d_lr, betas=(0.5, 0.999), weight_decay=g.d_weight_decay)
+            d_opt = torch.optim.Adam(discs.parameters(), lr=g.d_lr, betas=(0.5, 0.999), weight_decay=g.d_weight_decay,
+                                     **fused)
         else:
-            d_opt = torch.optim.SGD(discs.parameters(), lr=g.d_lr, momentum=0.9, weight_decay=g.d_weight_decay)
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+            d_opt = torch.optim.SGD(discs.parameters(), lr=g.d_lr, momentum=0.9, weight_decay=g.d_weight_decay, **fused)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+                          **fused)
     forward = torch.compile(student) if cfg.compile else student
     return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward)
 

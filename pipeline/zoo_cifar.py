@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.device import mean_keep_layout
+
 NUM_BLOCKS = 3  # features returned per model; the same for every model so any teacher pairs with any student
 
 
@@ -63,7 +65,7 @@ class Head(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
+        x = mean_keep_layout(x, (2, 3))  # (B, C) global average pool; its gradient stays channels_last
         return self.fc(self.dropout(x))  # (B, num_classes)
 
 
