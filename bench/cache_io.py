@@ -25,19 +25,15 @@ Its synthetic helpers (`synthetic_data`, `fake_teacher`) are shared with the tes
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import shutil
-import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.common import header, sync, write_result
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store
@@ -48,7 +44,6 @@ from pipeline.device import memory_format, resolve_device
 from pipeline.models import build_model
 from pipeline.views import ViewsConfig, make_view_plan
 
-RESULTS = Path(__file__).parent / "results"
 
 
 # ---------------------------------------------------------------- synthetic setup (also used by the tests)
@@ -115,12 +110,12 @@ def bare_forward(checkpoint: Path, plan, data: ImageData, batch_size: int, chunk
     spans = [(s, min(c + chunk_rows * v, n * v, s + batch_size))
              for c in range(0, n * v, chunk_rows * v) for s in range(c, min(c + chunk_rows * v, n * v), batch_size)]
     ready = None if replay else [make(*span) for span in spans]
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for i, span in enumerate(spans):
             model(make(*span) if replay else ready[i])
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -279,19 +274,8 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "cuda-" + "".join(c if c.isalnum() else "-" for c in torch.cuda.get_device_name(device).lower())
-    return "cpu"
 
 
 def _fmt_row(row: dict) -> str:
@@ -348,17 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     for r in reads:
         print(f"{'  ' + r['store'][-42:]:<44}{r['slab_mb']:>8.2f}{r['store_mb_s']:>12.0f}{r['memmap_mb_s']:>13.0f}"
               f"{r['ratio']:>8.2f}{r['bytes_per_sample_view']:>9.0f}")
-    result = {
-        "device": _device_name(device),
-        "command": "python -m bench.cache_io" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("torch", "numpy", "zarr", "h5py")},
-                     "torch_threads": torch.get_num_threads()},
-        "stage": stage, "slab_reads": reads, "sweep": grid,
-    }
-    out = args.out or RESULTS / f"{result['device']}-cache_io.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten {out}")
+    result = {**header("cache_io", device, argv, ("torch", "numpy", "zarr", "h5py")),
+              "stage": stage, "slab_reads": reads, "sweep": grid}
+    write_result(result, "cache_io", args.out)
     return result
 
 

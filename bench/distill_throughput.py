@@ -22,20 +22,16 @@ device, library versions, the command and every epoch time.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import shlex
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from bench.cache_io import RESULTS, _device_name, _sync, fake_teacher, synthetic_data
+from bench.cache_io import fake_teacher, synthetic_data
+from bench.common import header, sync, write_result
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
@@ -118,11 +114,11 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
 
 def time_epoch(run, targets, epoch: int, train: TrainSet, device: torch.device) -> float:
     """Seconds of one epoch as stages.distill trains it: slab switch (+ next prefetch), every step."""
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     targets.start_epoch(epoch % train.num_views, (epoch + 1) % train.num_views)
     train_one_epoch(run, epoch, train, targets, progress=False)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -182,21 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
           f"medians of per-round ratios over {args.rounds} rounds)")
 
     result = {
-        "device": _device_name(device),
-        "command": "python -m bench.distill_throughput" + "".join(
-            " " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-        "versions": {"python": platform.python_version(), **{p: version(p) for p in ("torch", "numpy", "zarr")},
-                     "torch_threads": torch.get_num_threads()},
+        **header("distill_throughput", device, argv, ("torch", "numpy", "zarr")),
         "params": args.params, "method": args.method, "student": {"arch": s["student"].arch, **s["student"].model},
         "student_params": s["student_params"], "teachers": s["teachers"], "input": [channels, size, size],
         "samples": args.samples, "views": args.views, "batch_size": runs["a_scratch"][0].cfg.batch_size,
         "rounds": args.rounds, "epoch_times_s": times, "images_per_s": ips,
         "b_over_a": b_over_a, "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
     }
-    out = args.out or RESULTS / f"{result['device']}-distill_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwritten {out}")
+    write_result(result, "distill_throughput", args.out)
     return result
 
 
