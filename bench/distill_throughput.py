@@ -41,19 +41,11 @@ from pipeline.distill import TrainSet, build_run, train_one_epoch
 from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
 from pipeline.models import build_model, count_parameters
 from pipeline.device import resolve_device
-from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import ViewsConfig, make_view_plan
 
 # input shape and classes of each dataset the params may name (imagefolder: data.image_size, 3 channels)
 SHAPES = {"fashion_mnist": (1, 28, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "svhn": (3, 32, 10)}
-
-
-class NoTargets:
-    def start_epoch(self, view: int, next_view: int | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def setup(args, params: dict, work: Path, device: torch.device) -> dict:
@@ -108,8 +100,7 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
     runs = {"a_scratch": make("scratch", False), "b_cached": make(args.method, False),
             "c_online": make(args.method, True)}
     return {"runs": runs, "train": train, "teachers": names, "student": student_cfg,
-            "student_params": count_parameters(runs["a_scratch"][0].student), "shape": (channels, size, classes),
-            "augment": views.augment}
+            "student_params": count_parameters(runs["a_scratch"][0].student), "shape": (channels, size, classes)}
 
 
 def time_epoch(run, targets, epoch: int, train: TrainSet, device: torch.device) -> float:

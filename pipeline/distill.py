@@ -30,7 +30,7 @@ from pipeline.augment import AugmentConfig, apply_views, normalize
 from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss
 from pipeline.losses import grad_reverse
 from pipeline.methods import DistillConfig, Plan, StudentOut, Targets
-from pipeline.device import autocast, memory_format
+from pipeline.device import autocast, fused_optimizer, memory_format
 from pipeline.schedules import lr_at
 
 
@@ -80,7 +80,7 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
         discs = Discriminators(list(dims), next(iter(dims.values()))).to(device)
     groups = pretraining.param_groups(student, cfg.weight_decay)
     d_opt = None
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step for all parameters
+    fused = fused_optimizer(device)
     if plan.game is not None:
         g = plan.game
         if g.adversarial == "cooperative":
@@ -131,7 +131,6 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
                 s_d = grad_reverse(s_d, w)  # D descends its loss, the student ascends w * it
             d_loss, acc = discriminator_loss(run.discs, t, s_d, rows)  # (G,) each
             d_total = d_loss.sum()
-            stats["d_loss"], stats["d_acc"] = d_loss.detach(), acc
             if mode == "reversal":
                 adv = -w * d_loss.detach()  # reported: what the student effectively minimises
             elif mode == "cooperative":
@@ -164,7 +163,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
     stats.update({k: v.detach() for k, v in terms.items() if k != "adv"})
     stats["train_acc"] = (logits.detach().argmax(1) == y).float().mean()
     if mode != "none":  # per discriminator: its loss, its accuracy and the student's term against it
-        for key, values in (("d_loss", stats.pop("d_loss")), ("d_acc", stats.pop("d_acc")), ("adv", adv.detach())):
+        for key, values in (("d_loss", d_loss.detach()), ("d_acc", acc), ("adv", adv.detach())):
             stats.update({f"{key}_{name}": v for name, v in zip(names, values.unbind())})
     return stats
 

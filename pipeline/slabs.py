@@ -116,6 +116,16 @@ class SlabLoader:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+class NoTargets:
+    """The target source of a method that reads no teacher (scratch): it is never asked for targets."""
+
+    def start_epoch(self, view: int, next_view: int | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class CachedTargets:
     """Targets gathered from the epoch's slab by sample index: no store access inside the step loop."""
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.augment import AugmentConfig, apply_views, normalize, plan_views
 from pipeline.config import UserError, build, check, check_choice, to_dict
 from pipeline.data import ImageData
-from pipeline.device import autocast, memory_format
+from pipeline.device import autocast, fused_optimizer, memory_format
 from pipeline.schedules import SCHEDULES, lr_at, set_lr
 
 
@@ -85,9 +85,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = device.type == "cuda"
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.momentum > 0, fused=fused or None)
+                           nesterov=cfg.momentum > 0, **fused_optimizer(device))
 
 
 def train_one_epoch(

@@ -32,7 +32,7 @@ from pipeline.distill import TrainSet, build_run, distill
 from pipeline.methods import DistillConfig, StudentConfig, distill_teachers, make_plan, method_configs
 from pipeline.models import build_model, count_parameters
 from pipeline.runs import check_runs, run_section
-from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import open_view_plan
 
 # settings that change neither the student nor the metrics' meaning: a resume may differ in them
@@ -207,7 +207,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
 
     data = TrainSet(train.images.to(dev), train.labels.to(dev), plan_views.aug, plan_views.augment,
                     train.mean, train.std)
-    targets = targets or _NoTargets()
+    targets = targets or NoTargets()
     try:
         ckpt = distill(run, data, test, targets, state, save, progress=not quiet)
     finally:
@@ -216,16 +216,6 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         save(ckpt)  # refresh the metrics file; the checkpoint is unchanged
     click.echo(f"{s.run_name}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at epoch "
                f"{ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
-
-
-class _NoTargets:
-    """The scratch method's target source: it never asks for teacher targets."""
-
-    def start_epoch(self, view: int, next_view: int | None) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def metrics(s: Settings, base: dict[str, Any], ckpt: dict[str, Any], device: str) -> dict[str, Any]:
