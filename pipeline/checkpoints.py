@@ -10,19 +10,25 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from pipeline.config import UserError
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
+    """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a resume
+    after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    replace_atomically(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "") -> dict[str, Any]:
@@ -46,11 +52,12 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def write_json(path: str | Path, payload: Any) -> None:
     """Atomic JSON write (metrics files are read by DVC while other stages run)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomic text write."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def load_teacher(path: str | Path, device: torch.device | str = "cpu"):

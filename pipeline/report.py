@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
+from pipeline.checkpoints import replace_atomically
 from pipeline.evaluate import EvaluateConfig, Row
 
 PLOTS = ("training_curves", "accuracy_vs_params", "accuracy_vs_latency", "per_class_accuracy")
@@ -67,24 +68,13 @@ def summary_markdown(rows: list[Row], payload: dict[str, Any], cfg: EvaluateConf
     return "\n".join(lines) + "\n"
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic text write (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- plots
 
 
 def save_figure(fig: Figure, path: Path) -> None:
-    """PNG written to a temporary name, then renamed, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
+    """PNG written atomically, so a reader never sees half a file."""
     FigureCanvasAgg(fig)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_training_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> None:

@@ -17,13 +17,13 @@ from pathlib import Path
 import click
 
 from pipeline import paths
-from pipeline.checkpoints import write_json
+from pipeline.checkpoints import write_json, write_text
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_threads
 from pipeline.evaluate import EvaluateConfig, check_checkpoints, evaluate_models, metrics_payload
 from pipeline.methods import METHODS, DistillConfig, distill_teachers
-from pipeline.report import PLOTS, summary_markdown, write_plots, write_text
+from pipeline.report import PLOTS, summary_markdown, write_plots
 from pipeline.runs import run_names
 
 
