@@ -40,7 +40,7 @@ from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store
 from pipeline.cache_write import cache_teacher
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.data import ImageData
-from pipeline.device import memory_format, resolve_device
+from pipeline.device import memory_format, resolve_device, setup_cpu
 from pipeline.models import build_model
 from pipeline.views import ViewsConfig, make_view_plan
 
@@ -303,8 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
+    setup_cpu()
     work = Path(tempfile.mkdtemp(prefix="cache_io-"))
     try:
         print(f"A. stage vs bare forward: {args.samples} synthetic samples x {args.views} views, "

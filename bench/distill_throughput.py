@@ -40,7 +40,7 @@ from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.distill import TrainSet, build_run, train_one_epoch
 from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
 from pipeline.models import build_model, count_parameters
-from pipeline.device import resolve_device
+from pipeline.device import resolve_device, setup_cpu
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import ViewsConfig, make_view_plan
 
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
+    setup_cpu()  # the stages' CPU settings, so the bench times what they run
     params = load_params(args.params)
     work = Path(tempfile.mkdtemp(prefix="distill_throughput-"))
     try:

@@ -39,10 +39,18 @@ def fused_optimizer(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type == "cuda" else {}
 
 
-def setup_threads() -> None:
-    """Use every core the machine gives us unless the user pinned OMP_NUM_THREADS."""
+def setup_cpu() -> None:
+    """Per-process CPU settings every stage starts with.
+
+    Threads: every core the machine gives us unless the user pinned OMP_NUM_THREADS.
+    Denormals flushed to zero (FTZ/DAZ): late in training some activations' and gradients' magnitudes
+    fall below 1.2e-38, and x86 arithmetic on such subnormal floats is 10-100x slower. Measured on this
+    CPU, the default student's third epoch ran 4.4 s per 117 steps against 3.0 s in its first; with
+    flushing, 3.1 s. Numbers that small carry nothing a network can learn from.
+    """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_flush_denormal(True)
 
 
 class _MeanKeepLayout(torch.autograd.Function):

@@ -18,7 +18,7 @@ from pipeline.cache import CacheConfig
 from pipeline.cache_write import cache_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.data import DataConfig, load_split
-from pipeline.device import resolve_device, setup_threads
+from pipeline.device import resolve_device, setup_cpu
 from pipeline.views import open_view_plan
 
 
@@ -39,7 +39,7 @@ def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, ove
     overrides = {k: v for k, v in (("format", fmt), ("batch_size", batch_size)) if v is not None}
     cfg = build(CacheConfig, {**section(params, "cache"), **overrides}, "cache")
     dev = resolve_device(device)
-    setup_threads()
+    setup_cpu()
     plan = open_view_plan(paths.view_plan())
     train = load_split(data_cfg, "train")
     out = paths.teacher_cache(teacher, cfg.format)

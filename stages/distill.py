@@ -27,7 +27,7 @@ from pipeline.cache import CacheConfig, open_cache, validate_caches
 from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint, sha256_file, write_json
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split
-from pipeline.device import resolve_device, setup_threads
+from pipeline.device import resolve_device, setup_cpu
 from pipeline.distill import TrainSet, build_run, distill
 from pipeline.methods import DistillConfig, StudentConfig, distill_teachers, make_plan, method_configs
 from pipeline.models import build_model, count_parameters
@@ -146,7 +146,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     """Train the student with `distill.method` (or a named run) from the cached teacher outputs; resumable."""
     s = read_settings(load_params(params_path), method, epochs, seed, online, run)
     dev = resolve_device(device)
-    setup_threads()
+    setup_cpu()
 
     train = load_split(s.data, "train")
     test = load_split(s.data, "val" if s.data.val_size > 0 else "test")

@@ -20,7 +20,7 @@ from pipeline import paths
 from pipeline.checkpoints import write_json, write_text
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
-from pipeline.device import resolve_device, setup_threads
+from pipeline.device import resolve_device, setup_cpu
 from pipeline.evaluate import EvaluateConfig, check_checkpoints, evaluate_models, metrics_payload
 from pipeline.methods import METHODS, DistillConfig, distill_teachers
 from pipeline.report import PLOTS, summary_markdown, write_plots
@@ -65,7 +65,7 @@ def main(params_path: str, device: str) -> None:
         raise UserError("nothing to evaluate: no `teachers` in the params and no student checkpoint under "
                         f"{paths.student_checkpoint('x').parent}; run the pipeline first (dvc repro)")
     dev = resolve_device(device)
-    setup_threads()
+    setup_cpu()
 
     test = load_split(data_cfg, "test")
     train = load_split(data_cfg, "train")  # its fingerprint says which data every model was trained on

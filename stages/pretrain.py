@@ -16,7 +16,7 @@ from pipeline import paths
 from pipeline.checkpoints import load_checkpoint, save_checkpoint, write_json
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split
-from pipeline.device import resolve_device, setup_threads
+from pipeline.device import resolve_device, setup_cpu
 from pipeline.models import build_model, count_parameters
 from pipeline.train import pretrain, teacher_spec
 
@@ -33,7 +33,7 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     data_cfg = build(DataConfig, section(params, "data"), "data")
     spec, cfg = teacher_spec(params, teacher)
     dev = resolve_device(device)
-    setup_threads()
+    setup_cpu()
 
     train = load_split(data_cfg, "train")
     test = load_split(data_cfg, "test")

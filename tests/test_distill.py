@@ -37,7 +37,7 @@ TEACHERS = TINY_TEACHERS
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make these tiny
-    steps up to 50x slower (stages call setup_threads, which respects OMP_NUM_THREADS)."""
+    steps up to 50x slower (stages call setup_cpu, which respects OMP_NUM_THREADS)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
