@@ -3,6 +3,7 @@
     python -m bench.distill_throughput                                  # default profile, synthetic data
     python -m bench.distill_throughput --params profiles/gpu.yaml --device cuda --teachers 4   # ResNet-18 student
     python -m bench.distill_throughput --params profiles/gpu.yaml --device cuda                # the 5-teacher zoo
+    python -m bench.distill_throughput --breakdown      # + MEAL without its game, and on the logits alone
 
 Three trainings of the params' student on the same synthetic images, views, batch size and steps:
   (a) scratch: the student alone (cross-entropy), the speed every method is held to;
@@ -12,7 +13,11 @@ Three trainings of the params' student on the same synthetic images, views, batc
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
 Each timed unit is one real epoch of pipeline.distill.train_one_epoch (slab switch included). The
 three run interleaved for `--rounds` rounds (a shared machine drifts; every variant sees the same
-drift) after one warm-up epoch each; the median epoch is reported, and the ratios b/a and c/b.
+drift) after one warm-up epoch each; the median epoch is reported, and the ratios b/a and c/b
+(medians of the per-round ratios; b/a with its interquartile range).
+`--breakdown` adds (d) the cached method without its discriminators and, for MEAL, (e) its KL on the
+logits alone, interleaved with the rest, so the table shows what the game and the block similarities
+each add to the step.
 
 The teachers are randomly initialised zoo models of the params' architectures and widths (speed does
 not depend on what they learned). Writes bench/results/<device>-distill_throughput.json with the
@@ -39,7 +44,7 @@ from pipeline.checkpoints import load_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.distill import TrainSet, build_run, train_one_epoch
 from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
-from pipeline.models import build_model, count_parameters
+from pipeline.models import NUM_BLOCKS, build_model, count_parameters
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import ViewsConfig, make_view_plan
@@ -80,8 +85,11 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
     train = TrainSet(data.images.to(device), data.labels.to(device), plan_views.aug, plan_views.augment,
                      data.mean, data.std)
 
-    def make(method: str, online: bool):
-        cfg = build(DistillConfig, {**distill_section, **overrides, "method": method}, "distill")
+    def make(method: str, online: bool, options_override: dict | None = None):
+        section_ = {**distill_section, **overrides, "method": method}
+        if options_override:  # --breakdown: the method with parts of its step switched off
+            section_[method] = {**section_.get(method, {}), **options_override}
+        cfg = build(DistillConfig, section_, "distill")
         options = method_configs(cfg, names)[method]
         teachers = names if method != "scratch" else []
         plan = make_plan(method, options, teachers, caches[names[0]].blocks if names else None)
@@ -99,8 +107,32 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
 
     runs = {"a_scratch": make("scratch", False), "b_cached": make(args.method, False),
             "c_online": make(args.method, True)}
+    if args.breakdown:
+        for key, (_, options) in breakdown(args.method).items():
+            runs[key] = make(args.method, False, options)
     return {"runs": runs, "train": train, "teachers": names, "student": student_cfg,
             "student_params": count_parameters(runs["a_scratch"][0].student), "shape": (channels, size, classes)}
+
+
+def breakdown(method: str) -> dict[str, tuple[str, dict]]:
+    """--breakdown: the cached method with parts of its step switched off, to show what each part costs.
+
+    Variant key -> (label, overrides of the method's options). Methods without a game have none.
+    """
+    if method not in ("meal", "meal_v2", "anc"):
+        return {}
+    out = {"d_no_game": (f"(d) {method}, no discriminators", {"adversarial": "none"})}
+    if method == "meal":  # (e) = KL on the logits alone: what every block's alignment and similarity add
+        out["e_logits_only"] = ("(e) meal, logits only", {"adversarial": "none", "block_weights": [0.0] * NUM_BLOCKS})
+    return out
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile (both the value itself when there is only one)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
 
 
 def time_epoch(run, targets, epoch: int, train: TrainSet, device: torch.device) -> float:
@@ -120,11 +152,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="meal", help="the distillation method of (b) and (c) [meal]")
     parser.add_argument("--teacher", action="append", default=[], help="only these teachers (repeatable)")
     parser.add_argument("--teachers", type=int, default=0, help="only the first N teachers (0 = all)")
-    parser.add_argument("--samples", type=int, default=8192, help="synthetic training images (one epoch each)")
+    # Many short epochs rather than a few long ones: on a shared machine whose speed drifts within
+    # seconds, 21 rounds of 16-step epochs gave an interquartile range of b/a of 0.08, 5 rounds of 64-step
+    # epochs a spread of 0.78-1.14 on the same day.
+    parser.add_argument("--samples", type=int, default=2048, help="synthetic training images (one epoch each)")
     parser.add_argument("--views", type=int, default=2, help="cached views per image")
     parser.add_argument("--batch-size", type=int, default=0, help="override distill.batch_size (0 = params)")
-    parser.add_argument("--rounds", type=int, default=5, help="timed epochs per variant, interleaved")
+    parser.add_argument("--rounds", type=int, default=21, help="timed epochs per variant, interleaved")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (also if distill.compile)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the cached method without its discriminators "
+                        "(and MEAL on the logits alone), interleaved with the rest: where its extra time goes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-distill_throughput.json]")
     args = parser.parse_args(argv)
@@ -141,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, (run, targets) in runs.items():  # warm-up epoch: allocator, kernels, compile
             time_epoch(run, targets, 0, train, device)
         for r in range(1, args.rounds + 1):
-            order = list(runs)[r % 3:] + list(runs)[:r % 3]  # rotate, so none always runs first
+            order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]  # rotate, so none always runs first
             for name in order:
                 run, targets = runs[name]
                 times[name].append(time_epoch(run, targets, r, train, device))
@@ -161,13 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"student {s['student'].arch} {s['student'].model} ({s['student_params']:,} parameters), "
           f"{channels}x{size}x{size}, batch {runs['a_scratch'][0].cfg.batch_size}, "
           f"{len(s['teachers'])} teachers: {', '.join(s['teachers'])}, method {args.method}, {device}")
-    print(f"{'variant':<34}{'img/s':>10}{'vs scratch':>12}")
+    print(f"{'variant':<38}{'img/s':>10}{'vs scratch':>12}")
     labels = {"a_scratch": "(a) scratch student", "b_cached": f"(b) {args.method} from the caches",
-              "c_online": f"(c) {args.method} online (live teachers)"}
+              "c_online": f"(c) {args.method} online (live teachers)",
+              **{k: label for k, (label, _) in breakdown(args.method).items()}}
+    # per-round ratio to scratch of every variant, median over rounds (the figure b/a is for (b))
+    vs_scratch = {k: statistics.median(a / x for a, x in zip(times["a_scratch"], v)) for k, v in times.items()}
     for k in runs:
-        print(f"{labels[k]:<34}{ips[k]:>10.0f}{ips[k] / ips['a_scratch']:>12.2f}")
-    print(f"b/a = {b_over_a:.3f}   c/b = {c_over_b:.3f}   (cached is {1 / c_over_b:.2f}x faster than online; "
-          f"medians of per-round ratios over {args.rounds} rounds)")
+        print(f"{labels[k]:<38}{ips[k]:>10.0f}{vs_scratch[k]:>12.3f}")
+    q1, q3 = quartiles([a / b for a, b in zip(times["a_scratch"], times["b_cached"])])
+    print(f"b/a = {b_over_a:.3f} (interquartile {q1:.3f}-{q3:.3f})   c/b = {c_over_b:.3f}   (cached is "
+          f"{1 / c_over_b:.2f}x faster than online; medians of per-round ratios over {args.rounds} rounds)")
 
     result = {
         **header("distill_throughput", device, argv, ("torch", "numpy", "zarr")),
@@ -175,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
         "student_params": s["student_params"], "teachers": s["teachers"], "input": [channels, size, size],
         "samples": args.samples, "views": args.views, "batch_size": runs["a_scratch"][0].cfg.batch_size,
         "rounds": args.rounds, "epoch_times_s": times, "images_per_s": ips,
-        "b_over_a": b_over_a, "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
+        "b_over_a": b_over_a, "b_over_a_interquartile": [q1, q3], "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
+        "vs_scratch": vs_scratch, "labels": {k: labels[k] for k in runs},
+        "b_over_a_per_round": [a / b for a, b in zip(times["a_scratch"], times["b_cached"])],
     }
     write_result(result, "distill_throughput", args.out)
     return result

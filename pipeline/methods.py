@@ -244,11 +244,13 @@ class MealPlan(Plan):
     """MEAL: one teacher drawn per step; similarity on logits and every block; one D per block."""
 
     name = "meal"
-    feature_blocks = tuple(range(NUM_BLOCKS))
 
     def __init__(self, cfg: MealConfig, teachers, block_names):
         super().__init__(cfg, teachers, block_names)
         self.game = cfg if cfg.adversarial != "none" else None
+        # every block has a discriminator in the game; without one, only the blocks with a similarity
+        # weight are aligned, gathered from the cache and compared
+        self.feature_blocks = tuple(b for b in range(NUM_BLOCKS) if self.game is not None or cfg.block_weights[b] > 0)
 
     def pick(self, rng):
         return [rng.randrange(len(self.teachers))]

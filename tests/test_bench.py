@@ -30,3 +30,14 @@ def test_bench_distill_throughput_runs(tmp_path, method):
     assert all(len(v) == 2 and min(v) > 0 for v in saved["epoch_times_s"].values())
     assert result["b_over_a"] > 0 and result["c_over_b"] > 0
     assert saved["teachers"] and saved["batch_size"] == 32
+
+
+def test_bench_distill_throughput_breakdown(tmp_path):
+    from bench.distill_throughput import main
+
+    out = tmp_path / "bench.json"
+    main(["--params", str(ROOT / "profiles" / "tiny.yaml"), "--samples", "64", "--views", "2", "--rounds", "1",
+          "--batch-size", "32", "--device", "cpu", "--breakdown", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["epoch_times_s"]) == {"a_scratch", "b_cached", "c_online", "d_no_game", "e_logits_only"}
+    assert saved["vs_scratch"]["a_scratch"] == 1.0 and saved["vs_scratch"]["e_logits_only"] > 0

@@ -180,6 +180,17 @@ def test_meal_draws_one_teacher_per_step_seeded():
     assert make_plan("meal", options("meal", adversarial="none"), TEACHERS).discriminators(10, 8) == {}
 
 
+def test_meal_reads_only_the_blocks_it_uses():
+    # without a game a block of weight 0 is neither aligned nor gathered; with one, its D still needs it
+    no_game = make_plan("meal", options("meal", adversarial="none", block_weights=[0.0, 1.0, 0.0]), TEACHERS)
+    assert no_game.feature_blocks == (1,)
+    assert make_plan("meal", options("meal", block_weights=[0.0, 1.0, 0.0]), TEACHERS).feature_blocks == (0, 1, 2)
+    logits_only = make_plan("meal", options("meal", adversarial="none", block_weights=[0.0] * 3), TEACHERS)
+    out = StudentOut(torch.randn(4, 10), {})
+    assert logits_only.feature_blocks == ()
+    assert set(logits_only.losses(out, Targets(torch.randn(1, 4, 10), {}), torch.zeros(4, dtype=torch.long))) == {"sim_logits"}
+
+
 def test_meal_losses_are_zero_when_the_student_is_the_teacher():
     plan = make_plan("meal", options("meal", similarity="l1", logit_similarity="kl"), TEACHERS)
     logits, vecs = torch.randn(4, 10), {b: torch.rand(4, 8) for b in range(3)}
