@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-distill_throughput.json]")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.samples < 1 or args.views < 1:
+        parser.error("--rounds, --samples and --views must each be at least 1")
 
     device = resolve_device(args.device)
     setup_cpu()  # the stages' CPU settings, so the bench times what they run
