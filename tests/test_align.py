@@ -57,4 +57,3 @@ def test_bad_align_spec_is_one_line():
         AlignConfig("max", 8)
     with pytest.raises(UserError, match="alignment length"):
         AlignConfig("channel", 0)
-
