@@ -80,7 +80,7 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
         discs = Discriminators(list(dims), next(iter(dims.values()))).to(device)
     groups = pretraining.param_groups(student, cfg.weight_decay)
     d_opt = None
-    fused = fused_optimizer(device)
+    fused = fused_optimizer()
     if plan.game is not None:
         g = plan.game
         if g.adversarial == "cooperative":

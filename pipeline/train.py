@@ -86,7 +86,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.momentum > 0, **fused_optimizer(device))
+                           nesterov=cfg.momentum > 0, **fused_optimizer())
 
 
 def train_one_epoch(
