@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import header, sync, write_result
+from bench.common import header, run_main, sync, write_result
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store
@@ -338,4 +338,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

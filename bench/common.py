@@ -8,8 +8,11 @@ import shlex
 import sys
 from importlib.metadata import version
 from pathlib import Path
+from typing import Callable
 
 import torch
+
+from pipeline.config import UserError
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -45,3 +48,13 @@ def write_result(result: dict, name: str, out: Path | None) -> Path:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwritten {out}")
     return out
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A benchmark's `__main__`: bad input (a params path, a parameter value) ends in one `Error:` line, as
+    in the stages, instead of a traceback."""
+    try:
+        main()
+    except UserError as exc:
+        exc.show()
+        sys.exit(exc.exit_code)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from bench.cache_io import fake_teacher, synthetic_data
-from bench.common import header, sync, write_result
+from bench.common import header, run_main, sync, write_result
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
@@ -228,4 +228,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -41,3 +41,14 @@ def test_bench_distill_throughput_breakdown(tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["epoch_times_s"]) == {"a_scratch", "b_cached", "c_online", "d_no_game", "e_logits_only"}
     assert saved["vs_scratch"]["a_scratch"] == 1.0 and saved["vs_scratch"]["e_logits_only"] > 0
+
+
+def test_bench_bad_input_is_one_error_line(capsys):
+    from bench.common import run_main
+    from bench.distill_throughput import main
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: main(["--params", "/nonexistent/params.yaml", "--device", "cpu"]))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("Error: params file /nonexistent/params.yaml not found") and "\n" not in err
