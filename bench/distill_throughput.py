@@ -11,12 +11,17 @@ Three trainings of the params' student on the same synthetic images, views, batc
       view slabs that real zarr teacher caches (pipeline.cache_write) hold, loaded and prefetched as
       `stages.distill` does;
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
-Each timed unit is one real epoch of pipeline.distill.train_one_epoch (slab switch included). The
-three run interleaved for `--rounds` rounds (a shared machine drifts; every variant sees the same
-drift) after one warm-up epoch each; the median epoch is reported, and the ratios b/a and c/b
-(medians of the per-round ratios; b/a with its interquartile range).
+The trainings run in lock-step: one real step of each (pipeline.distill.epoch_steps, the loop
+train_one_epoch runs), in rotating order, then the next, so every variant sees the same drift of this
+shared machine to within a step (~30 ms on the CPU). Timing whole epochs in turn left seconds between
+the variants: on one day six runs gave medians of b/a from 0.79 to 0.93. Each lane moves on to its next
+epoch (and view) when one ends; the slab switch at an epoch start is timed apart and reported per
+epoch, since a real epoch (469 steps on Fashion-MNIST) amortises it over 30x more steps than the
+benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are timed; ratios are sums of
+step times over blocks of one epoch's steps, reported as the median over blocks with its
+interquartile range.
 `--breakdown` adds (d) the cached method without its discriminators and, for MEAL, (e) its KL on the
-logits alone, interleaved with the rest, so the table shows what the game and the block similarities
+logits alone, stepped with the rest, so the table shows what the game and the block similarities
 each add to the step.
 
 The teachers are randomly initialised zoo models of the params' architectures and widths (speed does
@@ -42,7 +47,7 @@ from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
 from pipeline.checkpoints import load_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
-from pipeline.distill import TrainSet, build_run, train_one_epoch
+from pipeline.distill import TrainSet, build_run, epoch_steps, steps_per_epoch
 from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
 from pipeline.models import NUM_BLOCKS, build_model, count_parameters
 from pipeline.device import resolve_device, setup_cpu
@@ -79,7 +84,8 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
 
     student_cfg = build(StudentConfig, section(params, "student"), "student")
     distill_section = {k: v for k, v in section(params, "distill").items() if k != "runs"}
-    overrides = {"epochs": args.rounds + 1, "compile": args.compile or distill_section.get("compile", False)}
+    # every lane's epochs have at least one step, so this many epochs outlast the steps the bench takes
+    overrides = {"epochs": args.warmup + args.rounds + 1, "compile": args.compile or distill_section.get("compile", False)}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     train = TrainSet(data.images.to(device), data.labels.to(device), plan_views.aug, plan_views.augment,
@@ -135,14 +141,45 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def time_epoch(run, targets, epoch: int, train: TrainSet, device: torch.device) -> float:
-    """Seconds of one epoch as stages.distill trains it: slab switch (+ next prefetch), every step."""
-    sync(device)
-    start = time.perf_counter()
-    targets.start_epoch(epoch % train.num_views, (epoch + 1) % train.num_views)
-    train_one_epoch(run, epoch, train, targets, progress=False)
-    sync(device)
-    return time.perf_counter() - start
+class Lane:
+    """One variant trained step by step across epochs, as pipeline.distill trains it (evaluation aside)."""
+
+    def __init__(self, run, targets, train: TrainSet, device: torch.device):
+        self.run, self.targets, self.train, self.device = run, targets, train, device
+        self.epoch, self.steps = -1, iter(())
+        self.switch_s: list[float] = []  # seconds of each epoch start (slab switch + next prefetch)
+
+    def step(self) -> float:
+        """Seconds of this variant's next step; an epoch start on the way is timed into `switch_s`."""
+        while True:
+            sync(self.device)
+            start = time.perf_counter()
+            try:
+                next(self.steps)
+            except StopIteration:
+                self._next_epoch()
+                continue
+            sync(self.device)
+            return time.perf_counter() - start
+
+    def _next_epoch(self) -> None:
+        self.epoch += 1
+        v = self.train.num_views
+        start = time.perf_counter()
+        self.targets.start_epoch(self.epoch % v, (self.epoch + 1) % v)
+        sync(self.device)
+        self.switch_s.append(time.perf_counter() - start)
+        self.steps = epoch_steps(self.run, self.epoch, self.train, self.targets)
+
+
+def lockstep(lanes: dict[str, Lane], rounds: int) -> dict[str, list[float]]:
+    """`rounds` steps of every lane, one step each per round in rotating order: seconds per step."""
+    times: dict[str, list[float]] = {k: [] for k in lanes}
+    names = list(lanes)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # none always steps first
+            times[name].append(lanes[name].step())
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,21 +189,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", default="meal", help="the distillation method of (b) and (c) [meal]")
     parser.add_argument("--teacher", action="append", default=[], help="only these teachers (repeatable)")
     parser.add_argument("--teachers", type=int, default=0, help="only the first N teachers (0 = all)")
-    # Many short epochs rather than a few long ones: on a shared machine whose speed drifts within
-    # seconds, 21 rounds of 16-step epochs gave an interquartile range of b/a of 0.08, 5 rounds of 64-step
-    # epochs a spread of 0.78-1.14 on the same day.
-    parser.add_argument("--samples", type=int, default=2048, help="synthetic training images (one epoch each)")
+    parser.add_argument("--samples", type=int, default=2048, help="synthetic training images (one epoch)")
     parser.add_argument("--views", type=int, default=2, help="cached views per image")
     parser.add_argument("--batch-size", type=int, default=0, help="override distill.batch_size (0 = params)")
-    parser.add_argument("--rounds", type=int, default=21, help="timed epochs per variant, interleaved")
+    parser.add_argument("--rounds", type=int, default=336, help="timed steps per variant, in lock-step")
+    parser.add_argument("--warmup", type=int, default=48, help="untimed steps per variant first (allocator, kernels, "
+                        "compile; a fresh process's first steps fault in fresh memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (also if distill.compile)")
     parser.add_argument("--breakdown", action="store_true", help="also time the cached method without its discriminators "
                         "(and MEAL on the logits alone), interleaved with the rest: where its extra time goes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-distill_throughput.json]")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.samples < 1 or args.views < 1:
-        parser.error("--rounds, --samples and --views must each be at least 1")
+    if args.rounds < 1 or args.samples < 1 or args.views < 1 or args.warmup < 0:
+        parser.error("--rounds, --samples and --views must each be at least 1, --warmup at least 0")
 
     device = resolve_device(args.device)
     setup_cpu()  # the stages' CPU settings, so the bench times what they run
@@ -176,52 +212,55 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"setup: {args.params} on {device}", flush=True)
         s = setup(args, params, work, device)
         runs, train = s["runs"], s["train"]
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for name, (run, targets) in runs.items():  # warm-up epoch: allocator, kernels, compile
-            time_epoch(run, targets, 0, train, device)
-        for r in range(1, args.rounds + 1):
-            order = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]  # rotate, so none always runs first
-            for name in order:
-                run, targets = runs[name]
-                times[name].append(time_epoch(run, targets, r, train, device))
-            print(f"  round {r}: " + "  ".join(f"{k} {len(train) / times[k][-1]:.0f} img/s" for k in runs), flush=True)
+        lanes = {k: Lane(run, targets, train, device) for k, (run, targets) in runs.items()}
+        lockstep(lanes, args.warmup)
+        for lane in lanes.values():
+            lane.switch_s.clear()
+        print(f"  timing {args.rounds} steps of each of {len(lanes)} variants in lock-step", flush=True)
+        times = lockstep(lanes, args.rounds)
+        switch = {k: lane.switch_s for k, lane in lanes.items()}
         for _, targets in runs.values():
             targets.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    ips = {k: len(train) / v for k, v in med.items()}
-    # per-round ratios (the variants of one round ran seconds apart), median over rounds: every variant
-    # against scratch (b/a is (b)'s), and (c) against (b)
-    per_round = {k: [a / x for a, x in zip(times["a_scratch"], v)] for k, v in times.items()}
-    vs_scratch = {k: statistics.median(v) for k, v in per_round.items()}
+    batch = runs["a_scratch"][0].cfg.batch_size
+    ips = {k: batch / statistics.median(v) for k, v in times.items()}
+    # ratios over blocks of one epoch's steps (the lanes stepped side by side): every variant against
+    # scratch (b/a is (b)'s), and (c) against (b); median over blocks
+    block = steps_per_epoch(len(train), runs["a_scratch"][0].cfg)
+    whole = args.rounds // block * block or args.rounds  # whole blocks only (one short block if that is all)
+    sums = {k: [sum(v[i:i + block]) for i in range(0, whole, block)] for k, v in times.items()}
+    per_block = {k: [a / x for a, x in zip(sums["a_scratch"], v)] for k, v in sums.items()}
+    vs_scratch = {k: statistics.median(v) for k, v in per_block.items()}
     b_over_a = vs_scratch["b_cached"]
-    q1, q3 = quartiles(per_round["b_cached"])
-    c_over_b = statistics.median(b / c for b, c in zip(times["b_cached"], times["c_online"]))
+    q1, q3 = quartiles(per_block["b_cached"])
+    c_over_b = statistics.median(b / c for b, c in zip(sums["b_cached"], sums["c_online"]))
     channels, size, classes = s["shape"]
     print()
     print(f"student {s['student'].arch} {s['student'].model} ({s['student_params']:,} parameters), "
           f"{channels}x{size}x{size}, batch {runs['a_scratch'][0].cfg.batch_size}, "
           f"{len(s['teachers'])} teachers: {', '.join(s['teachers'])}, method {args.method}, {device}")
-    print(f"{'variant':<38}{'img/s':>10}{'vs scratch':>12}")
+    print(f"{'variant':<38}{'img/s':>10}{'vs scratch':>12}{'epoch start ms':>16}")
     labels = {"a_scratch": "(a) scratch student", "b_cached": f"(b) {args.method} from the caches",
               "c_online": f"(c) {args.method} online (live teachers)",
               **{k: label for k, (label, _) in breakdown(args.method).items()}}
     for k in runs:
-        print(f"{labels[k]:<38}{ips[k]:>10.0f}{vs_scratch[k]:>12.3f}")
+        start_ms = 1e3 * statistics.median(switch[k]) if switch[k] else float("nan")
+        print(f"{labels[k]:<38}{ips[k]:>10.0f}{vs_scratch[k]:>12.3f}{start_ms:>16.1f}")
     print(f"b/a = {b_over_a:.3f} (interquartile {q1:.3f}-{q3:.3f})   c/b = {c_over_b:.3f}   (cached is "
-          f"{1 / c_over_b:.2f}x faster than online; medians of per-round ratios over {args.rounds} rounds)")
+          f"{1 / c_over_b:.2f}x faster than online; {args.rounds} steps each in lock-step, medians over {len(sums['a_scratch'])} "
+          f"blocks of {block} steps)")
 
     result = {
         **header("distill_throughput", device, argv, ("torch", "numpy", "zarr")),
         "params": args.params, "method": args.method, "student": {"arch": s["student"].arch, **s["student"].model},
         "student_params": s["student_params"], "teachers": s["teachers"], "input": [channels, size, size],
-        "samples": args.samples, "views": args.views, "batch_size": runs["a_scratch"][0].cfg.batch_size,
-        "rounds": args.rounds, "epoch_times_s": times, "images_per_s": ips,
+        "samples": args.samples, "views": args.views, "batch_size": batch, "rounds": args.rounds,
+        "warmup": args.warmup, "step_times_s": times, "epoch_start_s": switch, "images_per_s": ips,
         "b_over_a": b_over_a, "b_over_a_interquartile": [q1, q3], "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
         "vs_scratch": vs_scratch, "labels": {k: labels[k] for k in runs},
-        "b_over_a_per_round": per_round["b_cached"],
+        "block_steps": block, "b_over_a_per_block": per_block["b_cached"],
     }
     write_result(result, "distill_throughput", args.out)
     return result

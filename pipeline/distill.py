@@ -2,6 +2,7 @@
 
     distill()            the epoch loop, top to bottom: slab for view e mod V, train, evaluate, checkpoint
     train_one_epoch()    one pass over the training split in a seeded order, on view e mod V
+    epoch_steps()        that pass as a generator of steps (the benchmark steps several runs in lock-step)
     train_step()         student forward, the plan's losses, the discriminators' game, the optimizer steps
     evaluate()           test accuracy of the student (pipeline.train.evaluate)
 
@@ -17,7 +18,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -175,11 +176,13 @@ def steps_per_epoch(n: int, cfg: DistillConfig) -> int:
     return math.ceil(n / cfg.batch_size)
 
 
-def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: bool = True) -> dict[str, float]:
-    """One pass over the training split showing view `epoch mod V`; mean losses and D accuracies.
+def epoch_steps(run: Run, epoch: int, data: TrainSet, targets) -> Iterator[tuple[list[str], torch.Tensor, int]]:
+    """The steps of one pass over the training split showing view `epoch mod V`, one per iteration.
 
+    Yields (stat names, their batch-weighted values (S,) on the device, batch size) after each step.
     `targets(idx, x, picked) -> Targets` is a pipeline.slabs target source whose `start_epoch` has
-    been called for this epoch's view.
+    been called for this epoch's view. A generator, so that train_one_epoch and the throughput
+    benchmark (which steps several runs in lock-step) run the very same step loop.
     """
     cfg, dev, plan = run.cfg, run.device, run.plan
     run.student.train()
@@ -191,12 +194,7 @@ def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: boo
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
     fmt = memory_format(dev)
-
-    keys: list[str] = []
-    sums: torch.Tensor | None = None  # (S,) batch-weighted sums of the step's stats, on the device
-    seen = 0
-    bar = tqdm(range(steps), desc=f"{plan.name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-    for i in bar:
+    for i in range(steps):
         set_student_lr(run.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
         idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,)
         x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
@@ -206,14 +204,24 @@ def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: boo
         tgt = targets(idx, x, picked) if picked else None
         stats = train_step(run, x, y, tgt)
         b = len(idx)
-        row = torch.stack([v.float() for v in stats.values()]) * b  # (S,): one op per step, not two per stat
-        if sums is None:
-            keys, sums = list(stats), row
-        else:
-            sums += row  # a plan reports the same stats every step
+        yield list(stats), torch.stack([v.float() for v in stats.values()]) * b, b  # one op per step, not two per stat
+
+
+def train_one_epoch(run: Run, epoch: int, data: TrainSet, targets, progress: bool = True) -> dict[str, float]:
+    """One pass over the training split showing view `epoch mod V` (epoch_steps); mean losses and D accuracies."""
+    steps = steps_per_epoch(len(data), run.cfg)
+    keys: list[str] = []
+    sums: torch.Tensor | None = None  # (S,) batch-weighted sums of the step's stats, on the device
+    seen = 0
+    bar = tqdm(total=steps, desc=f"{run.plan.name} epoch {epoch + 1}/{run.cfg.epochs}", leave=False,
+               disable=not progress)
+    for i, (keys, row, b) in enumerate(epoch_steps(run, epoch, data, targets)):
+        sums = row if sums is None else sums + row  # a plan reports the same stats every step
         seen += b
-        if progress and ((i + 1) % cfg.log_every == 0 or i + 1 == steps):
+        bar.update(1)
+        if progress and ((i + 1) % run.cfg.log_every == 0 or i + 1 == steps):
             bar.set_postfix(_short(_means(keys, sums, seen)), refresh=False)  # the one host sync per interval
+    bar.close()
     return _means(keys, sums, seen)
 
 
