@@ -13,12 +13,13 @@ Three trainings of the params' student on the same synthetic images, views, batc
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
 The trainings run in lock-step: one real step of each (pipeline.distill.epoch_steps, the loop
 train_one_epoch runs), in rotating order, then the next, so every variant sees the same drift of this
-shared machine to within a step (~30 ms on the CPU). Timing whole epochs in turn left seconds between
+shared machine to within a step (~30 ms on the CPU). On CUDA a turn is `--chunk` 8 steps, synced
+only around the turn, so the host still runs ahead of the GPU as in training. Timing whole epochs in turn left seconds between
 the variants: on one day six runs gave medians of b/a from 0.79 to 0.93. Each lane moves on to its next
 epoch (and view) when one ends; the slab switch at an epoch start is timed apart and reported per
 epoch, since a real epoch (469 steps on Fashion-MNIST) amortises it over 30x more steps than the
 benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are timed; ratios are sums of
-step times over blocks of one epoch's steps, reported as the median over blocks with its
+step times over blocks of about one epoch's steps, reported as the median over blocks with its
 interquartile range.
 `--breakdown` adds (d) the cached method without its discriminators and, for MEAL, (e) its KL on the
 logits alone, stepped with the rest, so the table shows what the game and the block similarities
@@ -149,20 +150,21 @@ class Lane:
         self.epoch, self.steps = -1, iter(())
         self.switch_s: list[float] = []  # seconds of each epoch start (slab switch + next prefetch)
 
-    def step(self) -> float:
-        """Seconds of this variant's next step; an epoch start on the way is timed into `switch_s`."""
-        while True:
-            sync(self.device)
-            start = time.perf_counter()
+    def run_steps(self, n: int) -> float:
+        """Seconds of this variant's next `n` steps, with no host sync between them; the epoch starts on
+        the way are timed into `switch_s` and left out."""
+        sync(self.device)
+        start, switching, done = time.perf_counter(), 0.0, 0
+        while done < n:
             try:
                 next(self.steps)
+                done += 1
             except StopIteration:
-                self._next_epoch()
-                continue
-            sync(self.device)
-            return time.perf_counter() - start
+                switching += self._next_epoch()
+        sync(self.device)
+        return time.perf_counter() - start - switching
 
-    def _next_epoch(self) -> None:
+    def _next_epoch(self) -> float:
         self.epoch += 1
         v = self.train.num_views
         start = time.perf_counter()
@@ -170,15 +172,16 @@ class Lane:
         sync(self.device)
         self.switch_s.append(time.perf_counter() - start)
         self.steps = epoch_steps(self.run, self.epoch, self.train, self.targets)
+        return self.switch_s[-1]
 
 
-def lockstep(lanes: dict[str, Lane], rounds: int) -> dict[str, list[float]]:
-    """`rounds` steps of every lane, one step each per round in rotating order: seconds per step."""
+def lockstep(lanes: dict[str, Lane], turns: int, chunk: int) -> dict[str, list[float]]:
+    """`turns` turns of `chunk` steps of every lane, in rotating order: seconds per turn, per lane."""
     times: dict[str, list[float]] = {k: [] for k in lanes}
     names = list(lanes)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:  # none always steps first
-            times[name].append(lanes[name].step())
+    for r in range(turns):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # none always goes first
+            times[name].append(lanes[name].run_steps(chunk))
     return times
 
 
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--views", type=int, default=2, help="cached views per image")
     parser.add_argument("--batch-size", type=int, default=0, help="override distill.batch_size (0 = params)")
     parser.add_argument("--rounds", type=int, default=336, help="timed steps per variant, in lock-step")
+    parser.add_argument("--chunk", type=int, default=0, help="steps per lane per turn, host-synced only around a turn "
+                        "(0 = 1 on the CPU, 8 on CUDA, where a sync per step would stall the queue of launches)")
     parser.add_argument("--warmup", type=int, default=48, help="untimed steps per variant first (allocator, kernels, "
                         "compile; a fresh process's first steps fault in fresh memory)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the student (also if distill.compile)")
@@ -201,8 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--out", type=Path, default=None, help="results JSON [bench/results/<device>-distill_throughput.json]")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.samples < 1 or args.views < 1 or args.warmup < 0:
-        parser.error("--rounds, --samples and --views must each be at least 1, --warmup at least 0")
+    if args.rounds < 1 or args.samples < 1 or args.views < 1 or args.warmup < 0 or args.chunk < 0:
+        parser.error("--rounds, --samples and --views must each be at least 1, --warmup and --chunk at least 0")
 
     device = resolve_device(args.device)
     setup_cpu()  # the stages' CPU settings, so the bench times what they run
@@ -213,11 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
         s = setup(args, params, work, device)
         runs, train = s["runs"], s["train"]
         lanes = {k: Lane(run, targets, train, device) for k, (run, targets) in runs.items()}
-        lockstep(lanes, args.warmup)
+        chunk = args.chunk or (8 if device.type == "cuda" else 1)
+        turns = -(-args.rounds // chunk)  # whole turns: at least --rounds steps each
+        lockstep(lanes, -(-args.warmup // chunk), chunk)
         for lane in lanes.values():
             lane.switch_s.clear()
-        print(f"  timing {args.rounds} steps of each of {len(lanes)} variants in lock-step", flush=True)
-        times = lockstep(lanes, args.rounds)
+        print(f"  timing {turns * chunk} steps of each of {len(lanes)} variants in lock-step, {chunk} at a time",
+              flush=True)
+        times = lockstep(lanes, turns, chunk)
         switch = {k: lane.switch_s for k, lane in lanes.items()}
         for _, targets in runs.values():
             targets.close()
@@ -225,12 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
     batch = runs["a_scratch"][0].cfg.batch_size
-    ips = {k: batch / statistics.median(v) for k, v in times.items()}
-    # ratios over blocks of one epoch's steps (the lanes stepped side by side): every variant against
-    # scratch (b/a is (b)'s), and (c) against (b); median over blocks
-    block = steps_per_epoch(len(train), runs["a_scratch"][0].cfg)
-    whole = args.rounds // block * block or args.rounds  # whole blocks only (one short block if that is all)
-    sums = {k: [sum(v[i:i + block]) for i in range(0, whole, block)] for k, v in times.items()}
+    ips = {k: batch * chunk / statistics.median(v) for k, v in times.items()}
+    # ratios over blocks of turns that cover about one epoch's steps (the lanes ran side by side): every
+    # variant against scratch (b/a is (b)'s), and (c) against (b); median over blocks
+    per = max(1, steps_per_epoch(len(train), runs["a_scratch"][0].cfg) // chunk)  # turns per block
+    whole = turns // per * per or turns  # whole blocks only (one short block if that is all)
+    sums = {k: [sum(v[i:i + per]) for i in range(0, whole, per)] for k, v in times.items()}
     per_block = {k: [a / x for a, x in zip(sums["a_scratch"], v)] for k, v in sums.items()}
     vs_scratch = {k: statistics.median(v) for k, v in per_block.items()}
     b_over_a = vs_scratch["b_cached"]
@@ -249,18 +257,18 @@ def main(argv: list[str] | None = None) -> dict:
         start_ms = 1e3 * statistics.median(switch[k]) if switch[k] else float("nan")
         print(f"{labels[k]:<38}{ips[k]:>10.0f}{vs_scratch[k]:>12.3f}{start_ms:>16.1f}")
     print(f"b/a = {b_over_a:.3f} (interquartile {q1:.3f}-{q3:.3f})   c/b = {c_over_b:.3f}   (cached is "
-          f"{1 / c_over_b:.2f}x faster than online; {args.rounds} steps each in lock-step, medians over {len(sums['a_scratch'])} "
-          f"blocks of {block} steps)")
+          f"{1 / c_over_b:.2f}x faster than online; {turns * chunk} steps each in lock-step, medians over "
+          f"{len(sums['a_scratch'])} blocks of {per * chunk} steps)")
 
     result = {
         **header("distill_throughput", device, argv, ("torch", "numpy", "zarr")),
         "params": args.params, "method": args.method, "student": {"arch": s["student"].arch, **s["student"].model},
         "student_params": s["student_params"], "teachers": s["teachers"], "input": [channels, size, size],
         "samples": args.samples, "views": args.views, "batch_size": batch, "rounds": args.rounds,
-        "warmup": args.warmup, "step_times_s": times, "epoch_start_s": switch, "images_per_s": ips,
+        "warmup": args.warmup, "chunk": chunk, "turn_times_s": times, "epoch_start_s": switch, "images_per_s": ips,
         "b_over_a": b_over_a, "b_over_a_interquartile": [q1, q3], "c_over_b": c_over_b, "cached_speedup_over_online": 1 / c_over_b,
         "vs_scratch": vs_scratch, "labels": {k: labels[k] for k in runs},
-        "block_steps": block, "b_over_a_per_block": per_block["b_cached"],
+        "block_steps": per * chunk, "b_over_a_per_block": per_block["b_cached"],
     }
     write_result(result, "distill_throughput", args.out)
     return result

@@ -27,14 +27,28 @@ def test_bench_distill_throughput_runs(tmp_path, method):
                    "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["device"] == "cpu" and saved["method"] == method
-    assert set(saved["step_times_s"]) == {"a_scratch", "b_cached", "c_online"}
-    assert all(len(v) == 7 and min(v) > 0 for v in saved["step_times_s"].values())
+    assert set(saved["turn_times_s"]) == {"a_scratch", "b_cached", "c_online"}
+    assert all(len(v) == 7 and min(v) > 0 for v in saved["turn_times_s"].values())
     # 96 images in batches of 32: 3 steps an epoch, so the 9 steps crossed into a new epoch (and view) twice
     # after the warm-up, and each epoch start was timed apart from the steps
     assert saved["block_steps"] == 3 and len(saved["b_over_a_per_block"]) == 2  # whole blocks of 3 steps
     assert all(len(v) == 2 for v in saved["epoch_start_s"].values())
     assert result["b_over_a"] > 0 and result["c_over_b"] > 0
     assert saved["teachers"] and saved["batch_size"] == 32
+
+
+def test_bench_turns_of_several_steps(tmp_path):
+    """--chunk 2 (what CUDA runs by default): 7 rounds become 4 turns of 2 steps, synced around each turn."""
+    from bench.distill_throughput import main
+
+    out = tmp_path / "bench.json"
+    main(["--params", str(ROOT / "profiles" / "tiny.yaml"), "--samples", "96", "--views", "2", "--rounds", "7",
+          "--warmup", "2", "--chunk", "2", "--batch-size", "32", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["chunk"] == 2 and all(len(v) == 4 for v in saved["turn_times_s"].values())
+    # 3 steps an epoch, 2 warm-up + 8 timed steps: the timed ones crossed 3 epoch starts (steps 4, 7, 10)
+    assert all(len(v) == 3 for v in saved["epoch_start_s"].values())
+    assert saved["block_steps"] == 2 and len(saved["b_over_a_per_block"]) == 4
 
 
 def test_bench_distill_throughput_breakdown(tmp_path):
@@ -44,7 +58,7 @@ def test_bench_distill_throughput_breakdown(tmp_path):
     main(["--params", str(ROOT / "profiles" / "tiny.yaml"), "--samples", "64", "--views", "2", "--rounds", "2",
           "--batch-size", "32", "--device", "cpu", "--breakdown", "--out", str(out)])
     saved = json.loads(out.read_text())
-    assert set(saved["step_times_s"]) == {"a_scratch", "b_cached", "c_online", "d_no_game", "e_logits_only"}
+    assert set(saved["turn_times_s"]) == {"a_scratch", "b_cached", "c_online", "d_no_game", "e_logits_only"}
     assert saved["vs_scratch"]["a_scratch"] == 1.0 and saved["vs_scratch"]["e_logits_only"] > 0
 
 
