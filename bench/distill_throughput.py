@@ -13,21 +13,21 @@ Three trainings of the params' student on the same synthetic images, views, batc
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
 The trainings run in lock-step: one real step of each (pipeline.distill.epoch_steps, the loop
 train_one_epoch runs), in rotating order, then the next, so every variant sees the same drift of this
-shared machine to within a step (~30 ms on the CPU). On CUDA a turn is `--chunk` 8 steps, synced
-only around the turn, so the host still runs ahead of the GPU as in training. Timing whole epochs in turn left seconds between
-the variants: on one day six runs gave medians of b/a from 0.79 to 0.93. Each lane moves on to its next
-epoch (and view) when one ends; the slab switch at an epoch start is timed apart and reported per
-epoch, since a real epoch (469 steps on Fashion-MNIST) amortises it over 30x more steps than the
-benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are timed; ratios are sums of
-step times over blocks of about one epoch's steps, reported as the median over blocks with its
-interquartile range.
+shared machine to within a step (~30 ms on the CPU). Timing whole epochs in turn left seconds between
+the variants: on one day six runs gave medians of b/a from 0.79 to 0.93. On CUDA a turn is `--chunk`
+8 steps, synced only around the turn, so the host still runs ahead of the GPU as in training. Each
+lane moves on to its next epoch (and view) when one ends; the slab switch at an epoch start is timed
+apart and reported per epoch, since a real epoch (469 steps on Fashion-MNIST) amortises it over 30x
+more steps than the benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are
+timed; ratios are sums of step times over blocks of about one epoch's steps, reported as the median
+over blocks with its interquartile range.
 `--breakdown` adds (d) the cached method without its discriminators and, for MEAL, (e) its KL on the
 logits alone, stepped with the rest, so the table shows what the game and the block similarities
 each add to the step.
 
 The teachers are randomly initialised zoo models of the params' architectures and widths (speed does
 not depend on what they learned). Writes bench/results/<device>-distill_throughput.json with the
-device, library versions, the command and every epoch time.
+device, library versions, the command and every turn's time.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
     student_cfg = build(StudentConfig, section(params, "student"), "student")
     distill_section = {k: v for k, v in section(params, "distill").items() if k != "runs"}
     # every lane's epochs have at least one step, so this many epochs outlast the steps the bench takes
-    overrides = {"epochs": args.warmup + args.rounds + 1, "compile": args.compile or distill_section.get("compile", False)}
+    overrides = {"epochs": args.warmup + args.rounds + 1,
+                 "compile": args.compile or distill_section.get("compile", False)}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     train = TrainSet(data.images.to(device), data.labels.to(device), plan_views.aug, plan_views.augment,
@@ -167,6 +168,7 @@ class Lane:
     def _next_epoch(self) -> float:
         self.epoch += 1
         v = self.train.num_views
+        sync(self.device)  # the steps queued so far belong to the turn's time, not to the epoch start
         start = time.perf_counter()
         self.targets.start_epoch(self.epoch % v, (self.epoch + 1) % v)
         sync(self.device)
