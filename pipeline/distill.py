@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 from pipeline import train as pretraining
 from pipeline.align import AlignConfig, align
+from pipeline.align_tap import GradientTap
 from pipeline.augment import AugmentConfig, apply_views, normalize
-from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss
+from pipeline.discriminators import Discriminators, discriminator_loss, discriminator_step, fooling_loss
 from pipeline.losses import grad_reverse
+from pipeline.config import UserError
 from pipeline.methods import DistillConfig, Plan, StudentOut, Targets
 from pipeline.device import autocast, fused_optimizer, memory_format
 from pipeline.schedules import lr_at
@@ -67,6 +69,10 @@ class Run:
     align_cfg: AlignConfig
     device: torch.device
     forward: Callable[[torch.Tensor], Any]  # the student, or its torch.compile'd wrapper
+    # the student's blocks -> (G, B, L) aligned vectors with their gradient tapped in place (pipeline.align_tap),
+    # or None: through autograd (a compiled student; reversal and cooperative, whose discriminators take
+    # their gradient from the same backward as the student)
+    tap: GradientTap | None
 
 
 def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: int, align_cfg: AlignConfig,
@@ -96,7 +102,8 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           **fused)
     forward = torch.compile(student) if cfg.compile else student
-    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward)
+    tap = GradientTap(align_cfg) if not cfg.compile and plan.adversarial in ("alternating", "none") else None
+    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward, tap)
 
 
 def set_student_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -112,40 +119,40 @@ def set_student_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) -> dict[str, torch.Tensor]:
     """One optimizer step of the student (and of the discriminators). Returns detached device scalars."""
     plan, mode = run.plan, run.plan.adversarial
+    tap = run.tap if plan.feature_blocks else None
     with autocast(run.device):
         logits, feats = run.forward(x)  # (B, C), NUM_BLOCKS features
-        out = StudentOut(logits, {b: align(feats[b], run.align_cfg) for b in plan.feature_blocks})  # (B, L) each
+        chosen = [feats[b] for b in plan.feature_blocks]
+        blocks = None  # (G, B, L) aligned vectors of the plan's blocks
+        if tap is not None:
+            blocks, sums = tap.vectors(chosen)
+        elif chosen:
+            blocks = torch.stack([align(f, run.align_cfg) for f in chosen])
+        out = StudentOut(logits, blocks)
         terms = plan.losses(out, tgt, y)  # the student's own terms, weighted
-        stats: dict[str, torch.Tensor] = {}
         if mode != "none":
-            w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
-            names = run.discs.names
-            pairs = plan.disc_inputs(out, tgt)  # name -> (student (B, D), teacher (B, D))
-            s = torch.stack([pairs[n][0] for n in names]).float()  # (G, B, D)
-            t = torch.stack([pairs[n][1] for n in names]).float()  # (G, B, D)
+            s, t = plan.disc_inputs(out, tgt)  # (G, B, D) each: student, teacher
+    stats: dict[str, torch.Tensor] = {}
+    if mode != "none":  # outside autocast: D's arithmetic is tiny, float32 throughout
+        w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
+        names = run.discs.names
+        s, t = s.float(), t.float()
+        if mode == "alternating":
+            # The paper's game: first D maximises its accuracy against the student as it is (its gradient
+            # by hand, the student's vectors detached) ...
+            d_loss, acc = discriminator_step(run.discs, run.d_opt, t, s.detach(), rows)  # (G,) each
+            # ... then the student tries to pass for the teacher with the updated D (D's weights held fixed).
+            adv = w * fooling_loss(run.discs, s)  # (G,)
+        else:
             s_d = s
-            if mode == "alternating":
-                s_d = s.detach()  # D's step must not move the student
-            elif rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
+            if rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
                 s_d = torch.cat([s[:, :rows].detach(), s[:, rows:]], dim=1)
             if mode == "reversal":
                 s_d = grad_reverse(s_d, w)  # D descends its loss, the student ascends w * it
             d_loss, acc = discriminator_loss(run.discs, t, s_d, rows)  # (G,) each
             d_total = d_loss.sum()
-            if mode == "reversal":
-                adv = -w * d_loss.detach()  # reported: what the student effectively minimises
-            elif mode == "cooperative":
-                adv = w * d_loss  # the student helps D (official MEAL)
-
-    if mode == "alternating":
-        # The paper's game: first D maximises its accuracy against the student as it is ...
-        run.d_opt.zero_grad(set_to_none=True)
-        d_total.backward()
-        run.d_opt.step()
-        # ... then the student tries to pass for the teacher with the updated D (D's weights held fixed).
-        with autocast(run.device):
-            adv = w * fooling_loss(run.discs, s)  # (G,)
-    if mode != "none":
+            # reversal reports what the student effectively minimises; cooperative: the student helps D
+            adv = -w * d_loss.detach() if mode == "reversal" else w * d_loss
         terms["adv"] = adv.sum()
 
     loss = sum(terms.values())
@@ -155,7 +162,10 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
     run.opt.zero_grad(set_to_none=True)
     if mode == "reversal":
         run.d_opt.zero_grad(set_to_none=True)
-    objective.backward()
+    if tap is not None:
+        tap.backward(objective, logits, chosen, sums)  # = objective.backward(), the blocks' part tapped in place
+    else:
+        objective.backward()
     run.opt.step()
     if mode == "reversal":
         run.d_opt.step()
@@ -258,11 +268,16 @@ def state_dict(run: Run) -> dict[str, Any]:
 
 def load_state(run: Run, state: dict[str, Any]) -> None:
     run.student.load_state_dict(state["student"])
-    if run.discs is not None:
-        run.discs.load_state_dict(state["discriminators"])
-    run.opt.load_state_dict(state["optimizer"])
-    if run.d_opt is not None:
-        run.d_opt.load_state_dict(state["d_optimizer"])
+    try:
+        if run.discs is not None:
+            run.discs.load_state_dict(state["discriminators"])
+        run.opt.load_state_dict(state["optimizer"])
+        if run.d_opt is not None:
+            run.d_opt.load_state_dict(state["d_optimizer"])
+    except (KeyError, RuntimeError, ValueError) as err:  # e.g. discriminators saved per layer by an older version
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"the checkpoint's discriminator or optimizer state does not fit this version ({reason}): "
+                        f"pass --restart to start over") from None
 
 
 def distill(

@@ -18,20 +18,29 @@ import torch.nn.functional as F
 SIMILARITIES = ("l1", "l2", "kl")
 
 
-def similarity(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2", temperature: float = 1.0) -> torch.Tensor:
+def similarity(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2", temperature: float = 1.0,
+               groups: bool = False) -> torch.Tensor:
     """Distance between `student` and `teacher` (B, D): zero when they are equal.
 
     - `l1`: mean absolute difference over all elements.
     - `l2`: mean squared difference over all elements (nn.MSELoss; the official MEAL default).
     - `kl`: KL(softmax(t/T) || softmax(s/T)) * T^2 per sample, averaged over the batch; the softmax
       runs over the last axis, so on block features it compares the normalised activation profiles.
+
+    `groups`: the inputs are (G, B, D), G independent pairs (MEAL's blocks), and the result is (G,),
+    each entry what the (B, D) call on that pair returns.
     """
     s, t = student.float(), teacher.float()
+    dims = (-2, -1) if groups else tuple(range(s.dim()))
     if kind == "l1":
-        return (s - t).abs().mean()
+        return (s - t).abs().mean(dims)
     if kind == "l2":
-        return (s - t).square().mean()
+        return (s - t).square().mean(dims)
     if kind == "kl":
+        if groups:  # per pair: summed over D, averaged over B, as kl_div's batchmean
+            log_q = F.log_softmax(s / temperature, dim=-1)
+            p = soften(t, temperature)
+            return F.kl_div(log_q, p, reduction="none").sum(-1).mean(-1) * temperature**2
         return kl_divergence(soften(t, temperature), s / temperature) * temperature**2
     raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
 

@@ -5,7 +5,8 @@ One training loop (pipeline.distill) serves every method; a method only says
   on the ensemble: all; scratch: none),
 - `feature_blocks`: the blocks whose aligned vectors it compares (student and teacher),
 - `losses(out, targets, labels)`: the student's loss terms (already weighted; their sum is minimised),
-- `discriminators` and `disc_inputs(out, targets)`: one (student, teacher) vector pair per discriminator,
+- `discriminators` and `disc_inputs(out, targets)`: the (student, teacher) vectors, (G, B, D) each, one
+  row per discriminator,
 - `game`: how the adversarial part is played (pipeline.discriminators describes the three ways).
 
 Each method's options are one dataclass, built from its sub-dict of the `distill` params section.
@@ -194,13 +195,13 @@ def distill_teachers(cfg: DistillConfig, listed: list[str]) -> list[str]:
 @dataclass
 class StudentOut:
     logits: torch.Tensor  # (B, C)
-    vectors: dict[int, torch.Tensor]  # block index -> aligned feature (B, L)
+    blocks: torch.Tensor | None  # (G, B, L) aligned vectors of the plan's feature_blocks, in that order
 
 
 @dataclass
 class Targets:
     logits: torch.Tensor  # (k, B, C) float32: the picked teachers' logits (through fp16)
-    features: dict[int, torch.Tensor]  # block index -> (k, B, L) float32 aligned features
+    blocks: torch.Tensor | None  # (k, G, B, L) float32 aligned vectors of the plan's feature_blocks
 
 
 class Plan:
@@ -228,9 +229,10 @@ class Plan:
         """Discriminator name -> input size; empty when the method plays no adversarial game."""
         return {}
 
-    def disc_inputs(self, out: StudentOut, tgt: Targets) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Discriminator name -> (student vector (B, D), teacher vector (B, D))."""
-        return {}
+    def disc_inputs(self, out: StudentOut, tgt: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student vectors (G, B, D), teacher vectors (G, B, D)), one row per discriminator in the order
+        `discriminators` names them."""
+        raise NotImplementedError
 
     def adversarial_rows(self, batch: int) -> int:
         return 0
@@ -258,10 +260,13 @@ class MealPlan(Plan):
     def losses(self, out, tgt, labels):
         c = self.cfg
         terms = {"sim_logits": c.logit_weight * similarity(out.logits, tgt.logits[0], c.logit_similarity, c.temperature)}
-        for b in self.feature_blocks:
-            if c.block_weights[b] > 0:
-                terms[f"sim_{self.block_names[b]}"] = c.block_weights[b] * similarity(
-                    out.vectors[b], tgt.features[b][0], c.similarity, c.temperature)
+        if self.feature_blocks:  # every block at once: (G,) similarities, weighted
+            sims = similarity(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True)  # (G,)
+            if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
+                sims = sims * sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])
+            for b, value in zip(self.feature_blocks, sims.unbind()):
+                if c.block_weights[b] > 0:
+                    terms[f"sim_{self.block_names[b]}"] = value
         if c.ce_weight > 0:
             terms["ce"] = c.ce_weight * F.cross_entropy(out.logits.float(), labels)
         return terms
@@ -270,7 +275,7 @@ class MealPlan(Plan):
         return {} if self.game is None else {self.block_names[b]: dim for b in self.feature_blocks}
 
     def disc_inputs(self, out, tgt):
-        return {self.block_names[b]: (out.vectors[b], tgt.features[b][0]) for b in self.feature_blocks}
+        return out.blocks, tgt.blocks[0]
 
 
 class MealV2Plan(Plan):
@@ -294,8 +299,8 @@ class MealV2Plan(Plan):
 
     def disc_inputs(self, out, tgt):
         if self.cfg.d_input == "logits":
-            return {"outputs": (out.logits.float(), tgt.logits.mean(0))}
-        return {"outputs": (soften(out.logits, self.cfg.temperature), self._target(tgt))}
+            return out.logits.float()[None], tgt.logits.mean(0)[None]
+        return soften(out.logits, self.cfg.temperature)[None], self._target(tgt)[None]
 
 
 class AncPlan(Plan):
@@ -322,8 +327,7 @@ class AncPlan(Plan):
         return {} if self.game is None else {self.block_names[-1]: dim}
 
     def disc_inputs(self, out, tgt):
-        b = self.feature_blocks[0]
-        return {self.block_names[b]: (out.vectors[b], tgt.features[b].mean(0))}
+        return out.blocks, tgt.blocks.mean(0)  # (1, B, L) each: the last block
 
     def adversarial_rows(self, batch):
         return int(round(self.cfg.adv_sample_rate * batch))

@@ -10,8 +10,8 @@ Online (`--online`, the speed baseline and the cache's oracle): `OnlineTargets` 
 live on the very pixels the student sees, aligns their features with the cache's spec and casts
 through fp16, so a step gets targets in exactly the cached format.
 
-Both hand the loop a `pipeline.methods.Targets`: logits (k, B, C) and aligned features (k, B, L),
-float32, for the k teachers the method picked this step.
+Both hand the loop a `pipeline.methods.Targets`: logits (k, B, C) and aligned block vectors
+(k, G, B, L), float32, for the k teachers the method picked this step.
 """
 
 from __future__ import annotations
@@ -69,11 +69,29 @@ class ArraySlabs:
 
 @dataclass
 class Slab:
-    """One view of every teacher, stacked: on the training device, fp16."""
+    """One view of every teacher, stacked: on the training device, fp16.
+
+    Each sample's logits and aligned block vectors sit side by side in one row, so a step gathers its
+    targets with one indexing op rather than one per array (and per teacher).
+    """
 
     view: int
-    logits: torch.Tensor  # (K, N, C)
-    features: dict[int, torch.Tensor]  # block index -> (K, N, L)
+    rows: torch.Tensor  # (K, N, C + G*L): logits, then the G feature blocks' vectors
+    classes: int  # C
+    feature_blocks: tuple[int, ...]  # the G block indexes, in row order
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.rows[..., :self.classes]  # (K, N, C)
+
+    @property
+    def features(self) -> dict[int, torch.Tensor]:
+        """Block index -> (K, N, L) view of its vectors."""
+        if not self.feature_blocks:
+            return {}
+        length = (self.rows.shape[-1] - self.classes) // len(self.feature_blocks)
+        return {b: self.rows[..., self.classes + g * length:self.classes + (g + 1) * length]
+                for g, b in enumerate(self.feature_blocks)}
 
 
 class SlabLoader:
@@ -87,14 +105,15 @@ class SlabLoader:
         self.pending: dict[int, Future] = {}
         self.current: Slab | None = None
 
-    def _read(self, view: int) -> dict[str, torch.Tensor]:
-        """Runs in the background thread: disk read + decode, stacked over teachers, pinned on CUDA."""
+    def _read(self, view: int) -> tuple[torch.Tensor, int]:
+        """Runs in the background thread: disk read + decode, stacked over teachers into rows (K, N, C + G*L)
+        (pinned on CUDA); also returns C."""
         per_teacher = self.source.read(view, self.names)
-        stacked = {k: torch.from_numpy(np.stack([t[k] for t in per_teacher]).astype(np.float16, copy=False))
-                   for k in self.names}  # (K, N, width)
+        rows = np.stack([np.concatenate([t[k] for k in self.names], axis=1) for t in per_teacher])
+        host = torch.from_numpy(rows.astype(np.float16, copy=False))
         if self.device.type == "cuda":
-            stacked = {k: v.pin_memory() for k, v in stacked.items()}
-        return stacked
+            host = host.pin_memory()
+        return host, int(per_teacher[0]["logits"].shape[1])
 
     def prefetch(self, view: int) -> None:
         if view not in self.pending and (self.current is None or self.current.view != view):
@@ -105,11 +124,9 @@ class SlabLoader:
         if self.current is not None and self.current.view == view:
             return self.current
         self.prefetch(view)
-        host = self.pending.pop(view).result()
-        on_device = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        host, classes = self.pending.pop(view).result()
         self.current = None  # drop the old slab before keeping the new one
-        self.current = Slab(view, on_device["logits"],
-                            {b: on_device[self.source.blocks[b]] for b in self.feature_blocks})
+        self.current = Slab(view, host.to(self.device, non_blocking=True), classes, self.feature_blocks)
         return self.current
 
     def close(self) -> None:
@@ -141,13 +158,17 @@ class CachedTargets:
     def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
         """`idx` (B,) sample indexes on the device; `x` unused (the cache already saw these pixels)."""
         s = self.slab
-
-        def rows(t: torch.Tensor) -> torch.Tensor:  # (K, N, W) -> (k, B, W) float32
-            if len(picked) == t.shape[0]:
-                return t[:, idx].float()
-            return torch.stack([t[k, idx] for k in picked]).float()
-
-        return Targets(rows(s.logits), {b: rows(f) for b, f in s.features.items()})
+        if len(picked) == s.rows.shape[0]:
+            rows = s.rows[:, idx]  # (K, B, C + G*L)
+        elif len(picked) == 1:
+            rows = s.rows[picked[0]][idx][None]  # (1, B, C + G*L): MEAL's one teacher per step
+        else:
+            rows = s.rows[picked][:, idx]
+        rows = rows.float()
+        k, b = rows.shape[:2]
+        g = len(s.feature_blocks)
+        blocks = rows[..., s.classes:].view(k, b, g, -1).transpose(1, 2) if g else None  # (k, G, B, L)
+        return Targets(rows[..., :s.classes], blocks)
 
     def close(self) -> None:
         self.loader.close()
@@ -171,14 +192,14 @@ class OnlineTargets:
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
         """`x` (B, C, H, W): the normalised view the student sees. Only the picked teachers run."""
-        logits, feats = [], {b: [] for b in self.feature_blocks}
+        logits, vectors = [], []
         for k in picked:
             with torch.autocast("cuda", torch.bfloat16, enabled=self.use_autocast):
                 out, blocks = self.teachers[k](x)
             logits.append(out.float().half())  # (B, C): the cache stores fp16
-            for b in self.feature_blocks:
-                feats[b].append(align(blocks[b], self.align_cfg).half())  # (B, L)
-        return Targets(torch.stack(logits).float(), {b: torch.stack(f).float() for b, f in feats.items()})
+            vectors.append([align(blocks[b], self.align_cfg).half() for b in self.feature_blocks])  # (B, L) each
+        stacked = torch.stack([torch.stack(v) for v in vectors]).float() if self.feature_blocks else None  # (k, G, B, L)
+        return Targets(torch.stack(logits).float(), stacked)
 
     def close(self) -> None:
         pass

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.align import AlignConfig, align
+from pipeline.align_tap import GradientTap
 from pipeline.config import UserError
+from pipeline.models import build_model
 
 
 def reference(x: torch.Tensor, kind: str, length: int) -> torch.Tensor:
@@ -57,3 +59,52 @@ def test_bad_align_spec_is_one_line():
         AlignConfig("max", 8)
     with pytest.raises(UserError, match="alignment length"):
         AlignConfig("channel", 0)
+
+
+def student_grads(arch: str, kind: str, channels_last: bool, tapped: bool, width: float):
+    """Parameter gradients of `logits.square().mean() + sum(vectors * weights)` for a zoo model used as student."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 3, width=width)
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    cfg = AlignConfig(kind, 8)
+    logits, feats = model(x)
+    weights = torch.randn(len(feats), 4, 8, generator=torch.Generator().manual_seed(1))
+    if tapped:
+        tap = GradientTap(cfg)
+        vectors, sums = tap.vectors(feats)
+    else:
+        vectors = torch.stack([align(f, cfg) for f in feats])
+    objective = logits.square().mean() + (vectors * weights).sum()
+    if tapped:
+        tap.backward(objective, logits, feats, sums)
+    else:
+        objective.backward()
+    return vectors.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch,width", [("student_cnn", 0.5), ("resnet8", 0.5), ("lenet4", 1.0),
+                                        ("resnet18", 0.125), ("preact_resnet18", 0.125)])
+@pytest.mark.parametrize("kind", ["channel", "meal"])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gradient_tap_equals_autograd_through_align(arch, width, kind, channels_last):
+    """The student's tapped alignment: the vectors of align() per block, and the same parameter gradients
+    as autograd through align(), for every zoo model a profile uses as student (the in-place add would
+    corrupt a gradient some other node still held: this is the guard)."""
+    vectors, grads = student_grads(arch, kind, channels_last, True, width)
+    expected_vectors, expected = student_grads(arch, kind, channels_last, False, width)
+    torch.testing.assert_close(vectors, expected_vectors, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected.keys()
+    for name, g in grads.items():
+        # float32 sums in another order (channels_last): agree to 1e-5 of each gradient's largest entry
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-5 * float(expected[name].abs().max()), msg=name)
+
+
+def test_gradient_tap_rebuilds_its_matrix_for_new_shapes():
+    tap = GradientTap(AlignConfig("channel", 8))
+    a, sums = tap.vectors([torch.rand(2, 12, 5, 5), torch.rand(2, 20, 3, 3)])
+    assert a.shape == (2, 2, 8) and sums.shape == (2, 32) and tap.matrix.shape == (32, 16)
+    # channels_last block 1: 12 channels summed 4 positions per row (48-element rows), 4 partial sums each
+    b, sums = tap.vectors([torch.rand(2, 12, 28, 28).contiguous(memory_format=torch.channels_last)])
+    assert b.shape == (1, 2, 8) and sums.shape == (2, 48) and tap.matrix.shape == (48, 8)

@@ -75,3 +75,14 @@ def test_losses_are_float32_scalars_from_bf16_inputs():
     for kind in ("l1", "l2", "kl"):
         out = similarity(s, t, kind)
         assert out.dtype == torch.float32 and out.dim() == 0
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "kl"])
+def test_similarity_over_groups_is_each_pair_alone(kind):
+    """groups=True: (G, B, D) pairs -> (G,), entry g what the (B, D) call returns on pair g."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
+    got = similarity(s, t, kind, 2.0, groups=True)
+    assert got.shape == (3,)
+    for i in range(3):
+        torch.testing.assert_close(got[i], similarity(s[i], t[i], kind, 2.0))

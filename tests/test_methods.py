@@ -9,8 +9,10 @@ import torch
 
 from pipeline.align import AlignConfig, align
 from pipeline.config import UserError, build
-from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss, teacher_probability
-from pipeline.distill import build_run, train_step
+from pipeline.discriminators import (
+    Discriminators, discriminator_loss, discriminator_step, fooling_loss, step_optimizer, teacher_probability,
+)
+from pipeline.distill import build_run, load_state, state_dict, train_step
 from pipeline.losses import grad_reverse, soften
 from pipeline.methods import (
     DistillConfig, StudentOut, Targets, distill_teachers, make_plan, method_configs,
@@ -94,7 +96,7 @@ def test_training_step_moves_the_student_the_right_way(mode, direction):
     run = tiny_run(mode)
     x = torch.randn(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
-    tgt = Targets(torch.randn(1, 32, 10), {b: torch.rand(1, 32, 8) * 3 for b in range(3)})
+    tgt = Targets(torch.randn(1, 32, 10), torch.rand(1, 3, 32, 8) * 3)
     d_before = {k: v.clone() for k, v in run.discs.state_dict().items()}
     run.student.eval()  # fixed BatchNorm statistics, so the probe sees only the weight change
     before = d_teacher_prob(run, x)
@@ -142,12 +144,14 @@ def test_discriminator_bank_is_independent_mlps():
         torch.testing.assert_close(disc(x)[g], h[:, 0])
     # a gradient through one group's input reaches only that group's weights
     disc(x)[1].sum().backward()
-    assert all(w.grad[0].abs().sum() == 0 and w.grad[1].abs().sum() > 0 for w in disc.weights)
+    assert all(w[0].abs().sum() == 0 and w[1].abs().sum() > 0 for w, _ in disc.layers(disc.flat.grad))
     # frozen: the student's turn gives D's weights no gradient at all
     disc.zero_grad(set_to_none=True)
     s = torch.randn(2, 7, 12, requires_grad=True)
     fooling_loss(disc, s).sum().backward()
-    assert s.grad is not None and all(w.grad is None for w in disc.weights)
+    assert s.grad is not None and disc.flat.grad is None
+    disc(s, frozen=True).sum().backward()
+    assert disc.flat.grad is None
 
 
 def test_discriminator_loss_matches_the_plain_formula():
@@ -163,6 +167,58 @@ def test_discriminator_loss_matches_the_plain_formula():
         expected = 0.5 * (bce(d_t[g], torch.ones(16)) + bce(d_s[g], target_s))
         torch.testing.assert_close(loss[g], expected)
         torch.testing.assert_close(acc[g], 0.5 * ((d_t[g] > 0).float().mean() + (d_s[g] <= 0).float().mean()))
+
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_hand_written_d_step_equals_autograd(rows):
+    """discriminator_step's gradient by hand = autograd's on discriminator_loss, and the same Adam step follows."""
+    torch.manual_seed(0)
+    by_hand = Discriminators(["a", "b", "c"], 16)
+    by_autograd = Discriminators(["a", "b", "c"], 16)
+    by_autograd.load_state_dict(by_hand.state_dict())
+    adam = lambda d: torch.optim.Adam(d.parameters(), lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3)  # noqa: E731
+    opt_hand, opt_auto = adam(by_hand), adam(by_autograd)
+    for _ in range(3):
+        t, s = torch.randn(3, 20, 16) + 1, torch.randn(3, 20, 16)
+        loss, acc = discriminator_loss(by_autograd, t, s, rows)
+        opt_auto.zero_grad()
+        loss.sum().backward()
+        loss_h, acc_h = discriminator_step(by_hand, opt_hand, t, s, rows)
+        torch.testing.assert_close(by_hand.flat.grad, by_autograd.flat.grad, rtol=1e-5, atol=1e-7)
+        opt_auto.step()
+        torch.testing.assert_close(loss_h, loss.detach())
+        torch.testing.assert_close(acc_h, acc)
+    for p, q in zip(by_hand.parameters(), by_autograd.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_direct_fused_adam_step_equals_opt_step():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(300)), None
+    b = torch.nn.Parameter(a.detach().clone())
+    make = lambda p: torch.optim.Adam([p], lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3, fused=True)  # noqa: E731
+    opt_a, opt_b = make(a), make(b)
+    for _ in range(5):
+        grad = torch.randn(300)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        opt_a.step()
+        step_optimizer(opt_b)
+    assert torch.equal(a, b)
+    state_a, state_b = opt_a.state_dict()["state"][0], opt_b.state_dict()["state"][0]
+    assert all(torch.equal(state_a[k], state_b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+def test_fooling_loss_gradient_equals_autograd():
+    torch.manual_seed(0)
+    disc = Discriminators(["a", "b"], 12)
+    s = torch.randn(2, 9, 12, requires_grad=True)
+    weights = torch.tensor([0.3, -2.0])
+    reference = torch.nn.functional.binary_cross_entropy_with_logits(
+        disc(s, frozen=True), torch.ones(2, 9), reduction="none").mean(1)  # (G,)
+    expected = torch.autograd.grad((weights * reference).sum(), s)[0]
+    got = fooling_loss(disc, s)
+    torch.testing.assert_close(got, reference)
+    torch.testing.assert_close(torch.autograd.grad((weights * got).sum(), s)[0], expected)
 
 
 # ---------------------------------------------------------------- plans
@@ -186,15 +242,15 @@ def test_meal_reads_only_the_blocks_it_uses():
     assert no_game.feature_blocks == (1,)
     assert make_plan("meal", options("meal", block_weights=[0.0, 1.0, 0.0]), TEACHERS).feature_blocks == (0, 1, 2)
     logits_only = make_plan("meal", options("meal", adversarial="none", block_weights=[0.0] * 3), TEACHERS)
-    out = StudentOut(torch.randn(4, 10), {})
+    out = StudentOut(torch.randn(4, 10), None)
     assert logits_only.feature_blocks == ()
-    assert set(logits_only.losses(out, Targets(torch.randn(1, 4, 10), {}), torch.zeros(4, dtype=torch.long))) == {"sim_logits"}
+    assert set(logits_only.losses(out, Targets(torch.randn(1, 4, 10), None), torch.zeros(4, dtype=torch.long))) == {"sim_logits"}
 
 
 def test_meal_losses_are_zero_when_the_student_is_the_teacher():
     plan = make_plan("meal", options("meal", similarity="l1", logit_similarity="kl"), TEACHERS)
-    logits, vecs = torch.randn(4, 10), {b: torch.rand(4, 8) for b in range(3)}
-    tgt = Targets(logits[None].clone(), {b: v[None].clone() for b, v in vecs.items()})
+    logits, vecs = torch.randn(4, 10), torch.rand(3, 4, 8)
+    tgt = Targets(logits[None].clone(), vecs[None].clone())
     terms = plan.losses(StudentOut(logits, vecs), tgt, torch.zeros(4, dtype=torch.long))
     assert set(terms) == {"sim_logits", "sim_block1", "sim_block2", "sim_block3"}
     assert all(abs(v.item()) < 1e-6 for v in terms.values())
@@ -205,12 +261,13 @@ def test_meal_v2_target_is_the_mean_of_teacher_softmaxes():
     assert plan.pick(random.Random(0)) == [0, 1, 2] and plan.feature_blocks == ()
     t = torch.randn(3, 4, 10)
     mean = soften(t).mean(0)
-    out = StudentOut(mean.log(), {})  # a student whose softmax equals the mean: soft CE = entropy
-    terms = plan.losses(out, Targets(t, {}), torch.zeros(4, dtype=torch.long))
+    out = StudentOut(mean.log(), None)  # a student whose softmax equals the mean: soft CE = entropy
+    terms = plan.losses(out, Targets(t, None), torch.zeros(4, dtype=torch.long))
     entropy = -(mean * mean.log()).sum(-1).mean()
     assert terms["soft_ce"].item() == pytest.approx(entropy.item(), rel=1e-5)
-    s, tv = plan.disc_inputs(out, Targets(t, {}))["outputs"]
-    torch.testing.assert_close(tv, mean)
+    s, tv = plan.disc_inputs(out, Targets(t, None))
+    assert s.shape == tv.shape == (1, 4, 10)
+    torch.testing.assert_close(tv[0], mean)
     assert plan.discriminators(10, 8) == {"outputs": 10}
 
 
@@ -220,7 +277,7 @@ def test_anc_plan():
     assert plan.feature_blocks == (2,) and plan.discriminators(10, 8) == {"block3": 8}
     assert plan.adversarial_rows(32) == 8
     logits = torch.randn(4, 10)
-    terms = plan.losses(StudentOut(logits, {2: torch.rand(4, 8)}), Targets(logits[None], {}), None)
+    terms = plan.losses(StudentOut(logits, torch.rand(1, 4, 8)), Targets(logits[None], torch.rand(1, 1, 4, 8)), None)
     assert terms["l2_logits"].item() == 0.0
     assert make_plan("anc", options("anc", teacher="mean"), TEACHERS).pick(random.Random(0)) == [0, 1, 2]
 
@@ -231,7 +288,7 @@ def test_kd_plan_named_teacher_and_mean():
     assert plan.pick(random.Random(0)) == [0, 1, 2]
     same = torch.randn(3, 4, 10)
     same[:] = same[0]  # three identical teachers: their mean is each of them
-    terms = plan.losses(StudentOut(same[0], {}), Targets(same, {}), torch.zeros(4, dtype=torch.long))
+    terms = plan.losses(StudentOut(same[0], None), Targets(same, None), torch.zeros(4, dtype=torch.long))
     assert terms["kd_soft"].item() == pytest.approx(0.0, abs=1e-6) and terms["ce"].item() == 0.0
 
 
@@ -269,3 +326,13 @@ def test_teacher_list():
         distill_teachers(build(DistillConfig, {"teachers": ["zz"]}, "distill"), TEACHERS)
     with pytest.raises(UserError, match="needs teachers"):
         distill_teachers(build(DistillConfig, {}, "distill"), [])
+
+
+def test_checkpoint_with_other_discriminator_layout_is_one_line():
+    """Discriminators saved per layer (an older version's checkpoint) cannot resume: a UserError, no traceback."""
+    run = tiny_run("alternating")
+    state = state_dict(run)
+    state["discriminators"] = {f"weights.{i}": w.detach() for i, w in enumerate(run.discs.weights)}
+    with pytest.raises(UserError, match="--restart"):
+        load_state(run, state)
+    load_state(run, state_dict(run))  # its own state loads
