@@ -72,29 +72,12 @@ class Discriminators(nn.Module):
         return self._views[key]
 
     @property
-    def weights(self) -> list[torch.Tensor]:
-        return [w for w, _ in self.layers()]
-
-    @property
-    def biases(self) -> list[torch.Tensor]:
-        return [b for _, b in self.layers()]
-
-    @property
     def widths(self) -> list[int]:
         return [int(shape[2]) for shape in self.shapes[0::2]]
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """`x` (G, N, D) -> (G, N). `frozen`: no gradient reaches the weights (the student's turn)."""
-        h = x.float()
-        layers = self.layers(self.flat.detach() if frozen else None)
-        last = len(layers) - 1
-        for i, (w, b) in enumerate(layers):
-            h = torch.baddbmm(b, h, w)  # (G, N, out)
-            if i < last:
-                # LeakyReLU rather than ReLU: with inputs this small (D = 10..64) dead units would leave D
-                # with almost no capacity; the slope keeps a gradient flowing to the student through every unit.
-                h = F.leaky_relu(h, SLOPE)
-        return h[..., 0]
+        return self._activations(x.float(), self.layers(self.flat.detach() if frozen else None))[2][..., 0]
 
     # The alternating game's two halves by hand (discriminator_step, fooling_loss): the MLP is three
     # batched products, so its backward is three more and a transpose each. Written out, one D step and
@@ -104,26 +87,30 @@ class Discriminators(nn.Module):
     # autograd.Function's forward and backward).
 
     def labels(self, n: int, teachers: int, adversarial_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(target (n, 1) float: 1 for the teacher rows and the adversarial rows, truth (n, 1) bool: the teacher
+        """(target (n,) float: 1 for the teacher rows and the adversarial rows, truth (n,) bool: the teacher
         rows), made once per batch layout rather than on every step."""
         key = (n, teachers, adversarial_rows, device)
         if key not in self._labels:
-            rows = torch.arange(n, device=device)[:, None]
+            rows = torch.arange(n, device=device)
             self._labels[key] = ((rows < teachers + adversarial_rows).float(), rows < teachers)
         return self._labels[key]
 
-    def _activations(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Forward pass keeping what the backward needs: each layer's input, each hidden pre-activation, and
-        the logits (G, N, 1)."""
+    def _activations(self, x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """The forward pass keeping what the backward needs: each layer's input, each hidden pre-activation,
+        and the logits (G, N, 1). `layers`: default the cached no-grad views (the hand-written paths);
+        `forward` passes differentiable ones."""
         inputs, pre = [], []
         h = x
-        layers = self._cached_layers(self.flat)
+        layers = self._cached_layers(self.flat) if layers is None else layers
         last = len(layers) - 1
         for i, (w, b) in enumerate(layers):
             inputs.append(h)
             h = torch.baddbmm(b, h, w)  # (G, N, out)
             if i < last:
                 pre.append(h)
+                # LeakyReLU rather than ReLU: with inputs this small (D = 10..64) dead units would leave D
+                # with almost no capacity; the slope keeps a gradient flowing to the student through every unit.
                 h = F.leaky_relu(h, SLOPE)
         return inputs, pre, h
 
@@ -160,14 +147,15 @@ def discriminator_loss(
     that keeps D from winning outright (the batch is already shuffled, so the first rows are a random
     subset). Accuracy is always measured against the true labels, on the device (no host sync).
     """
-    b = teacher.shape[1]
     logits = discs(torch.cat([teacher, student], dim=1))  # (G, 2B): one pass over both sides
-    target = torch.zeros_like(logits)
-    target[:, :b + adversarial_rows] = 1.0
-    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)  # (G,)
-    truth = torch.zeros_like(logits, dtype=torch.bool)
-    truth[:, :b] = True
-    accuracy = ((logits.detach() > 0) == truth).float().mean(1)  # (G,): both sides weigh the same
+    target, truth = discs.labels(logits.shape[1], teacher.shape[1], adversarial_rows, logits.device)  # (2B,) each
+    return _score(logits, target, truth)
+
+
+def _score(logits: torch.Tensor, target: torch.Tensor, truth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's logits (G, N) against the labels (N,): (BCE averaged over N (G,), accuracy against the truth (G,))."""
+    loss = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").mean(1)
+    accuracy = ((logits.detach() > 0) == truth).float().mean(1)  # both sides weigh the same
     return loss, accuracy
 
 
@@ -183,12 +171,11 @@ def discriminator_step(discs: Discriminators, opt: torch.optim.Optimizer, teache
     with torch.no_grad():
         x = torch.cat([teacher, student], dim=1)  # (G, 2B, D)
         n = x.shape[1]
-        target, truth = discs.labels(n, b, adversarial_rows, x.device)  # (2B, 1) each
+        target, truth = discs.labels(n, b, adversarial_rows, x.device)  # (2B,) each
         inputs, pre, logits = discs._activations(x)  # logits (G, 2B, 1)
-        loss = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").mean((1, 2))
-        accuracy = ((logits > 0) == truth).float().mean((1, 2))  # (G,)
+        loss, accuracy = _score(logits[..., 0], target, truth)  # (G,) each
         # d(sum_g mean_n BCE)/d(logit) = (sigmoid - target) / N
-        discs._backward_from(inputs, pre, (torch.sigmoid(logits) - target) / n, weight_grads=True)
+        discs._backward_from(inputs, pre, (torch.sigmoid(logits) - target[:, None]) / n, weight_grads=True)
     step_optimizer(opt)
     return loss, accuracy
 

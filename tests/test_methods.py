@@ -138,7 +138,7 @@ def test_discriminator_bank_is_independent_mlps():
     x = torch.randn(2, 7, 12)
     for g in range(2):
         h = x[g]
-        for i, (w, b) in enumerate(zip(disc.weights, disc.biases)):
+        for i, (w, b) in enumerate(disc.layers()):
             h = h @ w[g] + b[g]
             h = torch.nn.functional.leaky_relu(h, 0.2) if i < 2 else h
         torch.testing.assert_close(disc(x)[g], h[:, 0])
@@ -332,7 +332,7 @@ def test_checkpoint_with_other_discriminator_layout_is_one_line():
     """Discriminators saved per layer (an older version's checkpoint) cannot resume: a UserError, no traceback."""
     run = tiny_run("alternating")
     state = state_dict(run)
-    state["discriminators"] = {f"weights.{i}": w.detach() for i, w in enumerate(run.discs.weights)}
+    state["discriminators"] = {f"weights.{i}": w.detach() for i, (w, _) in enumerate(run.discs.layers())}
     with pytest.raises(UserError, match="--restart"):
         load_state(run, state)
     load_state(run, state_dict(run))  # its own state loads
