@@ -275,7 +275,8 @@ def load_state(run: Run, state: dict[str, Any]) -> None:
         if run.d_opt is not None:
             run.d_opt.load_state_dict(state["d_optimizer"])
     except (KeyError, RuntimeError, ValueError) as err:  # e.g. discriminators saved per layer by an older version
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]  # load_state_dict: a header, then the keys
+        reason = " ".join(lines)[:160] or type(err).__name__
         raise UserError(f"the checkpoint's discriminator or optimizer state does not fit this version ({reason}): "
                         f"pass --restart to start over") from None
 
