@@ -18,6 +18,7 @@ Measured in lock-step on this CPU (2 threads, batch 128, two runs), MEAL's block
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -143,25 +144,27 @@ class GradientTap:
             self.matrix = pool_matrix(layouts, self.cfg.length).to(feats[0].device)
             self.layouts = layouts
 
-    def vectors(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """[(B, C, H, W) or (B, D)] * G -> ((G, B, L) float32 vectors = torch.stack([align(f) ...]), the leaf
-        of their sums (B, W) that `backward` needs)."""
+    def vectors(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """[(B, C, H, W) or (B, D)] * G -> (G, B, L) float32 vectors = torch.stack([align(f) ...]), without a graph."""
         self._build(feats)
         kind = self.cfg.kind
-        sums = torch.cat([_reduce(f.detach(), kind, k) for f, (k, _, _) in zip(feats, self.layouts)], 1)
-        sums.requires_grad_()
-        if torch.is_autocast_enabled(sums.device.type):  # keep the product in float32 under bf16 autocast
-            with torch.autocast(sums.device.type, enabled=False):
-                pooled = torch.mm(sums, self.matrix)
-        else:
+        device = feats[0].device.type
+        # under bf16 autocast the product stays in float32 (entering a context costs a step ~20 us: only then)
+        plain = torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+        with torch.no_grad(), plain:
+            sums = torch.cat([_reduce(f, kind, k) for f, (k, _, _) in zip(feats, self.layouts)], 1)  # (B, W)
             pooled = torch.mm(sums, self.matrix)  # (B, G*L)
-        return pooled.view(pooled.shape[0], len(feats), self.cfg.length).transpose(0, 1), sums
+        return pooled.view(pooled.shape[0], len(feats), self.cfg.length).transpose(0, 1)
 
-    def backward(self, objective: torch.Tensor, logits: torch.Tensor, feats: list[torch.Tensor], sums: torch.Tensor) -> None:
-        """`objective.backward()`, for an objective of the student's `logits` and of `vectors(feats)`."""
-        g_sums, g_logits = torch.autograd.grad(objective, [sums, logits], allow_unused=True)
-        if g_sums is not None:
+    def backward(self, logits: torch.Tensor, feats: list[torch.Tensor], g_logits: torch.Tensor,
+                 g_vectors: torch.Tensor | None) -> None:
+        """The student's backward for an objective whose gradient is `g_logits` (B, C) with respect to its
+        logits and `g_vectors` (G, B, L) with respect to `vectors(feats)` (None: no block term)."""
+        if g_vectors is not None:
+            g, b = g_vectors.shape[0], g_vectors.shape[1]
+            flat = g_vectors.transpose(0, 1).reshape(b, g * self.cfg.length)  # (B, G*L)
+            g_sums = torch.mm(flat, self.matrix.t())  # (B, W): the pooling's transpose carries it back
             for f, u, (k, _, _) in zip(feats, g_sums.split([width for _, width, _ in self.layouts], 1), self.layouts):
                 f.register_hook(partial(_add_broadcast, u=u, kind=self.cfg.kind, k=k))
         # every block reaches the logits through the student's later layers, so this reaches every hook
-        logits.backward(g_logits if g_logits is not None else torch.zeros_like(logits))
+        logits.backward(g_logits.to(logits.dtype))

@@ -216,8 +216,12 @@ class _Fooling(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         *pre, logits = ctx.saved_tensors
-        d_logits = (torch.sigmoid(logits) - 1.0) * (grad / logits.shape[1])[:, None, None]  # (G, B, 1)
-        return ctx.discs._backward_from([], pre, d_logits, weight_grads=False), None
+        return _fooling_backward(ctx.discs, pre, logits, (grad / logits.shape[1])[:, None, None]), None
+
+
+def _fooling_backward(discs: Discriminators, pre: list[torch.Tensor], logits: torch.Tensor, scale) -> torch.Tensor:
+    """d(scale * sum_g sum_n softplus(-logit))/d(input) (G, N, D): `scale` a number or (G, 1, 1)."""
+    return discs._backward_from([], pre, (torch.sigmoid(logits) - 1.0) * scale, weight_grads=False)
 
 
 def fooling_loss(discs: Discriminators, student: torch.Tensor) -> torch.Tensor:
@@ -226,6 +230,15 @@ def fooling_loss(discs: Discriminators, student: torch.Tensor) -> torch.Tensor:
     `student` (G, B, D) float32 -> (G,). D's weights are held fixed: the gradient reaches the student only.
     """
     return _Fooling.apply(student, discs)
+
+
+def fooling_loss_grad(discs: Discriminators, student: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight * fooling_loss(discs, student)` (G,) and its sum's gradient with respect to `student` (G, B, D),
+    without autograd (the closed-form step, pipeline.distill.train_step)."""
+    with torch.no_grad():
+        _, pre, logits = discs._activations(student)  # logits (G, B, 1)
+        loss = F.softplus(-logits).mean((1, 2)).mul_(weight)  # (G,)
+        return loss, _fooling_backward(discs, pre, logits, weight / logits.shape[1])
 
 
 def teacher_probability(discs: Discriminators, vectors: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import UserError, build, check, check_choice
-from pipeline.losses import SIMILARITIES, kd_loss, similarity, soft_cross_entropy, soften
+from pipeline.losses import SIMILARITIES, cross_entropy_grad, kd_loss, similarity, similarity_grad, soft_cross_entropy, soften
 from pipeline.models import NUM_BLOCKS
 from pipeline.schedules import SCHEDULES
 
@@ -225,6 +225,17 @@ class Plan:
     def losses(self, out: StudentOut, tgt: Targets | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    # Plans that compare blocks also give their terms' gradients in closed form (`loss_grads`): the
+    # training step then runs no autograd graph between the student's outputs and its loss (on the CPU
+    # that graph's bookkeeping and backward cost more than the arithmetic; pipeline.distill.train_step).
+    closed_form = False
+
+    def loss_grads(self, out: StudentOut, tgt: Targets, labels: torch.Tensor
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """(`losses(out, tgt, labels)` detached, their sum's gradient with respect to out.logits (B, C) and
+        to out.blocks (G, B, L) (None without blocks)), without autograd. Only where `closed_form`."""
+        raise NotImplementedError
+
     def discriminators(self, num_classes: int, dim: int) -> dict[str, int]:
         """Discriminator name -> input size; empty when the method plays no adversarial game."""
         return {}
@@ -270,6 +281,29 @@ class MealPlan(Plan):
         if c.ce_weight > 0:
             terms["ce"] = c.ce_weight * F.cross_entropy(out.logits.float(), labels)
         return terms
+
+    closed_form = True
+
+    def loss_grads(self, out, tgt, labels):
+        c = self.cfg
+        value, g_logits = similarity_grad(out.logits, tgt.logits[0], c.logit_similarity, c.temperature)
+        terms = {"sim_logits": c.logit_weight * value}
+        if c.logit_weight != 1.0:
+            g_logits.mul_(c.logit_weight)
+        g_blocks = None
+        if self.feature_blocks:
+            sims, g_blocks = similarity_grad(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True)  # (G,), (G, B, L)
+            if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
+                weights = sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])  # (G,)
+                sims, g_blocks = sims * weights, g_blocks.mul_(weights[:, None, None])
+            for b, value in zip(self.feature_blocks, sims.unbind()):
+                if c.block_weights[b] > 0:
+                    terms[f"sim_{self.block_names[b]}"] = value
+        if c.ce_weight > 0:
+            value, g_ce = cross_entropy_grad(out.logits, labels)
+            terms["ce"] = c.ce_weight * value
+            g_logits.add_(g_ce, alpha=c.ce_weight)
+        return terms, g_logits, g_blocks
 
     def discriminators(self, num_classes, dim):
         return {} if self.game is None else {self.block_names[b]: dim for b in self.feature_blocks}
@@ -322,6 +356,13 @@ class AncPlan(Plan):
     def losses(self, out, tgt, labels):
         # the mean over the picked teachers is the teacher itself when one was picked
         return {"l2_logits": self.cfg.logit_weight * similarity(out.logits, tgt.logits.mean(0), "l2")}
+
+    closed_form = True
+
+    def loss_grads(self, out, tgt, labels):
+        value, g_logits = similarity_grad(out.logits, tgt.logits.mean(0), "l2")
+        w = self.cfg.logit_weight
+        return {"l2_logits": w * value}, g_logits.mul_(w), torch.zeros_like(out.blocks)  # the blocks: the game's only
 
     def discriminators(self, num_classes, dim):
         return {} if self.game is None else {self.block_names[-1]: dim}

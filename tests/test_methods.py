@@ -10,7 +10,8 @@ import torch
 from pipeline.align import AlignConfig, align
 from pipeline.config import UserError, build
 from pipeline.discriminators import (
-    Discriminators, discriminator_loss, discriminator_step, fooling_loss, step_optimizer, teacher_probability,
+    Discriminators, discriminator_loss, discriminator_step, fooling_loss, fooling_loss_grad, step_optimizer,
+    teacher_probability,
 )
 from pipeline.distill import build_run, load_state, state_dict, train_step
 from pipeline.losses import grad_reverse, soften
@@ -101,11 +102,11 @@ def test_training_step_moves_the_student_the_right_way(mode, direction):
     run.student.eval()  # fixed BatchNorm statistics, so the probe sees only the weight change
     before = d_teacher_prob(run, x)
     for _ in range(3):
-        stats = train_step(run, x, y, tgt)
+        names, _ = train_step(run, x, y, tgt)
     after = d_teacher_prob(run, x)
     assert all(torch.equal(v, run.discs.state_dict()[k]) for k, v in d_before.items())  # D did not move
     assert direction * (after - before) > 0, (mode, before, after)
-    assert set(stats) >= {"loss", "d_acc_block1", "d_loss_block3", "adv_block2"}
+    assert set(names) >= {"loss", "d_acc_block1", "d_loss_block3", "adv_block2"}
 
 
 def test_alternating_step_trains_d_to_separate():
@@ -215,10 +216,76 @@ def test_fooling_loss_gradient_equals_autograd():
     weights = torch.tensor([0.3, -2.0])
     reference = torch.nn.functional.binary_cross_entropy_with_logits(
         disc(s, frozen=True), torch.ones(2, 9), reduction="none").mean(1)  # (G,)
-    expected = torch.autograd.grad((weights * reference).sum(), s)[0]
+    expected = torch.autograd.grad((weights * reference).sum(), s, retain_graph=True)[0]
     got = fooling_loss(disc, s)
     torch.testing.assert_close(got, reference)
     torch.testing.assert_close(torch.autograd.grad((weights * got).sum(), s)[0], expected)
+    # the closed-form step's version: the weighted term and its sum's gradient, no graph
+    value, grad = fooling_loss_grad(disc, s, 0.7)
+    torch.testing.assert_close(value, 0.7 * reference.detach())
+    torch.testing.assert_close(grad, torch.autograd.grad(0.7 * reference.sum(), s)[0])
+
+
+@pytest.mark.parametrize("method,values", [
+    ("meal", {}),
+    ("meal", {"logit_similarity": "kl", "temperature": 4.0, "similarity": "l1", "logit_weight": 0.5,
+              "block_weights": [0.0, 2.0, 1.0], "ce_weight": 0.3}),
+    ("meal", {"adversarial": "none", "logit_similarity": "l2", "similarity": "kl", "block_weights": [1.0, 0.0, 0.5]}),
+    ("anc", {"logit_weight": 0.4}),
+])
+def test_closed_form_loss_grads_equal_autograd(method, values):
+    """Plan.loss_grads: the terms of Plan.losses and the gradient of their sum, written out."""
+    plan = make_plan(method, options(method, **values), TEACHERS)
+    assert plan.closed_form
+    g = torch.Generator().manual_seed(3)
+    blocks = len(plan.feature_blocks)
+    logits = torch.randn(6, 10, generator=g, requires_grad=True)
+    vectors = torch.randn(blocks, 6, 8, generator=g, requires_grad=True)
+    tgt = Targets(torch.randn(len(TEACHERS), 6, 10, generator=g), torch.randn(len(TEACHERS), blocks, 6, 8, generator=g))
+    picked = plan.pick(random.Random(0))
+    tgt = Targets(tgt.logits[picked], tgt.blocks[picked])
+    labels = torch.randint(0, 10, (6,), generator=g)
+    terms = plan.losses(StudentOut(logits, vectors), tgt, labels)
+    sum(terms.values()).backward()
+    got, g_logits, g_blocks = plan.loss_grads(StudentOut(logits.detach(), vectors.detach()), tgt, labels)
+    assert list(got) == list(terms)
+    for k in terms:
+        torch.testing.assert_close(got[k], terms[k].detach(), msg=k)
+    torch.testing.assert_close(g_logits, logits.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g_blocks, vectors.grad if vectors.grad is not None else torch.zeros_like(vectors))
+
+
+@pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"adversarial": "none", "ce_weight": 0.5}),
+                                           ("anc", {})])
+def test_closed_form_step_trains_as_autograd_does(method, values):
+    """The step with the tapped student and closed-form head against the plain autograd step (run.tap None):
+    the same student, discriminators and stats after a few steps."""
+    def trained(tapped: bool):
+        torch.manual_seed(0)
+        cfg = build(DistillConfig, {"method": method, "lr": 0.2}, "distill")
+        plan = make_plan(method, options(method, **values), TEACHERS)
+        student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
+        run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
+        assert (run.tap is not None) is True
+        if not tapped:
+            run.tap = None
+        g = torch.Generator().manual_seed(1)
+        rng = random.Random(0)
+        for _ in range(3):
+            x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+            every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
+            picked = plan.pick(rng)
+            tgt = Targets(every.logits[picked], every.blocks[picked][:, list(plan.feature_blocks)])
+            names, values_ = train_step(run, x, y, tgt)
+        params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
+        return names, values_, {k: v.detach().clone() for k, v in params.items()}
+
+    names, stats, params = trained(True)
+    names_ref, stats_ref, params_ref = trained(False)
+    assert names == names_ref
+    torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-6)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 # ---------------------------------------------------------------- plans
