@@ -14,6 +14,10 @@ a step at batch 128), those passes cost more than the rest of MEAL's block simil
 - the gradient is added in place into the gradient each block already receives (one pass, no new tensor).
 Measured in lock-step on this CPU (2 threads, batch 128, two runs), MEAL's block similarities cost
 1.8-2.0 ms a step through autograd and 1.1-1.3 ms tapped.
+
+The tap builds no graph at all: the caller (pipeline.distill.train_step) computes the gradient of its
+objective with respect to the vectors and the logits in closed form (pipeline.methods.Plan.loss_grads)
+and hands both to `backward`.
 """
 
 from __future__ import annotations
@@ -121,11 +125,12 @@ class GradientTap:
     Through autograd the gradient of a spatial mean is a broadcast that is written out in full and then
     added to the gradient the next block sends back: two extra passes over block 1's activations (4.8 MB
     a step for the default student) and a fresh tensor each. Here the vectors are computed from the
-    detached blocks, so the loss's graph ends at their sums (a leaf); `backward` first takes the
-    gradient of the objective with respect to those sums and to the logits, then runs the student's
-    backward from the logits with a hook on each block that adds its sums' gradient into the block's
-    gradient in place (one pass, no allocation). The result is the same gradient (tests/test_align.py
-    compares it with autograd through pipeline.align for every student of the zoo).
+    detached blocks, without a graph; `backward` takes the objective's gradient with respect to the
+    vectors and to the logits, carries the former back to the blocks' sums through the pooling matrix's
+    transpose, then runs the student's backward from the logits with a hook on each block that adds its
+    sums' gradient into the block's gradient in place (one pass, no allocation). The result is the same
+    gradient (tests/test_align.py compares it with autograd through pipeline.align for every student of
+    the zoo).
 
     The hooks see a block's gradient only where the student's own layers use the block tensor it
     returned: an eager student, not a torch.compile'd one. The in-place add needs that gradient not to

@@ -9,8 +9,9 @@ The label convention: 1 = teacher, 0 = student. `sigmoid(D(v))` is D's "teacher"
 The three ways to play (chosen per method with `adversarial`, see pipeline.methods):
 - `alternating` (the paper's game): D steps on `discriminator_loss` with the student's vectors
   detached (`discriminator_step`, its gradient written by hand), then the student steps on its own
-  loss plus `fooling_loss` (non-saturating: make D say "teacher"; its backward by hand too). Two
-  optimizers, D with its own learning rate.
+  loss plus `fooling_loss` (non-saturating: make D say "teacher"; its backward by hand too, and
+  `fooling_loss_grad` gives it with its gradient for the graph-free step). Two optimizers, D with its
+  own learning rate.
 - `reversal`: one backward pass of `discriminator_loss` with the student's vectors behind
   `grad_reverse`, so D descends and the student ascends D's loss (the minimax form). Two optimizers.
 - `cooperative` (the official MEAL code): `discriminator_loss` is simply added to the student's loss

@@ -71,8 +71,9 @@ class Run:
     device: torch.device
     forward: Callable[[torch.Tensor], Any]  # the student, or its torch.compile'd wrapper
     # the student's blocks -> (G, B, L) aligned vectors with their gradient tapped in place (pipeline.align_tap),
-    # or None: through autograd (a compiled student; reversal and cooperative, whose discriminators take
-    # their gradient from the same backward as the student)
+    # the loss terms' gradients in closed form (Plan.loss_grads); or None: through autograd (a plan without a
+    # closed form; a compiled student; reversal and cooperative, whose discriminators take their gradient
+    # from the same backward as the student)
     tap: GradientTap | None
 
 

@@ -5,6 +5,8 @@ One training loop (pipeline.distill) serves every method; a method only says
   on the ensemble: all; scratch: none),
 - `feature_blocks`: the blocks whose aligned vectors it compares (student and teacher),
 - `losses(out, targets, labels)`: the student's loss terms (already weighted; their sum is minimised),
+  and, for the plans that compare blocks (MEAL, ANC), `loss_grads`: the same terms with their gradients
+  written out, so the CPU step runs no autograd graph past the student's outputs,
 - `discriminators` and `disc_inputs(out, targets)`: the (student, teacher) vectors, (G, B, D) each, one
   row per discriminator,
 - `game`: how the adversarial part is played (pipeline.discriminators describes the three ways).
