@@ -67,7 +67,8 @@ def similarity_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l
             log_q = F.log_softmax(s / temperature, dim=-1)
             log_p = F.log_softmax(t / temperature, dim=-1)
             p = log_p.exp()
-            value = (p * (log_p - log_q)).sum(-1).mean(-1) * temperature**2  # per pair: summed over D, mean over B
+            # per pair: summed over D, averaged over B (one sum over both, then a scale)
+            value = (p * (log_p - log_q)).sum(dims) * (temperature**2 / s.shape[-2])
             return value, log_q.exp_().sub_(p).mul_(temperature / s.shape[-2])
     raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
 

@@ -289,9 +289,9 @@ class MealPlan(Plan):
     def loss_grads(self, out, tgt, labels):
         c = self.cfg
         value, g_logits = similarity_grad(out.logits, tgt.logits[0], c.logit_similarity, c.temperature)
-        terms = {"sim_logits": c.logit_weight * value}
+        terms = {"sim_logits": value}
         if c.logit_weight != 1.0:
-            g_logits.mul_(c.logit_weight)
+            terms["sim_logits"], g_logits = c.logit_weight * value, g_logits.mul_(c.logit_weight)
         g_blocks = None
         if self.feature_blocks:
             sims, g_blocks = similarity_grad(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True)  # (G,), (G, B, L)

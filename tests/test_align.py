@@ -102,6 +102,7 @@ def test_gradient_tap_rebuilds_its_matrix_for_new_shapes():
     tap = GradientTap(AlignConfig("channel", 8))
     a = tap.vectors([torch.rand(2, 12, 5, 5), torch.rand(2, 20, 3, 3)])
     assert a.shape == (2, 2, 8) and tap.matrix.shape == (32, 16)
-    # channels_last block 1: 12 channels summed 4 positions per row (48-element rows), 4 partial sums each
+    # channels_last block 1: 12 channels summed 4 positions per row (48-element rows); the 4 partial sums
+    # of each channel are added before the product, so the matrix has one row per channel
     b = tap.vectors([torch.rand(2, 12, 28, 28).contiguous(memory_format=torch.channels_last)])
-    assert b.shape == (1, 2, 8) and tap.matrix.shape == (48, 8)
+    assert b.shape == (1, 2, 8) and tap.layouts == [(4, 12, 784)] and tap.matrix.shape == (12, 8)
