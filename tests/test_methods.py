@@ -255,37 +255,55 @@ def test_closed_form_loss_grads_equal_autograd(method, values):
     torch.testing.assert_close(g_blocks, vectors.grad if vectors.grad is not None else torch.zeros_like(vectors))
 
 
+def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3):
+    """(stat names, last stats, student and discriminator weights) after `steps` steps of a tiny run, with the
+    closed-form step (tapped) or the plain autograd step (run.tap None), on the same seeded batches."""
+    torch.manual_seed(0)
+    cfg = build(DistillConfig, {"method": method, "lr": 0.2}, "distill")
+    plan = make_plan(method, options(method, **values), TEACHERS)
+    student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
+    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
+    assert run.tap is not None
+    if not tapped:
+        run.tap = None
+    g = torch.Generator().manual_seed(1)
+    rng = random.Random(0)
+    for _ in range(steps):
+        x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
+        every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
+        picked = plan.pick(rng)
+        tgt = Targets(every.logits[picked], every.blocks[picked][:, list(plan.feature_blocks)])
+        names, stats = train_step(run, x, y, tgt)
+    params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
+    return names, stats, {k: v.detach().clone() for k, v in params.items()}
+
+
 @pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"adversarial": "none", "ce_weight": 0.5}),
                                            ("anc", {})])
 def test_closed_form_step_trains_as_autograd_does(method, values):
     """The step with the tapped student and closed-form head against the plain autograd step (run.tap None):
     the same student, discriminators and stats after a few steps."""
-    def trained(tapped: bool):
-        torch.manual_seed(0)
-        cfg = build(DistillConfig, {"method": method, "lr": 0.2}, "distill")
-        plan = make_plan(method, options(method, **values), TEACHERS)
-        student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-        run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
-        assert (run.tap is not None) is True
-        if not tapped:
-            run.tap = None
-        g = torch.Generator().manual_seed(1)
-        rng = random.Random(0)
-        for _ in range(3):
-            x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
-            every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
-            picked = plan.pick(rng)
-            tgt = Targets(every.logits[picked], every.blocks[picked][:, list(plan.feature_blocks)])
-            names, values_ = train_step(run, x, y, tgt)
-        params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
-        return names, values_, {k: v.detach().clone() for k, v in params.items()}
-
-    names, stats, params = trained(True)
-    names_ref, stats_ref, params_ref = trained(False)
+    names, stats, params = trained_steps(method, values, True)
+    names_ref, stats_ref, params_ref = trained_steps(method, values, False)
     assert names == names_ref
     torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-6)
     for k in params_ref:
         torch.testing.assert_close(params[k], params_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_closed_form_step_under_bf16_autocast(monkeypatch):
+    """On CUDA the step runs under bf16 autocast; simulated here on the CPU: the closed-form step keeps its
+    block vectors and losses in float32, hands bf16 gradients back to a bf16 graph, and trains as the
+    autograd step does to bf16 precision."""
+    import pipeline.distill as distill_module
+
+    monkeypatch.setattr(distill_module, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    names, stats, params = trained_steps("meal", {}, True)
+    names_ref, stats_ref, params_ref = trained_steps("meal", {}, False)
+    assert names == names_ref and stats.dtype == torch.float32 and torch.isfinite(stats).all()
+    torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
 
 
 # ---------------------------------------------------------------- plans
