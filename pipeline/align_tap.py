@@ -106,7 +106,6 @@ def _add_broadcast(grad: torch.Tensor, u: torch.Tensor, kind: str, k: int) -> to
         if kind == "meal":
             rows.view(b, h * w, c).add_(u[:, :, None])
         else:
-            k = k if (h * w) % k == 0 else 1
             rows.view(b, h * w // k, k * c).add_((u.repeat(1, k) if k > 1 else u)[:, None, :])  # (B, k*C)
     elif grad.is_contiguous():
         flat = grad.view(b, c, h * w)

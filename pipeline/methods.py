@@ -270,16 +270,24 @@ class MealPlan(Plan):
     def pick(self, rng):
         return [rng.randrange(len(self.teachers))]
 
+    def _add_block_terms(self, terms: dict[str, torch.Tensor], sims: torch.Tensor) -> torch.Tensor | None:
+        """The blocks' similarities (G,) weighted, each block of weight > 0 added to `terms` as sim_<block>;
+        returns the weights (G,), or None when every weight is 1 (no product needed)."""
+        c = self.cfg
+        weights = None
+        if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
+            weights = sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])
+            sims = sims * weights
+        for b, value in zip(self.feature_blocks, sims.unbind()):
+            if c.block_weights[b] > 0:
+                terms[f"sim_{self.block_names[b]}"] = value
+        return weights
+
     def losses(self, out, tgt, labels):
         c = self.cfg
         terms = {"sim_logits": c.logit_weight * similarity(out.logits, tgt.logits[0], c.logit_similarity, c.temperature)}
         if self.feature_blocks:  # every block at once: (G,) similarities, weighted
-            sims = similarity(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True)  # (G,)
-            if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
-                sims = sims * sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])
-            for b, value in zip(self.feature_blocks, sims.unbind()):
-                if c.block_weights[b] > 0:
-                    terms[f"sim_{self.block_names[b]}"] = value
+            self._add_block_terms(terms, similarity(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True))
         if c.ce_weight > 0:
             terms["ce"] = c.ce_weight * F.cross_entropy(out.logits.float(), labels)
         return terms
@@ -295,12 +303,9 @@ class MealPlan(Plan):
         g_blocks = None
         if self.feature_blocks:
             sims, g_blocks = similarity_grad(out.blocks, tgt.blocks[0], c.similarity, c.temperature, groups=True)  # (G,), (G, B, L)
-            if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
-                weights = sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])  # (G,)
-                sims, g_blocks = sims * weights, g_blocks.mul_(weights[:, None, None])
-            for b, value in zip(self.feature_blocks, sims.unbind()):
-                if c.block_weights[b] > 0:
-                    terms[f"sim_{self.block_names[b]}"] = value
+            weights = self._add_block_terms(terms, sims)
+            if weights is not None:
+                g_blocks.mul_(weights[:, None, None])
         if c.ce_weight > 0:
             value, g_ce = cross_entropy_grad(out.logits, labels)
             terms["ce"] = c.ce_weight * value
