@@ -68,11 +68,7 @@ def fake_teacher(path: str | Path, data: ImageData, arch: str = "student_cnn", w
     torch.manual_seed(seed)
     kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels, "width": width}
     model = build_model(arch, **kwargs)
-    with torch.no_grad():  # non-trivial BatchNorm statistics, as a trained model has
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
+    calibrate_batchnorm(model, data)
     path = Path(path)
     save_checkpoint(path, {
         "teacher": name or path.stem, "arch": arch, "model_kwargs": kwargs, "model": model.state_dict(),
@@ -80,6 +76,27 @@ def fake_teacher(path: str | Path, data: ImageData, arch: str = "student_cnn", w
         "epoch": 1, "finished": True, "test_acc": 0.0, "history": [],
     })
     return path
+
+
+def calibrate_batchnorm(model: torch.nn.Module, data: ImageData, images: int = 128) -> None:
+    """BatchNorm running statistics measured on `images` training images, as training leaves them.
+
+    With the init's statistics (mean 0, variance 1) an untrained deep net's activations grow layer by
+    layer in eval mode: a random densenet_cifar's logits overflowed fp16 (the cache's storage type). Measured
+    statistics keep every layer's output at the scale a trained teacher's has."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    x = normalize(data.images[:images], data.mean, data.std)  # (n, C, H, W)
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = None  # a cumulative average: one batch sets the statistics outright
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
 
 
 # ---------------------------------------------------------------- A. stage overhead

@@ -87,7 +87,7 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
     distill_section = {k: v for k, v in section(params, "distill").items() if k != "runs"}
     # every lane's epochs have at least one step, so this many epochs outlast the steps the bench takes
     overrides = {"epochs": args.warmup + args.rounds + 1,
-                 "compile": args.compile or distill_section.get("compile", False)}
+                 "compile": distill_section.get("compile", False) if args.compile is None else args.compile}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     train = TrainSet(data.images.to(device), data.labels.to(device), plan_views.aug, plan_views.augment,
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(0 = 1 on the CPU, 8 on CUDA, where a sync per step would stall the queue of launches)")
     parser.add_argument("--warmup", type=int, default=48, help="untimed steps per variant first (allocator, kernels, "
                         "compile; a fresh process's first steps fault in fresh memory)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the student (also if distill.compile)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile the student, or not (--no-compile) [the params' distill.compile]")
     parser.add_argument("--breakdown", action="store_true", help="also time the cached method without its discriminators "
                         "(and MEAL on the logits alone), interleaved with the rest: where its extra time goes")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

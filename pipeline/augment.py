@@ -17,6 +17,7 @@ does not depend on batch size, worker count, rank count or device.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -171,6 +172,13 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32 standardised per channel (mean and std in [0, 1] units)."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1) * 255.0
+    m, s = _moments(tuple(mean), tuple(std), images.device)
     return (images.float() - m) / s
+
+
+@functools.lru_cache(maxsize=32)
+def _moments(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) * 255 as (1, C, 1, 1) float32 on `device`, made once: a tensor built from a tuple on
+    every step is a host-to-device copy, which on CUDA waits for the queue of launched kernels to drain."""
+    return (torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255.0,
+            torch.tensor(std, device=device).view(1, -1, 1, 1) * 255.0)

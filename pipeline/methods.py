@@ -266,6 +266,7 @@ class MealPlan(Plan):
         # every block has a discriminator in the game; without one, only the blocks with a similarity
         # weight are aligned, gathered from the cache and compared
         self.feature_blocks = tuple(b for b in range(NUM_BLOCKS) if self.game is not None or cfg.block_weights[b] > 0)
+        self._weights: dict[torch.device, torch.Tensor] = {}  # the block weights (G,) per device
 
     def pick(self, rng):
         return [rng.randrange(len(self.teachers))]
@@ -276,7 +277,11 @@ class MealPlan(Plan):
         c = self.cfg
         weights = None
         if any(c.block_weights[b] != 1.0 for b in self.feature_blocks):
-            weights = sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])
+            # made once per device: a tensor built from a list on every step is a host-to-device copy,
+            # which waits for the GPU's queue to drain
+            weights = self._weights.get(sims.device)
+            if weights is None:
+                weights = self._weights[sims.device] = sims.new_tensor([c.block_weights[b] for b in self.feature_blocks])
             sims = sims * weights
         for b, value in zip(self.feature_blocks, sims.unbind()):
             if c.block_weights[b] > 0:

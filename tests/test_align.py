@@ -61,16 +61,17 @@ def test_bad_align_spec_is_one_line():
         AlignConfig("channel", 0)
 
 
-def student_grads(arch: str, kind: str, channels_last: bool, tapped: bool, width: float):
-    """Parameter gradients of `logits.square().mean() + sum(vectors * weights)` for a zoo model used as student."""
+def student_grads(arch: str, kind: str, channels_last: bool, tapped: bool, width: float, device: str = "cpu"):
+    """Parameter gradients of `logits.square().mean() + sum(vectors * weights)` for a zoo model used as student
+    (on `device`)."""
     torch.manual_seed(0)
-    model = build_model(arch, 10, 3, width=width)
-    x = torch.randn(4, 3, 32, 32)
+    model = build_model(arch, 10, 3, width=width).to(device)
+    x = torch.randn(4, 3, 32, 32).to(device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     cfg = AlignConfig(kind, 8)
     logits, feats = model(x)
-    weights = torch.randn(len(feats), 4, 8, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(len(feats), 4, 8, generator=torch.Generator().manual_seed(1)).to(device)
     if tapped:  # the objective's gradients written out: 2 logits / n and the weights
         tap = GradientTap(cfg)
         vectors = tap.vectors(feats)

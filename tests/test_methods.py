@@ -255,14 +255,16 @@ def test_closed_form_loss_grads_equal_autograd(method, values):
     torch.testing.assert_close(g_blocks, vectors.grad if vectors.grad is not None else torch.zeros_like(vectors))
 
 
-def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3):
-    """(stat names, last stats, student and discriminator weights) after `steps` steps of a tiny run, with the
-    closed-form step (tapped) or the plain autograd step (run.tap None), on the same seeded batches."""
+def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, device: str = "cpu"):
+    """(stat names, last stats, student and discriminator weights, on the CPU) after `steps` steps of a tiny
+    run on `device`, with the closed-form step (tapped) or the plain autograd step (run.tap None), on the
+    same seeded batches."""
     torch.manual_seed(0)
+    dev = torch.device(device)
     cfg = build(DistillConfig, {"method": method, "lr": 0.2}, "distill")
     plan = make_plan(method, options(method, **values), TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
+    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), dev)
     assert run.tap is not None
     if not tapped:
         run.tap = None
@@ -272,10 +274,10 @@ def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3):
         x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
         every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
         picked = plan.pick(rng)
-        tgt = Targets(every.logits[picked], every.blocks[picked][:, list(plan.feature_blocks)])
-        names, stats = train_step(run, x, y, tgt)
+        tgt = Targets(every.logits[picked].to(dev), every.blocks[picked][:, list(plan.feature_blocks)].to(dev))
+        names, stats = train_step(run, x.to(dev).contiguous(memory_format=torch.channels_last), y.to(dev), tgt)
     params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
-    return names, stats, {k: v.detach().clone() for k, v in params.items()}
+    return names, stats.cpu(), {k: v.detach().cpu().clone() for k, v in params.items()}
 
 
 @pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"adversarial": "none", "ce_weight": 0.5}),

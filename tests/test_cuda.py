@@ -1,0 +1,187 @@
+"""The GPU path's invariants, checked where a GPU is lent (scripts/device_check.sh runs this file there).
+
+Every test needs CUDA and is skipped without it (CI has none). Their CPU twins run everywhere
+(test_cache, test_align, test_methods, test_distill); here the same invariants must hold on the GPU
+path: bf16 autocast, channels_last, the training split and the epoch's slab resident on the device,
+and no host synchronisation inside a training step.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bench.cache_io import fake_teacher, synthetic_data
+from helpers import TINY_TEACHERS, build_tiny_pipeline, tiny_distill_params
+from pipeline import paths
+from pipeline.align import AlignConfig
+from pipeline.augment import apply_views, normalize
+from pipeline.cache import CacheConfig, open_cache
+from pipeline.cache_write import cache_teacher
+from pipeline.checkpoints import load_teacher
+from pipeline.config import build
+from pipeline.data import DataConfig, load_split
+from pipeline.distill import TrainSet, build_run, epoch_steps
+from pipeline.methods import DistillConfig, make_plan, method_configs
+from pipeline.models import build_model
+from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
+from stages import distill as distill_stage
+from test_align import student_grads
+from test_methods import trained_steps
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+
+
+def close_to(got: np.ndarray, want: np.ndarray, rel: float) -> bool:
+    """Every entry within `rel` of the array's largest magnitude (reduced-precision sums differ entry-wise)."""
+    got, want = got.astype(np.float32), want.astype(np.float32)
+    return bool(np.abs(got - want).max() <= rel * np.abs(want).max())
+
+
+# ---------------------------------------------------------------- the cache
+
+
+@pytest.mark.parametrize("autocast,rel", [(False, 1e-2), (True, 5e-2)])
+def test_cache_written_on_cuda_equals_the_cpu_cache(tmp_path, autocast, rel):
+    """The cache stage on the GPU (the data resident there, views replayed by batched GPU ops, fp32 with
+    TF32 convolutions or bf16 autocast) stores what the CPU stage stores, to that precision."""
+    data = synthetic_data(64, seed=0)
+    plan = make_view_plan(ViewsConfig(num_views=2), data)
+    ckpt = fake_teacher(tmp_path / "t.pt", data, width=0.25, seed=0)
+    cfg = CacheConfig(format="zarr", chunk_rows=32, batch_size=40, autocast=autocast)
+    cache_teacher(ckpt, tmp_path / "cpu.zarr", plan, data, cfg, "cpu", progress=False)
+    cache_teacher(ckpt, tmp_path / "cuda.zarr", plan, data, cfg, CUDA, progress=False)
+    with open_cache(tmp_path / "cpu.zarr") as cpu, open_cache(tmp_path / "cuda.zarr") as gpu:
+        assert gpu.complete and gpu.attrs["compute"] == ("bf16-autocast" if autocast else "fp32")
+        for name in ["logits", *cpu.blocks]:
+            got, want = np.asarray(gpu.array(name)[...]), np.asarray(cpu.array(name)[...])
+            assert got.shape == want.shape and np.isfinite(got).all(), name
+            assert close_to(got, want, rel), name
+
+
+def test_views_and_normalisation_on_cuda_equal_the_cpu():
+    data = synthetic_data(32, seed=1)
+    plan = make_view_plan(ViewsConfig(num_views=3), data)
+    params = torch.from_numpy(plan.aug[:, 2])
+    cpu = normalize(apply_views(data.images, params, plan.augment), data.mean, data.std)
+    gpu = normalize(apply_views(data.images.to(CUDA), params.to(CUDA), plan.augment), data.mean, data.std)
+    torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+# ---------------------------------------------------------------- the student's step
+
+
+@pytest.mark.parametrize("arch,width", [("student_cnn", 0.5), ("resnet18", 0.125)])
+@pytest.mark.parametrize("kind", ["channel", "meal"])
+def test_gradient_tap_on_cuda_equals_autograd(arch, width, kind):
+    vectors, grads = student_grads(arch, kind, True, True, width, device="cuda")
+    expected_vectors, expected = student_grads(arch, kind, True, False, width, device="cuda")
+    torch.testing.assert_close(vectors, expected_vectors, rtol=1e-4, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-3, atol=1e-4 * float(expected[name].abs().max()), msg=name)
+
+
+@pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"similarity": "kl", "ce_weight": 0.5}), ("anc", {})])
+def test_closed_form_step_on_cuda_trains_as_autograd_does(method, values):
+    """bf16 autocast on the GPU: the closed-form step (float32 head, bf16 gradients handed back to the
+    student's bf16 graph) against the autograd step, to bf16 precision."""
+    names, stats, params = trained_steps(method, values, True, device="cuda")
+    names_ref, stats_ref, params_ref = trained_steps(method, values, False, device="cuda")
+    assert names == names_ref and torch.isfinite(stats).all()
+    torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+@pytest.fixture
+def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
+    """tmp_path as the working directory with the tiny params, teachers, view plan and caches (written on the CPU)."""
+    monkeypatch.chdir(tmp_path)
+    params = tiny_distill_params(fashion_root, epochs=2, log_every=1)
+    build_tiny_pipeline(params)
+    return params
+
+
+def cuda_run(params: dict, method: str, options: dict, online: bool = False):
+    """(run, train set, targets) of `method` with `options` on the GPU, as the distill stage builds them."""
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    views = open_view_plan(paths.view_plan())
+    cfg = build(DistillConfig, {**params["distill"], "method": method, method: options}, "distill")
+    teachers = [] if method == "scratch" else list(TINY_TEACHERS)
+    plan = make_plan(method, method_configs(cfg, teachers)[method], teachers)
+    align_cfg = AlignConfig(**params["cache"]["align"])
+    if not teachers:
+        targets = NoTargets()
+    elif online:
+        targets = OnlineTargets([load_teacher(paths.teacher_checkpoint(t))[0] for t in teachers], align_cfg,
+                                plan.feature_blocks, CUDA)
+    else:
+        caches = {t: open_cache(paths.teacher_cache(t)) for t in teachers}
+        targets = CachedTargets(SlabLoader(CacheSlabs(caches), plan.feature_blocks, CUDA))
+    torch.manual_seed(0)
+    student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
+    run = build_run(plan, cfg, student, 10, align_cfg, CUDA)
+    data = TrainSet(train.images.to(CUDA), train.labels.to(CUDA), views.aug, views.augment, train.mean, train.std)
+    return run, data, targets
+
+
+@pytest.mark.parametrize("method,options", [
+    ("meal", {}), ("meal", {"block_weights": [1.0, 0.5, 2.0], "ce_weight": 0.5}), ("meal", {"adversarial": "reversal"}),
+    ("meal", {"adversarial": "cooperative"}), ("meal_v2", {}), ("anc", {}), ("kd", {}), ("scratch", {}),
+])
+def test_training_steps_never_wait_for_the_gpu(tiny_pipeline, method, options):
+    """No host synchronisation inside a step (no .item(), no host-to-device copy of a fresh tensor, no
+    data-dependent shape): CUDA's sync debug mode turns any into an error. The epoch's setup (its batch
+    order and view parameters copied to the device) happens on the first step, before the check."""
+    run, data, targets = cuda_run(tiny_pipeline, method, options)
+    targets.start_epoch(0, 1)
+    steps = epoch_steps(run, 0, data, targets)
+    next(steps)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        names, values, _ = next(steps)
+        next(steps)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert values.device.type == "cuda" and len(names) == len(values) and torch.isfinite(values).all()
+
+
+def test_cached_targets_on_cuda_equal_the_live_teachers(tiny_pipeline):
+    """The epoch's slab pinned and copied to the GPU gives, for a batch, what the teachers compute live
+    on the GPU from the same view (the cache was written on the CPU: equal to fp16 rounding and TF32)."""
+    run, data, cached = cuda_run(tiny_pipeline, "kd", {})
+    _, _, online = cuda_run(tiny_pipeline, "kd", {}, online=True)
+    run, data, cached_meal = cuda_run(tiny_pipeline, "meal", {})
+    _, _, online_meal = cuda_run(tiny_pipeline, "meal", {}, online=True)
+    idx = torch.arange(5, 37, device=CUDA)
+    params = torch.from_numpy(np.ascontiguousarray(data.aug[:, 1])).to(CUDA)
+    x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
+    x = x.contiguous(memory_format=torch.channels_last)
+    for source_c, source_o, picked in ((cached, online, [0, 1]), (cached_meal, online_meal, [1])):
+        source_c.start_epoch(1, None)
+        tc, to = source_c(idx, x, picked), source_o(idx, x, picked)
+        torch.testing.assert_close(tc.logits, to.logits, rtol=1e-2, atol=1e-2)
+        if tc.blocks is not None:
+            torch.testing.assert_close(tc.blocks, to.blocks, rtol=1e-2, atol=1e-2)
+        source_c.close()
+
+
+@pytest.mark.parametrize("method,extra", [("meal", []), ("meal", ["--online"]), ("meal_v2", []), ("scratch", [])])
+def test_distill_stage_runs_on_cuda(tiny_pipeline, method, extra):
+    result = CliRunner().invoke(distill_stage.main, ["--quiet", "--device", "cuda", "--method", method, *extra])
+    assert result.exit_code == 0, result.output
+    name = f"{method}_online" if extra else method
+    metrics = json.loads(paths.student_metrics(name).read_text())
+    assert metrics["device"] == "cuda" and len(metrics["history"]) == 2
+    row = metrics["history"][-1]
+    assert np.isfinite(row["loss"]) and 0 <= row["test_acc"] <= 1
+    ckpt = torch.load(paths.student_checkpoint(name), weights_only=False)
+    assert all(v.device.type == "cpu" for v in ckpt["student"].values())
