@@ -16,19 +16,18 @@ import torch
 from click.testing import CliRunner
 
 from bench.cache_io import fake_teacher, synthetic_data
-from helpers import TINY_TEACHERS, build_tiny_pipeline, tiny_distill_params
+from helpers import TINY_TEACHERS, build_tiny_pipeline, tiny_distill_params, tiny_targets
 from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
-from pipeline.checkpoints import load_teacher
 from pipeline.config import build
 from pipeline.data import DataConfig, load_split
 from pipeline.distill import TrainSet, build_run, epoch_steps
 from pipeline.methods import DistillConfig, make_plan, method_configs
 from pipeline.models import build_model
-from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.slabs import NoTargets
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
 from stages import distill as distill_stage
 from test_align import student_grads
@@ -117,14 +116,7 @@ def cuda_run(params: dict, method: str, options: dict, online: bool = False):
     teachers = [] if method == "scratch" else list(TINY_TEACHERS)
     plan = make_plan(method, method_configs(cfg, teachers)[method], teachers)
     align_cfg = AlignConfig(**params["cache"]["align"])
-    if not teachers:
-        targets = NoTargets()
-    elif online:
-        targets = OnlineTargets([load_teacher(paths.teacher_checkpoint(t))[0] for t in teachers], align_cfg,
-                                plan.feature_blocks, CUDA)
-    else:
-        caches = {t: open_cache(paths.teacher_cache(t)) for t in teachers}
-        targets = CachedTargets(SlabLoader(CacheSlabs(caches), plan.feature_blocks, CUDA))
+    targets = tiny_targets(plan, align_cfg, CUDA, online) if teachers else NoTargets()
     torch.manual_seed(0)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
     run = build_run(plan, cfg, student, 10, align_cfg, CUDA)

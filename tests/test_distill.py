@@ -24,12 +24,12 @@ from pipeline.data import DataConfig, load_split
 from pipeline.distill import TrainSet, build_run, train_one_epoch
 from pipeline.methods import DistillConfig, make_plan, method_configs
 from pipeline.models import build_model
-from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+from pipeline.slabs import CacheSlabs, SlabLoader
 from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
 from stages import distill as distill_stage
 from bench.cache_io import fake_teacher as make_teacher
-from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params
+from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params, tiny_targets
 
 TEACHERS = TINY_TEACHERS
 
@@ -97,13 +97,7 @@ def test_cached_and_online_training_see_the_same_targets(tiny_pipeline, method):
 
     def train_with(online: bool):
         plan = make_plan(method, options, list(TEACHERS))
-        if online:
-            from pipeline.checkpoints import load_teacher
-            source = OnlineTargets([load_teacher(paths.teacher_checkpoint(t))[0] for t in TEACHERS], align_cfg,
-                                   plan.feature_blocks, dev)
-        else:
-            caches = {t: open_cache(paths.teacher_cache(t)) for t in TEACHERS}
-            source = CachedTargets(SlabLoader(CacheSlabs(caches), plan.feature_blocks, dev))
+        source = tiny_targets(plan, align_cfg, dev, online)
         torch.manual_seed(cfg.seed)
         student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
         run_ = build_run(plan, cfg, student, 10, align_cfg, dev)
