@@ -31,7 +31,7 @@ from pipeline.slabs import NoTargets
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
 from stages import distill as distill_stage
 from test_align import student_grads
-from test_methods import trained_steps
+from test_methods import test_direct_fused_adam_step_equals_opt_step as direct_adam_step_check, trained_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -97,6 +97,12 @@ def test_closed_form_step_on_cuda_trains_as_autograd_does(method, values):
     torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
     for k in params_ref:
         torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_direct_fused_adam_step_on_cuda_equals_opt_step():
+    """The discriminators' Adam kernel called directly (pipeline.discriminators.step_optimizer) updates
+    weights and state as opt.step() does, bit for bit, on the GPU too."""
+    direct_adam_step_check(device="cuda")
 
 
 @pytest.fixture

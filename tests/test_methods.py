@@ -194,14 +194,15 @@ def test_hand_written_d_step_equals_autograd(rows):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_direct_fused_adam_step_equals_opt_step():
+def test_direct_fused_adam_step_equals_opt_step(device: str = "cpu"):
+    """(tests/test_cuda.py calls it with device="cuda".)"""
     torch.manual_seed(0)
-    a, b = torch.nn.Parameter(torch.randn(300)), None
+    a = torch.nn.Parameter(torch.randn(300, device=device))
     b = torch.nn.Parameter(a.detach().clone())
     make = lambda p: torch.optim.Adam([p], lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3, fused=True)  # noqa: E731
     opt_a, opt_b = make(a), make(b)
     for _ in range(5):
-        grad = torch.randn(300)
+        grad = torch.randn(300, device=device)
         a.grad, b.grad = grad.clone(), grad.clone()
         opt_a.step()
         step_optimizer(opt_b)
