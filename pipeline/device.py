@@ -84,5 +84,10 @@ class _MeanKeepLayout(torch.autograd.Function):
 
 
 def mean_keep_layout(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """`x.mean(dims)` in float32, differentiable, with a gradient in `x`'s memory format (see above)."""
+    """`x.mean(dims)` in float32, differentiable, with a gradient in `x`'s memory format (see above).
+
+    Under torch.compile the plain mean: the compiler writes the backward in whatever layout its fused
+    kernels want, and the custom Function would split the compiled graph at every pooling."""
+    if torch.compiler.is_compiling():
+        return x.mean(dim=tuple(dims), dtype=torch.float32)
     return _MeanKeepLayout.apply(x, tuple(dims))

@@ -18,6 +18,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -69,17 +70,55 @@ class Run:
     d_opt: torch.optim.Optimizer | None  # the discriminators' own optimizer (alternating, reversal)
     align_cfg: AlignConfig
     device: torch.device
-    forward: Callable[[torch.Tensor], Any]  # the student, or its torch.compile'd wrapper
+    # with the tap: the student, x -> (logits, blocks); without: StudentVectors, x -> (logits, aligned vectors)
+    # (torch.compile'd under distill.compile)
+    forward: Callable[[torch.Tensor], Any]
     # the student's blocks -> (G, B, L) aligned vectors with their gradient tapped in place (pipeline.align_tap),
     # the loss terms' gradients in closed form (Plan.loss_grads); or None: through autograd (a plan without a
-    # closed form; a compiled student; reversal and cooperative, whose discriminators take their gradient
+    # closed form; distill.compile; reversal and cooperative, whose discriminators take their gradient
     # from the same backward as the student)
     tap: GradientTap | None
+    # without the tap: the student's objective through autograd (`objective`), torch.compile'd under
+    # distill.compile so that its forward and backward fuse into a few kernels instead of ~100 launches
+    head: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor | None]]
+
+
+class StudentVectors(nn.Module):
+    """The student with the alignment of the plan's distilled blocks folded in: x -> (logits (B, C), vectors
+    (G, B, L), or None without blocks). Compiled as one, the alignment's forward and backward fuse with
+    the student's."""
+
+    def __init__(self, student: nn.Module, blocks: tuple[int, ...], align_cfg: AlignConfig):
+        super().__init__()
+        self.student, self.blocks, self.align_cfg = student, tuple(blocks), align_cfg
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, feats = self.student(x)
+        if not self.blocks:
+            return logits, None
+        return logits, torch.stack([align(feats[b], self.align_cfg) for b in self.blocks])
+
+
+def objective(plan: Plan, discs: Discriminators | None, device: torch.device, logits: torch.Tensor,
+              blocks: torch.Tensor | None, tgt_logits: torch.Tensor | None, tgt_blocks: torch.Tensor | None,
+              labels: torch.Tensor, fooled: torch.Tensor | None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The student's terms through autograd: the plan's losses (under autocast) and, given the student's
+    discriminator inputs `fooled` (G, B, D) float32 (the alternating game), w * the fooling term per D
+    (G,) in float32. Plain tensors in, so that torch.compile traces it as one region."""
+    out = StudentOut(logits, blocks)
+    tgt = Targets(tgt_logits, tgt_blocks) if tgt_logits is not None else None
+    with autocast(device):
+        terms = plan.losses(out, tgt, labels)
+    adv = None if fooled is None else plan.game.adv_weight * fooling_loss(discs, fooled)
+    return terms, adv
 
 
 def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: int, align_cfg: AlignConfig,
-              device: torch.device) -> Run:
-    """Discriminators for the plan and both optimizers, on `device` (seed torch before calling)."""
+              device: torch.device, closed_form: bool = True) -> Run:
+    """Discriminators for the plan and both optimizers, on `device` (seed torch before calling).
+
+    `closed_form=False`: every term through autograd even where the plan has a closed form (the reference
+    the closed-form step is checked against)."""
     student.to(device=device, memory_format=memory_format(device))
     dims = plan.discriminators(num_classes, align_cfg.length)  # name -> input size
     discs = None
@@ -103,10 +142,13 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
             d_opt = torch.optim.SGD(discs.parameters(), lr=g.d_lr, momentum=0.9, weight_decay=g.d_weight_decay, **fused)
     opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                           **fused)
-    forward = torch.compile(student) if cfg.compile else student
-    tap = (GradientTap(align_cfg) if plan.closed_form and not cfg.compile and plan.adversarial in ("alternating", "none")
-           else None)
-    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward, tap)
+    tap = (GradientTap(align_cfg) if closed_form and plan.closed_form and not cfg.compile
+           and plan.adversarial in ("alternating", "none") else None)
+    forward = student if tap is not None else StudentVectors(student, plan.feature_blocks, align_cfg)
+    head = partial(objective, plan, discs, device)
+    if cfg.compile:
+        forward, head = torch.compile(forward), torch.compile(head)
+    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward, tap, head)
 
 
 def set_student_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -126,16 +168,17 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
     plan, mode = run.plan, run.plan.adversarial
     tap = run.tap if plan.feature_blocks else None
     with autocast(run.device):
-        logits, feats = run.forward(x)  # (B, C), NUM_BLOCKS features
-        chosen = [feats[b] for b in plan.feature_blocks]
         if tap is not None:  # no graph past the student's outputs: the terms' gradients in closed form
+            logits, feats = run.forward(x)  # (B, C), NUM_BLOCKS features
+            chosen = [feats[b] for b in plan.feature_blocks]
             out = StudentOut(logits.detach(), tap.vectors(chosen))  # blocks (G, B, L)
             terms, g_logits, g_blocks = plan.loss_grads(out, tgt, y)  # weighted terms; (B, C), (G, B, L)
         else:
-            out = StudentOut(logits, torch.stack([align(f, run.align_cfg) for f in chosen]) if chosen else None)
-            terms = plan.losses(out, tgt, y)  # the student's own terms, weighted
+            logits, vectors = run.forward(x)  # (B, C), (G, B, L) aligned vectors or None
+            out = StudentOut(logits, vectors)
         if mode != "none":
-            s, t = plan.disc_inputs(out, tgt)  # (G, B, D) each: student, teacher
+            s, t = plan.disc_inputs(out, tgt)
+    fooled = None  # the alternating game through autograd: the student's inputs to D, for run.head
     if mode != "none":  # outside autocast: D's arithmetic is tiny, float32 throughout
         w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
         names_d = run.discs.names
@@ -151,7 +194,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
                 adv, g_adv = fooling_loss_grad(run.discs, s, w)  # (G,), (G, B, L)
                 g_blocks.add_(g_adv)
             else:
-                adv = w * fooling_loss(run.discs, s)  # (G,)
+                fooled = s
         else:
             s_d = s
             if rows > 0:  # ANC's adversarial samples regularise D only: no student gradient through them
@@ -162,6 +205,12 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
             d_total = d_loss.sum()
             # reversal reports what the student effectively minimises; cooperative: the student helps D
             adv = -w * d_loss.detach() if mode == "reversal" else w * d_loss
+    if tap is None:  # the plan's terms (and the fooling term) through autograd: one compiled region under compile
+        tgt_logits, tgt_blocks = (tgt.logits, tgt.blocks) if tgt is not None else (None, None)
+        terms, fooling = run.head(out.logits, out.blocks, tgt_logits, tgt_blocks, y, fooled)
+        if fooled is not None:
+            adv = fooling  # (G,)
+    if mode != "none":
         terms["adv"] = adv.sum()
 
     values = torch.stack(list(terms.values()))  # (T,) float32, "adv" last where there is a game

@@ -105,6 +105,16 @@ def test_direct_fused_adam_step_on_cuda_equals_opt_step():
     direct_adam_step_check(device="cuda")
 
 
+def test_compiled_step_on_cuda_trains_as_eager_does():
+    """distill.compile on the GPU (Triton kernels under bf16 autocast) against the eager autograd step."""
+    names, stats, params = trained_steps("meal", {}, False, device="cuda", compile=True)
+    names_ref, stats_ref, params_ref = trained_steps("meal", {}, False, device="cuda")
+    assert names == names_ref and torch.isfinite(stats).all()
+    torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
 @pytest.fixture
 def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
     """tmp_path as the working directory with the tiny params, teachers, view plan and caches (written on the CPU)."""

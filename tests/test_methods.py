@@ -256,19 +256,17 @@ def test_closed_form_loss_grads_equal_autograd(method, values):
     torch.testing.assert_close(g_blocks, vectors.grad if vectors.grad is not None else torch.zeros_like(vectors))
 
 
-def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, device: str = "cpu"):
+def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, device: str = "cpu", compile: bool = False):
     """(stat names, last stats, student and discriminator weights, on the CPU) after `steps` steps of a tiny
-    run on `device`, with the closed-form step (tapped) or the plain autograd step (run.tap None), on the
-    same seeded batches."""
+    run on `device`, with the closed-form step (tapped) or the plain autograd step (run.tap None; compiled
+    with `compile`), on the same seeded batches."""
     torch.manual_seed(0)
     dev = torch.device(device)
-    cfg = build(DistillConfig, {"method": method, "lr": 0.2}, "distill")
+    cfg = build(DistillConfig, {"method": method, "lr": 0.2, "compile": compile}, "distill")
     plan = make_plan(method, options(method, **values), TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), dev)
-    assert run.tap is not None
-    if not tapped:
-        run.tap = None
+    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), dev, closed_form=tapped)
+    assert (run.tap is not None) == (tapped and not compile)
     g = torch.Generator().manual_seed(1)
     rng = random.Random(0)
     for _ in range(steps):
@@ -307,6 +305,23 @@ def test_closed_form_step_under_bf16_autocast(monkeypatch):
     torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
     for k in params_ref:
         torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
+
+
+def test_compiled_step_is_two_graphs_and_trains_as_eager_does():
+    """distill.compile: the student with its blocks' alignment, and the objective with the fooling term
+    through D, each compile into one graph (no graph break: the custom pooling and fooling Functions step
+    aside under the compiler), and train as the eager autograd step does."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    names, stats, params = trained_steps("meal", {}, False, steps=2, compile=True)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 2
+    names_ref, stats_ref, params_ref = trained_steps("meal", {}, False, steps=2)
+    assert names == names_ref
+    torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-6)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 # ---------------------------------------------------------------- plans
