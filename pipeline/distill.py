@@ -177,7 +177,7 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) 
             logits, vectors = run.forward(x)  # (B, C), (G, B, L) aligned vectors or None
             out = StudentOut(logits, vectors)
         if mode != "none":
-            s, t = plan.disc_inputs(out, tgt)
+            s, t = plan.disc_inputs(out, tgt)  # (G, B, D) each: student, teacher
     fooled = None  # the alternating game through autograd: the student's inputs to D, for run.head
     if mode != "none":  # outside autocast: D's arithmetic is tiny, float32 throughout
         w, rows = plan.game.adv_weight, plan.adversarial_rows(len(y))
