@@ -68,7 +68,6 @@ class Run:
     discs: Discriminators | None  # one per name the plan gives, batched (None without a game)
     opt: torch.optim.Optimizer  # the student's SGD (and, in `cooperative`, the discriminators too)
     d_opt: torch.optim.Optimizer | None  # the discriminators' own optimizer (alternating, reversal)
-    align_cfg: AlignConfig
     device: torch.device
     # with the tap: the student, x -> (logits, blocks); without: StudentVectors, x -> (logits, aligned vectors)
     # (torch.compile'd under distill.compile)
@@ -148,7 +147,7 @@ def build_run(plan: Plan, cfg: DistillConfig, student: nn.Module, num_classes: i
     head = partial(objective, plan, discs, device)
     if cfg.compile:
         forward, head = torch.compile(forward), torch.compile(head)
-    return Run(plan, cfg, student, discs, opt, d_opt, align_cfg, device, forward, tap, head)
+    return Run(plan, cfg, student, discs, opt, d_opt, device, forward, tap, head)
 
 
 def set_student_lr(opt: torch.optim.Optimizer, lr: float) -> None:

@@ -21,6 +21,7 @@ from pipeline.methods import (
 from pipeline.models import build_model
 
 TEACHERS = ["t1", "t2", "t3"]
+ALIGN = AlignConfig("channel", 8)  # the tiny runs' alignment
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +78,7 @@ def tiny_run(mode: str):
     opts = options("meal", adversarial=mode, adv_weight=1.0, logit_weight=0.0, block_weights=[0.0, 0.0, 0.0])
     plan = make_plan("meal", opts, TEACHERS[:2])
     student = build_model("student_cnn", 10, 1, width=0.25)
-    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), torch.device("cpu"))
+    run = build_run(plan, cfg, student, 10, ALIGN, torch.device("cpu"))
     for opt in (run.opt, run.d_opt):
         for group in (opt.param_groups if opt is not None else []):
             if opt is run.d_opt or group.get("fixed_lr"):
@@ -88,7 +89,7 @@ def tiny_run(mode: str):
 def d_teacher_prob(run, x) -> float:
     with torch.no_grad():
         _, feats = run.student(x)
-        vecs = [align(f, run.align_cfg) for f in feats]  # (B, 8) each, as the step aligns them
+        vecs = [align(f, ALIGN) for f in feats]  # (B, 8) each, as the step aligns them
         return teacher_probability(run.discs, torch.stack(vecs)).mean().item()  # D order: block1..3
 
 
@@ -194,8 +195,8 @@ def test_hand_written_d_step_equals_autograd(rows):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_direct_fused_adam_step_equals_opt_step(device: str = "cpu"):
-    """(tests/test_cuda.py calls it with device="cuda".)"""
+def check_direct_fused_adam_step(device: str) -> None:
+    """step_optimizer's direct fused-Adam call against opt.step() on `device`: bit for bit, weights and state."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(300, device=device))
     b = torch.nn.Parameter(a.detach().clone())
@@ -209,6 +210,11 @@ def test_direct_fused_adam_step_equals_opt_step(device: str = "cpu"):
     assert torch.equal(a, b)
     state_a, state_b = opt_a.state_dict()["state"][0], opt_b.state_dict()["state"][0]
     assert all(torch.equal(state_a[k], state_b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_direct_fused_adam_step_equals_opt_step():
+    check_direct_fused_adam_step("cpu")
+
 
 def test_fooling_loss_gradient_equals_autograd():
     torch.manual_seed(0)
@@ -265,7 +271,7 @@ def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, devic
     cfg = build(DistillConfig, {"method": method, "lr": 0.2, "compile": compile}, "distill")
     plan = make_plan(method, options(method, **values), TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-    run = build_run(plan, cfg, student, 10, AlignConfig("channel", 8), dev, closed_form=tapped)
+    run = build_run(plan, cfg, student, 10, ALIGN, dev, closed_form=tapped)
     assert (run.tap is not None) == (tapped and not compile)
     g = torch.Generator().manual_seed(1)
     rng = random.Random(0)
@@ -279,17 +285,22 @@ def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, devic
     return names, stats.cpu(), {k: v.detach().cpu().clone() for k, v in params.items()}
 
 
+def assert_trains_alike(run, reference, rtol: float, atol: float, params_atol: float) -> None:
+    """Two `trained_steps` results: the same stat names, and stats and weights equal to the tolerances."""
+    names, stats, params = run
+    names_ref, stats_ref, params_ref = reference
+    assert names == names_ref
+    torch.testing.assert_close(stats, stats_ref, rtol=rtol, atol=atol)
+    for k in params_ref:
+        torch.testing.assert_close(params[k], params_ref[k], rtol=rtol, atol=params_atol, msg=k)
+
+
 @pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"adversarial": "none", "ce_weight": 0.5}),
                                            ("anc", {})])
 def test_closed_form_step_trains_as_autograd_does(method, values):
     """The step with the tapped student and closed-form head against the plain autograd step (run.tap None):
     the same student, discriminators and stats after a few steps."""
-    names, stats, params = trained_steps(method, values, True)
-    names_ref, stats_ref, params_ref = trained_steps(method, values, False)
-    assert names == names_ref
-    torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-6)
-    for k in params_ref:
-        torch.testing.assert_close(params[k], params_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_trains_alike(trained_steps(method, values, True), trained_steps(method, values, False), 1e-4, 1e-6, 1e-5)
 
 
 def test_closed_form_step_under_bf16_autocast(monkeypatch):
@@ -299,12 +310,10 @@ def test_closed_form_step_under_bf16_autocast(monkeypatch):
     import pipeline.distill as distill_module
 
     monkeypatch.setattr(distill_module, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    names, stats, params = trained_steps("meal", {}, True)
-    names_ref, stats_ref, params_ref = trained_steps("meal", {}, False)
-    assert names == names_ref and stats.dtype == torch.float32 and torch.isfinite(stats).all()
-    torch.testing.assert_close(stats, stats_ref, rtol=2e-2, atol=2e-3)
-    for k in params_ref:
-        torch.testing.assert_close(params[k], params_ref[k], rtol=2e-2, atol=2e-3, msg=k)
+    tapped = trained_steps("meal", {}, True)
+    stats = tapped[1]
+    assert stats.dtype == torch.float32 and torch.isfinite(stats).all()
+    assert_trains_alike(tapped, trained_steps("meal", {}, False), 2e-2, 2e-3, 2e-3)
 
 
 def test_compiled_step_is_two_graphs_and_trains_as_eager_does():
@@ -315,13 +324,9 @@ def test_compiled_step_is_two_graphs_and_trains_as_eager_does():
 
     torch._dynamo.reset()
     counters.clear()
-    names, stats, params = trained_steps("meal", {}, False, steps=2, compile=True)
+    compiled = trained_steps("meal", {}, False, steps=2, compile=True)
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 2
-    names_ref, stats_ref, params_ref = trained_steps("meal", {}, False, steps=2)
-    assert names == names_ref
-    torch.testing.assert_close(stats, stats_ref, rtol=1e-4, atol=1e-6)
-    for k in params_ref:
-        torch.testing.assert_close(params[k], params_ref[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_trains_alike(compiled, trained_steps("meal", {}, False, steps=2), 1e-4, 1e-6, 1e-5)
 
 
 # ---------------------------------------------------------------- plans
