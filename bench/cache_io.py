@@ -13,7 +13,7 @@ A. Stage overhead: the whole cache stage (pipeline.cache_write.cache_teacher: ch
    starts and the outputs dropped (also shown: replay + forward run one after the other). Goal <= 1.15x.
    The synthetic setup uses 4 chunks of N/4 rows, so the writer overlaps the forward as it does on
    the real data (60000 rows in chunks of 8192). Its chunks hold far fewer views than real ones
-   (2048 against 65536), so zarr's fixed cost per chunk file (2-4 ms) weighs more here than there.
+   (2048 against 65536), so zarr's fixed cost per chunk file weighs more here than there.
 B. Slab reads at Fashion-MNIST scale (N=60000, V=8, C=10, 3 blocks x L=32, the CacheConfig defaults):
    one view slab `[:, v]` of every array from zarr and from h5 against `np.array(memmap[:, v])` of
    the same (N, V, W) arrays in .npy files. All reads are warm (page cache), best of several.
@@ -156,7 +156,7 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
             times[fmt].append(time.perf_counter() - start)
             sizes[fmt] = _disk_bytes(out)
     # Ratios are taken within each repeat (runs seconds apart see the same machine load; a shared
-    # CPU swings by 2x over a minute) and the median is reported; times are the best of the repeats.
+    # CPU's speed drifts within a minute) and the median is reported; times are the best of the repeats.
     best = {k: min(v) for k, v in times.items()}
     ratio = {k: float(np.median(np.array(v) / np.array(times["bare"]))) for k, v in times.items()}
     n_views = args.samples * args.views

@@ -1,6 +1,6 @@
 """The teacher cache, read side: `open_cache` -> `TeacherCache`, and `validate_caches` for the distill stage.
 
-A cache (`data/cache/<teacher>.zarr` or `.h5`, DESIGN.md section 3) holds one teacher's raw fp16
+A cache (`data/cache/<teacher>.zarr` or `.h5`, docs/design.md section 3) holds one teacher's raw fp16
 logits (N, V, C) and aligned block features (N, V, L) for every (sample, view) of the view plan,
 with the identity of everything that made them in its attrs. It is written by
 `pipeline.cache_write.cache_teacher` (`python -m stages.cache_teachers`); its layout lives in
@@ -36,22 +36,13 @@ class CacheConfig:
     align: dict[str, Any] = field(default_factory=lambda: {"kind": "channel", "length": 32})  # pipeline.align
     batch_size: int = 512  # (sample, view) pairs per teacher forward
     # Sample rows per chunk (at most; balanced so the last chunk is not mostly padding: 60000 rows
-    # -> 8 chunks of 7500): the write and resume unit, and the read granularity of a view slab.
-    # Measured with `python -m bench.cache_io --sweep` (2-core CPU, warm page cache, N=60000 V=4,
-    # C=10 + 3 blocks x L=32 fp16, results in bench/results/cpu-cache_io.json): a view slab [:, v]
-    # reads from zarr at 0.18 / 0.65 / 1.08 / 1.45 / 2.48 GB/s with 1024 / 4096 / 8192 / 16384 / 65536
-    # rows (zarr costs about 0.4 ms per chunk file read, 2-4 ms per file written), from HDF5 at
-    # 2.6-4.3 GB/s at any of them, and a numpy memmap at about 3.4 GB/s. 8192 rows keeps a Fashion-MNIST
-    # slab read near 10 ms (nothing next to an epoch, and the next slab is prefetched), 1-4 ms per
-    # written chunk file amortised over 8192 x V forwards, while a killed run loses at most one chunk
-    # (on CPU about a minute of forwards). DESIGN's 1-8 MB per chunk would be 52k+ rows at C=10:
-    # one chunk for the whole dataset, i.e. no resume.
+    # -> 8 chunks of 7500): the write and resume unit, and the read granularity of a view slab. Larger
+    # chunks read faster, smaller ones lose less work to a kill; `python -m bench.cache_io --sweep`
+    # measures both (bench/results/cpu-cache_io.json). The 1-8 MB per chunk usual elsewhere would be
+    # one chunk for the whole of Fashion-MNIST at C=10, i.e. no resume.
     chunk_rows: int = 8192
-    # none | zstd | blosc (zarr); none | lzf | gzip (h5). Same sweep: fp16 teacher outputs barely
-    # compress (their mantissas are noise): zstd-1 1.28x smaller but slab reads 1.9x slower (0.58 GB/s)
-    # and writes 1.4x slower; blosc-lz4 with byte shuffle 1.0x; h5 lzf 1.06x and gzip-1 1.27x, both
-    # reading 15-20x slower (0.2 GB/s). Raw storage wins: the cache is ~212 bytes per (sample, view),
-    # about 100 MB per teacher for Fashion-MNIST at V=8.
+    # none | zstd | blosc (zarr); none | lzf | gzip (h5). fp16 teacher outputs barely compress (their
+    # mantissas are noise) and every codec slows the slab reads (same sweep), so raw storage is the default.
     codec: str = "none"
     queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
     prefetch_batches: int = 4  # augmented input batches prepared ahead of the teacher forward
@@ -241,7 +232,7 @@ def validate_caches(
 
 
 def __getattr__(name: str):
-    # `from pipeline.cache import soft_labels` (DESIGN.md section 1), imported lazily because
+    # `from pipeline.cache import soft_labels` (docs/design.md section 1), imported lazily because
     # pipeline.inspect itself reads caches through this module.
     if name == "soft_labels":
         from pipeline.inspect import soft_labels

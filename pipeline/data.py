@@ -1,7 +1,7 @@
 """Datasets as whole uint8 tensors: Fashion-MNIST, CIFAR-10/100, SVHN and ImageFolder trees.
 
 Every stage sees a split as one `ImageData`: all images (N, C, H, W) uint8 plus int64 labels, small
-enough to hold in memory (or on the accelerator, DESIGN.md section 5). Augmentation is not done here:
+enough to hold in memory (or on the accelerator, docs/design.md section 5). Augmentation is not done here:
 views are planned and replayed by `pipeline.augment`. Normalisation constants travel with the data.
 
 - `fashion_mnist` (the default) is read straight from its idx files with numpy: from `data.root`,

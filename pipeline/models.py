@@ -1,6 +1,6 @@
 """The model zoo: teachers and students behind one dict, `ZOO`, from architecture name to constructor.
 
-The contract every model keeps (DESIGN.md section 4): `forward(x)` returns `(logits, [f_1, f_2, f_3])`,
+The contract every model keeps (docs/design.md section 4): `forward(x)` returns `(logits, [f_1, f_2, f_3])`,
 logits (B, num_classes) and the outputs of its last NUM_BLOCKS stages, each (B, C, H, W) for a conv
 stage or (B, D) for a fully connected one. NUM_BLOCKS is the same for every model, so any teacher
 pairs block by block with any student; the alignment pooling later maps each feature to a vector.

@@ -3,8 +3,8 @@
 Cached (the product): each epoch e shows view v = e mod V. `SlabLoader` reads the slab `[:, v]` of
 every needed array of every teacher cache into memory once (onto the GPU on CUDA) and reads the next
 epoch's slab in a background thread meanwhile; steps then gather their rows with in-memory indexing.
-Per-batch indexing into zarr/HDF5 costs ~40 ms per random batch against ~0.07 ms in memory
-(DESIGN.md section 3), so it never happens.
+A store is never indexed per minibatch: a random batch read from zarr/HDF5 costs orders of magnitude
+more than the same gather in memory (docs/design.md section 3).
 
 Online (`--online`, the speed baseline and the cache's oracle): `OnlineTargets` runs the teachers
 live on the very pixels the student sees, aligns their features with the cache's spec and casts

@@ -1,7 +1,7 @@
 """The view plan: which augmented view of every training sample the teachers saw (`data/views.zarr`).
 
 Written once by `python -m stages.plan_views` and shared by every teacher cache and by the student
-(DESIGN.md section 3). It holds
+(docs/design.md section 2). It holds
 
 - `aug` (N, V, P) int16: the `pipeline.augment` parameters of view v of sample i, a pure function of
   (seed, i, v), so the plan does not depend on how the samples were split into blocks, on worker or

@@ -1,6 +1,6 @@
 """The CIFAR-style teachers of MEAL's zoo: ResNet-18, PreAct ResNet-18, VGG-BN, DenseNet and DPN-92.
 
-Every network here follows the zoo contract of `pipeline.models` (DESIGN.md section 4):
+Every network here follows the zoo contract of `pipeline.models` (docs/design.md section 4):
 `forward(x)` returns `(logits, [f_1, f_2, f_3])`, the outputs of the last `NUM_BLOCKS` stages.
 All use CIFAR stems (3x3 conv, stride 1, no max-pool), so a 32x32 image keeps its resolution
 through the first stage, and end in adaptive average pooling, so any input of at least 28x28

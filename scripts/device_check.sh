@@ -3,8 +3,8 @@
 # repository root there. Prepare here first with `bash scripts/device_wheels.sh`, then
 #   run(command="bash scripts/device_check.sh", carry=[".whl"], timeout_s=570)
 # In order, each under its own time limit (and all within BUDGET) so that one stuck part cannot eat the lease:
-#   1. tests/test_cuda.py and the CUDA view-replay test (correctness: cache, tap, closed-form step under
-#      bf16, no host sync inside a step, the distill stage on CUDA);            about 1-2 min
+#   1. tests/test_cuda.py and the CUDA view-replay test (correctness: the cache on CUDA, the training
+#      step under bf16, no host sync inside a step, the distill stage on CUDA);  about 1-2 min
 #   2. bench.distill_throughput on the default profile's student (student_cnn, Fashion-MNIST shape);  <1 min
 #   3. ResNet-18 student from a 4-teacher cache (gpu profile), eager with --breakdown;   ~1-2 min
 #   4. the same with the student torch.compile'd (the gpu profile's setting);          ~2-3 min
