@@ -35,7 +35,7 @@ from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CACHE_FORMAT, CacheConfig, rerun_hint
 from pipeline.cache_store import Layout, create_store, open_store, remove_path, swap_in
-from pipeline.checkpoints import load_teacher, sha256_file
+from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
 from pipeline.config import UserError, to_dict
 from pipeline.device import memory_format
 from pipeline.views import ViewPlan
@@ -151,15 +151,8 @@ def _check_inputs(teacher: str, ckpt: dict, plan: ViewPlan, data, checkpoint: Pa
     if data.fingerprint != plan.dataset_fingerprint:
         raise UserError(f"view plan {plan.path or ''} was made from another dataset than the current training split "
                         f"({data.name}): rerun python -m stages.plan_views")
-    if ckpt.get("dataset_fingerprint") != plan.dataset_fingerprint:
-        raise UserError(f"teacher checkpoint {checkpoint} was trained on another dataset than the view plan's "
-                        f"({plan.attrs['dataset']}): retrain it (python -m stages.pretrain --teacher {teacher} "
-                        f"--restart) or rerun python -m stages.plan_views for its dataset")
-    kwargs = ckpt["model_kwargs"]
-    if kwargs.get("num_classes") != data.num_classes or kwargs.get("in_channels") != data.in_channels:
-        raise UserError(f"teacher checkpoint {checkpoint} expects {kwargs.get('num_classes')} classes and "
-                        f"{kwargs.get('in_channels')} channels, the data has {data.num_classes} and "
-                        f"{data.in_channels}: retrain it on this dataset")
+    check_fits_data("teacher checkpoint", checkpoint, ckpt.get("dataset_fingerprint"), ckpt["model_kwargs"], data,
+                    f"retrain it with python -m stages.pretrain --teacher {teacher} --restart")
 
 
 def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: bool):
@@ -184,8 +177,7 @@ def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: 
             existing.close()
             if not overwrite:
                 if changed:
-                    raise UserError(f"cache {out} was made from another {', '.join(changed)}: "
-                                    f"pass --overwrite to replace it, or delete it")
+                    raise UserError(changed_settings("cache", out, changed, "--overwrite", "replace it"))
                 return _open_writable(out), None
         target = staging
         if staging.exists():  # a previous --overwrite run that did not finish

@@ -42,6 +42,48 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", fix: str = "") -
         raise UserError(f"{what} {path} could not be read ({type(exc).__name__}): delete it and rerun") from None
 
 
+def changed_settings(what: str, path: str | Path, changed: list[str], flag: str, action: str = "start over") -> str:
+    """The one-line refusal of a file made with other settings: which ones, and the flag that replaces it."""
+    return f"{what} {path} was made with different {', '.join(changed)}: pass {flag} to {action}, or delete it"
+
+
+def load_resumable(path: str | Path, identity: dict[str, Any], restart: bool, what: str, flag: str = "--restart",
+                   stored: str | None = None) -> dict[str, Any] | None:
+    """The checkpoint at `path` to resume from, or None to start fresh (no file, or changed settings and `restart`).
+
+    `identity` holds the settings a resume must share, compared key by key with the checkpoint's own
+    (top-level, or under the key `stored`); a difference without `restart` is a one-line UserError
+    naming the keys, so nothing trained is discarded unasked.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    state = load_checkpoint(path, what)
+    recorded = state if stored is None else state.get(stored) or {}
+    changed = [k for k, v in identity.items() if recorded.get(k) != v]
+    if not changed:
+        return state
+    if not restart:
+        raise UserError(changed_settings(what, path, changed, flag))
+    return None
+
+
+def check_fits_data(what: str, path: str | Path, fingerprint: str | None, model_kwargs: dict[str, Any], data,
+                    fix: str) -> None:
+    """A one-line UserError unless the model at `path` was trained on `data` (ImageData) and fits its shapes.
+
+    `fingerprint` is the dataset fingerprint the checkpoint recorded; `fix` ends both messages (the command
+    that retrains it).
+    """
+    if fingerprint != data.fingerprint:
+        raise UserError(f"{what} {path} was trained on other data than the {data.name} {data.split} split "
+                        f"the `data` params give: {fix}")
+    classes, channels = model_kwargs.get("num_classes"), model_kwargs.get("in_channels")
+    if classes != data.num_classes or channels != data.in_channels:
+        raise UserError(f"{what} {path} is for {classes} classes and {channels} channels, the data has "
+                        f"{data.num_classes} and {data.in_channels}: {fix}")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

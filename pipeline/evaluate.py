@@ -25,11 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.checkpoints import load_checkpoint, load_teacher
+from pipeline.checkpoints import check_fits_data, load_checkpoint, load_teacher
 from pipeline.config import UserError, check
 from pipeline.data import ImageData
 from pipeline.models import build_model, count_parameters
-from pipeline.train import predict_logits
+from pipeline.pretraining import predict_logits
 
 
 @dataclass
@@ -176,8 +176,7 @@ def ensemble_cost(costs: list[dict[str, float]]) -> dict[str, float]:
 # ---------------------------------------------------------------- loading the models
 
 
-def check_checkpoints(teachers: dict[str, Path], students: dict[str, Path], train: ImageData,
-                      test: ImageData) -> None:
+def check_checkpoints(teachers: dict[str, Path], students: dict[str, Path], train: ImageData) -> None:
     """Refuse, before any work, a checkpoint that is missing, unfinished, or made for other data.
 
     A model trained on another training split than the `data` params give (other dataset, limit,
@@ -193,14 +192,8 @@ def check_checkpoints(teachers: dict[str, Path], students: dict[str, Path], trai
                             f"rerun {command} to finish it")
         fingerprint = ckpt.get("dataset_fingerprint") if kind == "teacher" else \
             ckpt.get("identity", {}).get("dataset_fingerprint")
-        if fingerprint != train.fingerprint:
-            raise UserError(f"{what} {path} was trained on other data than the `data` params give: "
-                            f"retrain it with {command} --restart")
-        kw = ckpt.get("model_kwargs", {})
-        if kw.get("num_classes") != test.num_classes or kw.get("in_channels") != test.in_channels:
-            raise UserError(f"{what} {path} is for {kw.get('num_classes')} classes and {kw.get('in_channels')} "
-                            f"channels, the test data has {test.num_classes} and {test.in_channels}: "
-                            f"retrain it with {command} --restart")
+        check_fits_data(what, path, fingerprint, ckpt.get("model_kwargs", {}), train,
+                        f"retrain it with {command} --restart")
 
 
 def load_student(path: Path, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:

@@ -26,8 +26,3 @@ def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, ki
 
 
 SCHEDULES = ("cosine", "onecycle", "constant")
-
-
-def set_lr(optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

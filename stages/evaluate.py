@@ -70,7 +70,7 @@ def main(params_path: str, device: str) -> None:
     test = load_split(data_cfg, "test")
     train = load_split(data_cfg, "train")  # its fingerprint says which data every model was trained on
     teachers = {name: paths.teacher_checkpoint(name) for name in listed}
-    check_checkpoints(teachers, students, train, test)  # every refusal before any output or work
+    check_checkpoints(teachers, students, train)  # every refusal before any output or work
     for line in skipped:
         click.echo(line)
     click.echo(f"evaluating {len(teachers)} teacher(s), the ensemble of {', '.join(members) or 'none'} and "

@@ -13,12 +13,12 @@ import click
 import torch
 
 from pipeline import paths
-from pipeline.checkpoints import load_checkpoint, save_checkpoint, write_json
-from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
+from pipeline.checkpoints import load_resumable, save_checkpoint, write_json
+from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.models import build_model, count_parameters
-from pipeline.train import pretrain, teacher_spec
+from pipeline.pretraining import pretrain, teacher_spec
 
 
 @click.command()
@@ -50,19 +50,9 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     }
 
     path = paths.teacher_checkpoint(teacher)
-    state = None
-    if path.exists():
-        state = load_checkpoint(path, "teacher checkpoint")
-        changed = [k for k, v in identity.items() if state.get(k) != v]
-        if changed and not restart:
-            raise UserError(
-                f"{path} was trained with different {', '.join(changed)}: "
-                f"pass --restart to retrain it, or delete the file"
-            )
-        if changed:
-            state = None
-        elif state.get("finished"):
-            click.echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
+    state = load_resumable(path, identity, restart, "teacher checkpoint")  # identity keys stored top-level
+    if state is not None and state.get("finished"):
+        click.echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
     click.echo(f"{teacher}: {spec.arch} {spec.model} with {count_parameters(model):,} parameters on {dev}, "
                f"{len(train):,} training images" + (f", resuming after epoch {state['epoch']}" if state else ""))
 

@@ -214,7 +214,7 @@ def test_existing_cache_from_another_checkpoint_plan_or_align_is_refused_untouch
     other_plan = make_view_plan(ViewsConfig(num_views=V, seed=1), setup["data"])
     for kwargs, what in (({"ckpt": other_ckpt}, "checkpoint"), ({"plan": other_plan}, "view plan"),
                          ({"align": {"kind": "meal", "length": 32}}, "align spec")):
-        with pytest.raises(UserError, match=f"made from another.*{what}.*pass --overwrite to replace it, or delete it"):
+        with pytest.raises(UserError, match=f"made with different.*{what}.*pass --overwrite to replace it, or delete it"):
             build_cache(setup, out, **kwargs)
         assert tree_digest(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "t.zarr"]
@@ -253,7 +253,7 @@ def test_missing_or_foreign_checkpoint_and_unwritable_path(setup, tmp_path):
         build_cache(setup, out, ckpt=tmp_path / "nope.pt")
     other_data = synthetic_data(N, seed=5)  # another dataset, same shapes
     foreign = fake_teacher(tmp_path / "foreign.pt", other_data)
-    with pytest.raises(UserError, match="trained on another dataset"):
+    with pytest.raises(UserError, match="trained on other data"):
         build_cache(setup, out, ckpt=foreign)
     assert not out.exists()
     (tmp_path / "file").write_text("a file where a folder should be")
@@ -398,7 +398,7 @@ def test_stage_writes_resumes_and_refuses(stage_dir):
     before = tree_digest(paths.teacher_cache("t"))
     fake_teacher(paths.teacher_checkpoint("t"), stage_dir, seed=3)  # retrained
     line = one_line_error(invoke("--teacher", "t"))
-    assert "made from another checkpoint" in line and "--overwrite" in line
+    assert "made with different checkpoint" in line and "--overwrite" in line
     assert tree_digest(paths.teacher_cache("t")) == before
     assert invoke("--teacher", "t", "--overwrite").exit_code == 0
     assert tree_digest(paths.teacher_cache("t")) != before
@@ -414,7 +414,7 @@ def test_stage_one_line_errors(stage_dir):
     assert "cannot write the cache" in one_line_error(invoke("--teacher", "t"))
     Path("data/cache").unlink()
     fake_teacher(paths.teacher_checkpoint("t"), synthetic_data(64, seed=1))
-    assert "trained on another dataset" in one_line_error(invoke("--teacher", "t"))
+    assert "trained on other data" in one_line_error(invoke("--teacher", "t"))
     assert "cache.codec" in one_line_error(invoke("--teacher", "t", "--format", "h5", "--params", _params_with(codec="zstd")))
 
 

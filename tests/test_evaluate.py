@@ -205,7 +205,7 @@ def test_stage_writes_metrics_summary_and_plots(workdir):
 def test_ensemble_metrics_come_from_the_mean_probabilities(workdir):
     """Recompute the ensemble's accuracy from the teachers directly."""
     from pipeline.checkpoints import load_teacher
-    from pipeline.train import predict_logits
+    from pipeline.pretraining import predict_logits
 
     assert evaluate().exit_code == 0
     payload = json.loads(paths.evaluate_metrics().read_text())

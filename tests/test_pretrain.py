@@ -9,7 +9,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-import pipeline.train
+import pipeline.pretraining
 from pipeline import paths
 from pipeline.checkpoints import load_teacher
 from pipeline.schedules import lr_at
@@ -44,20 +44,20 @@ def test_killed_run_resumes_and_matches_uninterrupted(tiny_params, monkeypatch):
     reference = torch.load(paths.teacher_checkpoint("lenet"), weights_only=False)
     paths.teacher_checkpoint("lenet").unlink()
 
-    real = pipeline.train.train_one_epoch
+    real = pipeline.pretraining.train_one_epoch
 
     def dies_in_epoch_two(*args, **kwargs):
         if args[6] == 1:  # the epoch argument
             raise Killed
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.train, "train_one_epoch", dies_in_epoch_two)
+    monkeypatch.setattr(pipeline.pretraining, "train_one_epoch", dies_in_epoch_two)
     with pytest.raises(Killed):
         pretrain_stage.main(["--teacher", "lenet", "--quiet"], standalone_mode=False)
     partial = torch.load(paths.teacher_checkpoint("lenet"), weights_only=False)
     assert partial["epoch"] == 1 and not partial["finished"]
 
-    monkeypatch.setattr(pipeline.train, "train_one_epoch", real)
+    monkeypatch.setattr(pipeline.pretraining, "train_one_epoch", real)
     resumed = run("--teacher", "lenet")
     assert resumed.exit_code == 0 and "resuming after epoch 1" in resumed.output
     final = torch.load(paths.teacher_checkpoint("lenet"), weights_only=False)

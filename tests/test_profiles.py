@@ -10,7 +10,7 @@ from pipeline.cache import CacheConfig
 from pipeline.config import build, load_params, section
 from pipeline.data import DataConfig
 from pipeline.runs import run_names
-from pipeline.train import teacher_spec
+from pipeline.pretraining import teacher_spec
 from pipeline.views import ViewsConfig
 from stages.distill import read_settings
 

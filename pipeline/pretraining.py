@@ -1,4 +1,4 @@
-"""Teacher pretraining: cross-entropy with pad-and-crop + flip, SGD with momentum, a pure LR schedule.
+"""Teacher pretraining: cross-entropy with pad-and-crop + flip, SGD with Nesterov momentum, a pure LR schedule.
 
 The epoch loop lives in `pretrain()`, visible top to bottom; `train_one_epoch` and `evaluate` are
 plain functions. A checkpoint (a plain dict) is written after every epoch, so a killed run resumes from
@@ -18,21 +18,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.augment import AugmentConfig, apply_views, normalize, plan_views
-from pipeline.config import UserError, build, check, check_choice, to_dict
+from pipeline.config import UserError, build, check, to_dict
 from pipeline.data import ImageData
-from pipeline.device import autocast, fused_optimizer, memory_format
-from pipeline.schedules import SCHEDULES, lr_at, set_lr
+from pipeline.device import autocast, memory_format
+from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr
+from pipeline.schedules import lr_at
 
 
-@dataclass
-class PretrainConfig:
+@dataclass(kw_only=True)
+class PretrainConfig(SGDConfig):
+    # SGDConfig's fields lead, in its order; redeclared here are those whose defaults are pretraining's own
+    lr: float = 0.2  # peak learning rate (SGD)
+    nesterov: bool = True  # Nesterov momentum (when momentum > 0)
+    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.schedules), per optimizer step
+    warmup_epochs: float = 1.0  # linear warm-up length (epochs)
     epochs: int = 10  # passes over the training split
     batch_size: int = 256  # images per optimizer step
-    lr: float = 0.2  # peak learning rate (SGD)
-    momentum: float = 0.9  # SGD momentum (Nesterov)
-    weight_decay: float = 5e-4  # L2 penalty on weights (not on BatchNorm/bias)
-    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.schedules)
-    warmup_epochs: float = 1.0  # linear warm-up length (epochs)
     label_smoothing: float = 0.1  # cross-entropy label smoothing (fraction)
     seed: int = 0  # seeds weights, shuffling and augmentation
     augment: dict[str, Any] = field(default_factory=lambda: {"kind": "crop_flip", "pad": 2, "flip": True})
@@ -42,11 +43,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, f"pretrain.epochs = {self.epochs} must be at least 1")
         check(self.batch_size >= 1, f"pretrain.batch_size = {self.batch_size} must be at least 1")
-        check(self.lr > 0, f"pretrain.lr = {self.lr} must be positive")
-        check(0 <= self.momentum < 1, f"pretrain.momentum = {self.momentum} must be in [0, 1)")
-        check(self.weight_decay >= 0, f"pretrain.weight_decay = {self.weight_decay} must be >= 0")
-        check_choice(self.schedule, SCHEDULES, "pretrain.schedule")
-        check(0 <= self.warmup_epochs <= self.epochs, f"pretrain.warmup_epochs = {self.warmup_epochs} must be in [0, epochs]")
+        self.check_sgd("pretrain", self.epochs)
         check(0 <= self.label_smoothing < 1, f"pretrain.label_smoothing = {self.label_smoothing} must be in [0, 1)")
         check(self.eval_batch_size >= 1, f"pretrain.eval_batch_size = {self.eval_batch_size} must be at least 1")
         check(self.eval_every >= 1, f"pretrain.eval_every = {self.eval_every} must be at least 1")
@@ -73,20 +70,6 @@ def teacher_spec(params: dict[str, Any], name: str) -> tuple[TeacherSpec, Pretra
     spec = build(TeacherSpec, teachers[name], f"teachers.{name}")
     merged = {**(params.get("pretrain") or {}), **spec.pretrain}
     return spec, build(PretrainConfig, merged, "pretrain")  # the message names the key; it may be a teacher override
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on conv/linear weights only; BatchNorm scales and biases are left undecayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.momentum > 0, **fused_optimizer())
 
 
 def train_one_epoch(
@@ -179,7 +162,7 @@ def pretrain(
     Returns the final checkpoint dict (also passed to `save`).
     """
     model.to(device=device, memory_format=memory_format(device))
-    optimizer = make_optimizer(model, cfg, device)
+    optimizer = make_sgd(param_groups(model, cfg.weight_decay), cfg)
     history: list[dict[str, float]] = []
     start_epoch, wall = 0, 0.0
     if state is not None:
