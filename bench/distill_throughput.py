@@ -13,12 +13,11 @@ Three trainings of the params' student on the same synthetic images, views, batc
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
 The trainings run in lock-step: one real step of each (pipeline.distill.epoch_steps, the loop
 train_one_epoch runs), in rotating order, then the next, so every variant sees the same drift of this
-shared machine to within a step (~30 ms on the CPU). Timing whole epochs in turn left seconds between
-the variants: on one day six runs gave medians of b/a from 0.79 to 0.93. On CUDA a turn is `--chunk`
+shared machine to within a step (timing whole epochs in turn left seconds between the variants, and
+their ratios moved with the machine). On CUDA a turn is `--chunk`
 8 steps, synced only around the turn, so the host still runs ahead of the GPU as in training. Each
 lane moves on to its next epoch (and view) when one ends; the slab switch at an epoch start is timed
-apart and reported per epoch, since a real epoch (469 steps on Fashion-MNIST) amortises it over 30x
-more steps than the benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are
+apart and reported per epoch, since a real epoch amortises it over many more steps than the benchmark's. After `--warmup` untimed steps each, `--rounds` steps each are
 timed; ratios are sums of step times over blocks of about one epoch's steps, reported as the median
 over blocks with its interquartile range.
 `--breakdown` adds (d) the cached method without its discriminators and, for MEAL, (e) its KL on the
@@ -48,8 +47,8 @@ from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
 from pipeline.checkpoints import load_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
-from pipeline.distill import TrainSet, build_run, epoch_steps, steps_per_epoch
-from pipeline.methods import DistillConfig, StudentConfig, make_plan, method_configs
+from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, epoch_steps, steps_per_epoch
+from pipeline.methods import make_method, method_configs
 from pipeline.models import NUM_BLOCKS, build_model, count_parameters
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
@@ -100,18 +99,18 @@ def setup(args, params: dict, work: Path, device: torch.device) -> dict:
         cfg = build(DistillConfig, section_, "distill")
         options = method_configs(cfg, names)[method]
         teachers = names if method != "scratch" else []
-        plan = make_plan(method, options, teachers, caches[names[0]].blocks if names else None)
+        distiller = make_method(method, options, teachers, caches[names[0]].blocks if names else None)
         torch.manual_seed(0)
         kwargs = {"num_classes": classes, "in_channels": channels, **student_cfg.model}
         student = build_model(student_cfg.arch, **kwargs)
-        run = build_run(plan, cfg, student, classes, align_cfg, device)
+        trainer = build_trainer(distiller, cfg, student, classes, align_cfg, device)
         if method == "scratch":
-            return run, NoTargets()
+            return trainer, NoTargets()
         if online:
             models = [load_teacher(checkpoints[n], device)[0] for n in names]
-            return run, OnlineTargets(models, align_cfg, plan.feature_blocks, device, cache_cfg.autocast)
-        loader = SlabLoader(CacheSlabs({n: caches[n] for n in names}), plan.feature_blocks, device)
-        return run, CachedTargets(loader)
+            return trainer, OnlineTargets(models, align_cfg, distiller.feature_blocks, device, cache_cfg.autocast)
+        loader = SlabLoader(CacheSlabs({n: caches[n] for n in names}), distiller.feature_blocks, device)
+        return trainer, CachedTargets(loader)
 
     runs = {"a_scratch": make("scratch", False), "b_cached": make(args.method, False),
             "c_online": make(args.method, True)}
@@ -146,8 +145,8 @@ def quartiles(values: list[float]) -> tuple[float, float]:
 class Lane:
     """One variant trained step by step across epochs, as pipeline.distill trains it (evaluation aside)."""
 
-    def __init__(self, run, targets, train: TrainSet, device: torch.device):
-        self.run, self.targets, self.train, self.device = run, targets, train, device
+    def __init__(self, trainer, targets, train: TrainSet, device: torch.device):
+        self.trainer, self.targets, self.train, self.device = trainer, targets, train, device
         self.epoch, self.steps = -1, iter(())
         self.switch_s: list[float] = []  # seconds of each epoch start (slab switch + next prefetch)
 
@@ -173,7 +172,7 @@ class Lane:
         self.targets.start_epoch(self.epoch % v, (self.epoch + 1) % v)
         sync(self.device)
         self.switch_s.append(time.perf_counter() - start)
-        self.steps = epoch_steps(self.run, self.epoch, self.train, self.targets)
+        self.steps = epoch_steps(self.trainer, self.epoch, self.train, self.targets)
         return self.switch_s[-1]
 
 
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"setup: {args.params} on {device}", flush=True)
         s = setup(args, params, work, device)
         runs, train = s["runs"], s["train"]
-        lanes = {k: Lane(run, targets, train, device) for k, (run, targets) in runs.items()}
+        lanes = {k: Lane(trainer, targets, train, device) for k, (trainer, targets) in runs.items()}
         chunk = args.chunk or (8 if device.type == "cuda" else 1)
         turns = -(-args.rounds // chunk)  # whole turns: at least --rounds steps each
         lockstep(lanes, -(-args.warmup // chunk), chunk)

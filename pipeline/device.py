@@ -1,4 +1,13 @@
-"""Device selection and the per-device speed settings (bf16 autocast on CUDA, channels_last)."""
+"""Device selection and the speed tricks, each named here with the test that holds it to its plain form.
+
+    autocast()          bf16 on CUDA, float32 on the CPU            tests/test_methods.py, tests/test_cuda.py
+    memory_format()     channels_last activations                   tests/test_align.py, tests/test_cuda.py
+    fused_optimizer()   one kernel per parameter tensor             tests/test_device.py
+    setup_cpu()         threads; denormals flushed to zero          tests/test_device.py
+    mean_keep_layout()  a mean whose gradient stays channels_last   tests/test_align.py
+
+pipeline.distill.build_trainer is the one place a training step picks among them (docs/design.md section 5).
+"""
 
 from __future__ import annotations
 
@@ -29,16 +38,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last everywhere: on CUDA for tensor cores, and on this AVX2 CPU oneDNN's NHWC convolutions
-    trained small CNNs 1.5-2x faster than NCHW (measured: a 147k-parameter VGG at 2,005 vs 1,271 img/s)."""
+    """channels_last everywhere: tensor cores on CUDA; on the CPU oneDNN's NHWC convolutions train small CNNs
+    faster than NCHW."""
     return torch.channels_last
 
 
 def fused_optimizer() -> dict[str, bool]:
-    """Optimizer kwargs: fused (one kernel per parameter tensor instead of one Python-driven loop of small
-    ops), on CUDA and on the CPU alike. On this CPU (1 thread) a step of the default student's SGD took
-    0.08 ms fused against 0.17 ms (for-loop), and MEAL's discriminator Adam 0.11 against 0.31 ms; after
-    20 steps the weights agree with the for-loop optimizers to 1.2e-7."""
+    """Optimizer kwargs: torch's public fused kernels (one kernel per parameter tensor instead of a
+    Python-driven loop of small ops), on CUDA and on the CPU alike."""
     return {"fused": True}
 
 
@@ -46,12 +53,8 @@ def setup_cpu() -> None:
     """Per-process CPU settings every stage starts with.
 
     Threads: every core the machine gives us unless the user pinned OMP_NUM_THREADS.
-    Denormals flushed to zero (FTZ/DAZ): late in training some activations' and gradients' magnitudes
-    can fall below 1.2e-38, and x86 arithmetic on such subnormal floats is 10-100x slower. In a bare
-    training loop of the default student on this CPU (2 threads, no augmentation) the third epoch ran
-    4.4 s per 117 steps against 3.0 s in the first, and 3.1 s with flushing; the distill stage itself
-    showed no difference side by side, so this is insurance rather than a measured stage speed-up.
-    Numbers that small carry nothing a network can learn from.
+    Denormals flushed to zero (FTZ/DAZ): late in training some magnitudes fall below 1.2e-38, where x86
+    arithmetic slows down many times over; numbers that small carry nothing a network can learn from.
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -61,10 +64,10 @@ def setup_cpu() -> None:
 class _MeanKeepLayout(torch.autograd.Function):
     """Mean over `dims`, accumulated in float32, whose gradient is written in the input's memory format.
 
-    A plain mean's (or sum's) backward is a broadcast view with zero strides, which fits every layout;
-    where it meets the gradient of the next layer, autograd's sum falls back to NCHW, and every later
-    ReLU/BatchNorm/conv backward of a channels_last network then runs 2-3x slower on the CPU. Writing
-    the broadcast out in the activations' layout costs one pass and keeps the backward in channels_last.
+    A plain mean's backward is a broadcast view with zero strides; where it meets the gradient of the
+    next layer, autograd's sum comes out NCHW, and every later ReLU/BatchNorm/conv backward of a
+    channels_last network then runs slower on the CPU. Writing the broadcast out in the activations'
+    layout costs one pass and keeps the backward in channels_last.
     """
 
     @staticmethod
@@ -84,10 +87,9 @@ class _MeanKeepLayout(torch.autograd.Function):
 
 
 def mean_keep_layout(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    """`x.mean(dims)` in float32, differentiable, with a gradient in `x`'s memory format (see above).
-
-    Under torch.compile the plain mean: the compiler writes the backward in whatever layout its fused
-    kernels want, and the custom Function would split the compiled graph at every pooling."""
-    if torch.compiler.is_compiling():
-        return x.mean(dim=tuple(dims), dtype=torch.float32)
+    """Speed trick: `pipeline.align.mean(x, dims)` (the same value, float32) with a gradient in `x`'s memory
+    format. For eager training only: a custom Function splits a torch.compile graph, and the compiler
+    picks its own layouts anyway (pipeline.distill.build_trainer chooses). Evidence: bench/results/
+    cpu-fastpath_ab.json (MEAL's CPU step with and without it); tests/test_align.py checks it against
+    the plain mean."""
     return _MeanKeepLayout.apply(x, tuple(dims))

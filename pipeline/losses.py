@@ -1,4 +1,4 @@
-"""The distillation losses, as plain functions of tensors (DESIGN.md section 4).
+"""The distillation losses, as plain functions of tensors (docs/design.md section 4).
 
 - `similarity(s, t, kind)`: MEAL's per-block distance, `l1 | l2 | kl`, between a student vector and a
   teacher vector of the same shape (aligned block features or logits).
@@ -11,8 +11,6 @@ Every loss returns a scalar float32 mean over the batch, whatever the autocast d
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -45,42 +43,6 @@ def similarity(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2", t
             return F.kl_div(log_q, p, reduction="none").sum(-1).mean(-1) * temperature**2
         return kl_divergence(soften(t, temperature), s / temperature) * temperature**2
     raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
-
-
-def similarity_grad(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2", temperature: float = 1.0,
-                    groups: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`similarity(student, teacher, ...)` and its gradient with respect to `student`, written out (no graph).
-
-    The closed forms: l2 -> 2 (s - t) / n, l1 -> sign(s - t) / n (n elements averaged over), kl ->
-    T (softmax(s/T) - softmax(t/T)) / B. Returns (value (G,) or scalar, gradient float32 shaped as `student`).
-    """
-    with torch.no_grad():
-        s, t = student.float(), teacher.float()
-        dims = (-2, -1) if groups else tuple(range(s.dim()))
-        if kind in ("l1", "l2"):
-            n = math.prod(s.shape[d] for d in dims)
-            diff = s - t
-            if kind == "l2":
-                return diff.square().mean(dims), diff.mul_(2.0 / n)
-            return diff.abs().mean(dims), diff.sign_().div_(n)
-        if kind == "kl":
-            log_q = F.log_softmax(s / temperature, dim=-1)
-            log_p = F.log_softmax(t / temperature, dim=-1)
-            p = log_p.exp()
-            # per pair: summed over D, averaged over B (one sum over both, then a scale)
-            value = (p * (log_p - log_q)).sum(dims) * (temperature**2 / s.shape[-2])
-            return value, log_q.exp_().sub_(p).mul_(temperature / s.shape[-2])
-    raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
-
-
-def cross_entropy_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """F.cross_entropy(logits, labels) (mean over the batch) and its gradient (softmax - one_hot) / B."""
-    with torch.no_grad():
-        log_q = F.log_softmax(logits.float(), dim=-1)  # (B, C)
-        value = F.nll_loss(log_q, labels)
-        grad = log_q.exp_()
-        grad[torch.arange(len(labels), device=labels.device), labels] -= 1.0
-        return value, grad.div_(len(labels))
 
 
 def soften(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

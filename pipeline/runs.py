@@ -23,7 +23,8 @@ import re
 from typing import Any
 
 from pipeline.config import UserError, build
-from pipeline.methods import METHODS, DistillConfig, distill_teachers, method_configs
+from pipeline.distill import DistillConfig
+from pipeline.methods import METHODS, distill_teachers, method_configs
 
 # run names become file names (data/student/<run>.pt) and DVC stage names (distill@<run>)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")

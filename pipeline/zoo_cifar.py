@@ -57,16 +57,27 @@ def init_weights(model: nn.Module) -> nn.Module:
 
 
 class Head(nn.Module):
-    """Global average pool, optional dropout, linear classifier: (B, C, H, W) -> (B, num_classes)."""
+    """Global average pool, optional dropout, linear classifier: (B, C, H, W) -> (B, num_classes).
+
+    `mean` pools: the layout-keeping mean by default (its gradient stays channels_last, docs/design.md
+    section 5), the plain one where the caller compiles the model (`set_pooling`)."""
 
     def __init__(self, channels: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, num_classes)
+        self.mean = mean_keep_layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = mean_keep_layout(x, (2, 3))  # (B, C) global average pool; its gradient stays channels_last
+        x = self.mean(x, (2, 3))  # (B, C) global average pool
         return self.fc(self.dropout(x))  # (B, num_classes)
+
+
+def set_pooling(model: nn.Module, mean) -> None:
+    """Every Head of `model` pools with `mean` (pipeline.align.mean or pipeline.device.mean_keep_layout)."""
+    for m in model.modules():
+        if isinstance(m, Head):
+            m.mean = mean
 
 
 # ---------------------------------------------------------------- ResNet and PreAct ResNet

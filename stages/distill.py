@@ -24,12 +24,12 @@ import torch
 from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache, validate_caches
-from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint, sha256_file, write_json
+from pipeline.checkpoints import check_fits_data, load_resumable, load_teacher, save_checkpoint, sha256_file, write_json
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
-from pipeline.distill import TrainSet, build_run, distill
-from pipeline.methods import DistillConfig, StudentConfig, distill_teachers, make_plan, method_configs
+from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, distill
+from pipeline.methods import distill_teachers, make_method, method_configs
 from pipeline.models import build_model, count_parameters
 from pipeline.runs import check_runs, run_section
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
@@ -110,14 +110,8 @@ def open_targets(s: Settings, plan, train, feature_blocks, device):
         for name in s.teachers:
             path = paths.teacher_checkpoint(name)
             model, ckpt = load_teacher(path, device)
-            kw = ckpt["model_kwargs"]
-            if ckpt.get("dataset_fingerprint") != train.fingerprint:
-                raise UserError(f"teacher checkpoint {path} was trained on other data than the student's training "
-                                f"split: retrain it (python -m stages.pretrain --teacher {name} --restart)")
-            if kw.get("num_classes") != train.num_classes or kw.get("in_channels") != train.in_channels:
-                raise UserError(f"teacher checkpoint {path} is for {kw.get('num_classes')} classes and "
-                                f"{kw.get('in_channels')} channels, the data has {train.num_classes} and "
-                                f"{train.in_channels}: retrain it with python -m stages.pretrain --teacher {name}")
+            check_fits_data("teacher checkpoint", path, ckpt.get("dataset_fingerprint"), ckpt["model_kwargs"], train,
+                            f"retrain it with python -m stages.pretrain --teacher {name} --restart")
             models.append(model)
             hashes[name] = sha256_file(path)
         align_cfg = s.cache.align_config
@@ -152,16 +146,16 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     test = load_split(s.data, "val" if s.data.val_size > 0 else "test")
     plan_views = open_view_plan(paths.view_plan())
     check_plan(plan_views, train)
-    plan = make_plan(s.method, s.options, s.teachers)
-    targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, plan.feature_blocks, dev)
-    plan = make_plan(s.method, s.options, s.teachers, blocks)
+    method = make_method(s.method, s.options, s.teachers)
+    targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, method.feature_blocks, dev)
+    method = make_method(s.method, s.options, s.teachers, blocks)  # the caches' block names
 
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **s.student.model}
     if s.method == "anc":  # ANC's noise is dropout in the student, so the method sets it
         model_kwargs["dropout"] = s.options.dropout
     torch.manual_seed(s.distill.seed)
     student = build_model(s.student.arch, **model_kwargs)
-    run = build_run(plan, s.distill, student, train.num_classes, align_cfg, dev)
+    trainer = build_trainer(method, s.distill, student, train.num_classes, align_cfg, dev)
     distill_dict = {k: v for k, v in to_dict(s.distill).items() if k not in NOT_IDENTITY and k not in
                     ("meal", "meal_v2", "anc", "kd", "scratch", "runs")}
     identity = {
@@ -179,20 +173,12 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     }
 
     path = paths.student_checkpoint(s.run_name)
-    state = None
-    if path.exists():
-        state = load_checkpoint(path, "student checkpoint")
-        changed = [k for k, v in identity.items() if state.get("identity", {}).get(k) != v]
-        if changed and not restart:
-            raise UserError(f"{path} was made with different {', '.join(changed)}: pass --restart to start over, "
-                            f"or delete the file")
-        if changed:
-            state = None
+    state = load_resumable(path, identity, restart, "student checkpoint", stored="identity")
     params_count = count_parameters(student)
     resumed = f", resuming after epoch {state['epoch']}" if state else ""
     click.echo(f"{s.run_name}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on {dev}, "
                f"{len(train):,} images x {plan_views.num_views} views, teachers {', '.join(s.teachers) or 'none'}, "
-               f"adversarial {plan.adversarial}{resumed}")
+               f"adversarial {method.adversarial}{resumed}")
     if s.method == "anc" and not s.options.dropout:
         click.echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
@@ -209,7 +195,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
                     train.mean, train.std)
     targets = targets or NoTargets()
     try:
-        ckpt = distill(run, data, test, targets, state, save, progress=not quiet)
+        ckpt = distill(trainer, data, test, targets, state, save, progress=not quiet)
     finally:
         targets.close()
     if state is not None and state.get("finished"):

@@ -22,7 +22,8 @@ from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, secti
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.evaluate import EvaluateConfig, check_checkpoints, evaluate_models, metrics_payload
-from pipeline.methods import METHODS, DistillConfig, distill_teachers
+from pipeline.distill import DistillConfig
+from pipeline.methods import METHODS, distill_teachers
 from pipeline.report import PLOTS, summary_markdown, write_plots
 from pipeline.runs import run_names
 

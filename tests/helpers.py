@@ -52,8 +52,8 @@ def build_tiny_pipeline(params: dict) -> None:
         assert result.exit_code == 0, result.output
 
 
-def tiny_targets(plan, align_cfg, device, online: bool):
-    """The target source of `plan` on `device` in the tiny pipeline's directory: its teachers run live
+def tiny_targets(method, align_cfg, device, online: bool):
+    """The target source of `method` on `device` in the tiny pipeline's directory: its teachers run live
     (online) or the epoch slabs of their caches."""
     from pipeline import paths
     from pipeline.cache import open_cache
@@ -63,6 +63,6 @@ def tiny_targets(plan, align_cfg, device, online: bool):
     teachers = list(TINY_TEACHERS)
     if online:
         return OnlineTargets([load_teacher(paths.teacher_checkpoint(t))[0] for t in teachers], align_cfg,
-                             plan.feature_blocks, device)
+                             method.feature_blocks, device)
     caches = {t: open_cache(paths.teacher_cache(t)) for t in teachers}
-    return CachedTargets(SlabLoader(CacheSlabs(caches), plan.feature_blocks, device))
+    return CachedTargets(SlabLoader(CacheSlabs(caches), method.feature_blocks, device))

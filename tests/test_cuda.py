@@ -24,14 +24,13 @@ from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache_write import cache_teacher
 from pipeline.config import build
 from pipeline.data import DataConfig, load_split
-from pipeline.distill import TrainSet, build_run, epoch_steps
-from pipeline.methods import DistillConfig, make_plan, method_configs
+from pipeline.distill import DistillConfig, TrainSet, build_trainer, epoch_steps
+from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
 from pipeline.slabs import NoTargets
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
 from stages import distill as distill_stage
-from test_align import student_grads
-from test_methods import assert_trains_alike, check_direct_fused_adam_step, trained_steps
+from test_methods import assert_trains_alike, trained_steps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -77,38 +76,22 @@ def test_views_and_normalisation_on_cuda_equal_the_cpu():
 # ---------------------------------------------------------------- the student's step
 
 
-@pytest.mark.parametrize("arch,width", [("student_cnn", 0.5), ("resnet18", 0.125)])
-@pytest.mark.parametrize("kind", ["channel", "meal"])
-def test_gradient_tap_on_cuda_equals_autograd(arch, width, kind, monkeypatch):
-    # fp32 convolutions: TF32 would round the two paths' slightly different sums by up to 1e-3
+@pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"similarity": "kl", "ce_weight": 0.5}), ("anc", {}),
+                                           ("meal_v2", {"adversarial": "reversal"})])
+def test_step_on_cuda_trains_as_on_the_cpu(method, values, monkeypatch):
+    """bf16 autocast and channels_last on the GPU against the float32 CPU step: within 3% of each weight's scale."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    vectors, grads = student_grads(arch, kind, True, True, width, device="cuda")
-    expected_vectors, expected = student_grads(arch, kind, True, False, width, device="cuda")
-    torch.testing.assert_close(vectors, expected_vectors, rtol=1e-4, atol=1e-5)
-    for name, g in grads.items():
-        torch.testing.assert_close(g, expected[name], rtol=1e-3, atol=1e-4 * float(expected[name].abs().max()), msg=name)
-
-
-@pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"similarity": "kl", "ce_weight": 0.5}), ("anc", {})])
-def test_closed_form_step_on_cuda_trains_as_autograd_does(method, values):
-    """bf16 autocast on the GPU: the closed-form step (float32 head, bf16 gradients handed back to the
-    student's bf16 graph) against the autograd step, to bf16 precision."""
-    tapped = trained_steps(method, values, True, device="cuda")
-    assert torch.isfinite(tapped[1]).all()
-    assert_trains_alike(tapped, trained_steps(method, values, False, device="cuda"), 2e-2, 2e-3, 2e-3)
-
-
-def test_direct_fused_adam_step_on_cuda_equals_opt_step():
-    """The discriminators' Adam kernel called directly (pipeline.discriminators.step_optimizer) updates
-    weights and state as opt.step() does, bit for bit, on the GPU too."""
-    check_direct_fused_adam_step("cuda")
+    gpu, cpu = trained_steps(method, values, device="cuda"), trained_steps(method, values)
+    assert gpu[0] == cpu[0] and torch.isfinite(gpu[1]).all()
+    for k, w in cpu[2].items():
+        assert (gpu[2][k] - w).abs().max() <= 3e-2 * w.abs().max(), k
 
 
 def test_compiled_step_on_cuda_trains_as_eager_does():
-    """distill.compile on the GPU (Triton kernels under bf16 autocast) against the eager autograd step."""
-    compiled = trained_steps("meal", {}, False, device="cuda", compile=True)
+    """distill.compile on the GPU (Triton kernels under bf16 autocast) against the eager step."""
+    compiled = trained_steps("meal", {}, device="cuda", compile=True)
     assert torch.isfinite(compiled[1]).all()
-    assert_trains_alike(compiled, trained_steps("meal", {}, False, device="cuda"), 2e-2, 2e-3, 2e-3)
+    assert_trains_alike(compiled, trained_steps("meal", {}, device="cuda"), 2e-2, 2e-3, 2e-3)
 
 
 @pytest.fixture
@@ -121,17 +104,17 @@ def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
 
 
 def cuda_run(params: dict, method: str, options: dict, online: bool = False):
-    """(run, train set, targets) of `method` with `options` on the GPU, as the distill stage builds them."""
+    """(trainer, train set, targets) of `method` with `options` on the GPU, as the distill stage builds them."""
     train = load_split(build(DataConfig, params["data"], "data"), "train")
     views = open_view_plan(paths.view_plan())
     cfg = build(DistillConfig, {**params["distill"], "method": method, method: options}, "distill")
     teachers = [] if method == "scratch" else list(TINY_TEACHERS)
-    plan = make_plan(method, method_configs(cfg, teachers)[method], teachers)
+    distiller = make_method(method, method_configs(cfg, teachers)[method], teachers)
     align_cfg = AlignConfig(**params["cache"]["align"])
-    targets = tiny_targets(plan, align_cfg, CUDA, online) if teachers else NoTargets()
+    targets = tiny_targets(distiller, align_cfg, CUDA, online) if teachers else NoTargets()
     torch.manual_seed(0)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
-    run = build_run(plan, cfg, student, 10, align_cfg, CUDA)
+    run = build_trainer(distiller, cfg, student, 10, align_cfg, CUDA)
     data = TrainSet(train.images.to(CUDA), train.labels.to(CUDA), views.aug, views.augment, train.mean, train.std)
     return run, data, targets
 

@@ -21,8 +21,8 @@ from pipeline import paths
 from pipeline.cache import open_cache
 from pipeline.config import build
 from pipeline.data import DataConfig, load_split
-from pipeline.distill import TrainSet, build_run, train_one_epoch
-from pipeline.methods import DistillConfig, make_plan, method_configs
+from pipeline.distill import DistillConfig, TrainSet, build_trainer, train_one_epoch
+from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
 from pipeline.slabs import CacheSlabs, SlabLoader
 from pipeline.align import AlignConfig
@@ -96,16 +96,16 @@ def test_cached_and_online_training_see_the_same_targets(tiny_pipeline, method):
     data = TrainSet(train.images, train.labels, plan_views.aug, plan_views.augment, train.mean, train.std)
 
     def train_with(online: bool):
-        plan = make_plan(method, options, list(TEACHERS))
-        source = tiny_targets(plan, align_cfg, dev, online)
+        distiller = make_method(method, options, list(TEACHERS))
+        source = tiny_targets(distiller, align_cfg, dev, online)
         torch.manual_seed(cfg.seed)
         student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
-        run_ = build_run(plan, cfg, student, 10, align_cfg, dev)
+        trainer = build_trainer(distiller, cfg, student, 10, align_cfg, dev)
         recorder = Recorder(source)
         history = []
         for epoch in range(cfg.epochs):
             recorder.start_epoch(epoch % 2, (epoch + 1) % 2)
-            history.append(train_one_epoch(run_, epoch, data, recorder, progress=False))
+            history.append(train_one_epoch(trainer, epoch, data, recorder, progress=False))
         return recorder.seen, history, student
 
     cached_seen, cached_hist, cached_student = train_with(False)

@@ -60,7 +60,7 @@ def test_one_cache_gives_the_documented_columns(caches):
 
 
 def soft_labels_one(caches, **kw) -> pd.DataFrame:
-    from pipeline.cache import soft_labels  # the notebook import path of DESIGN.md section 1
+    from pipeline.cache import soft_labels  # the notebook import path of docs/design.md section 1
 
     return soft_labels(caches["paths"][0], plan=caches["plan_path"], **kw)
 

@@ -8,9 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import (
-    cross_entropy_grad, grad_reverse, kd_loss, kl_divergence, similarity, similarity_grad, soft_cross_entropy, soften,
-)
+from pipeline.losses import grad_reverse, kd_loss, kl_divergence, similarity, soft_cross_entropy, soften
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2", "kl"])
@@ -88,38 +86,3 @@ def test_similarity_over_groups_is_each_pair_alone(kind):
     assert got.shape == (3,)
     for i in range(3):
         torch.testing.assert_close(got[i], similarity(s[i], t[i], kind, 2.0))
-
-
-@pytest.mark.parametrize("kind", ["l1", "l2", "kl"])
-@pytest.mark.parametrize("groups", [False, True])
-def test_similarity_grad_is_the_value_and_autograd_gradient(kind, groups):
-    """The closed forms the training step uses instead of autograd: the same value and gradient."""
-    g = torch.Generator().manual_seed(1)
-    shape = (3, 6, 10) if groups else (6, 10)
-    s = torch.randn(shape, generator=g, requires_grad=True)
-    t = torch.randn(shape, generator=g) * 2
-    weights = torch.rand(shape[0] if groups else 1, generator=g)  # a weighted sum of the groups
-    expected = similarity(s, t, kind, 4.0, groups=groups)
-    (weights * expected).sum().backward()
-    value, grad = similarity_grad(s, t, kind, 4.0, groups=groups)
-    assert grad.shape == s.shape and not value.requires_grad and not grad.requires_grad
-    torch.testing.assert_close(value, expected.detach())
-    scaled = grad * (weights[:, None, None] if groups else weights)
-    torch.testing.assert_close(scaled, s.grad, rtol=1e-5, atol=1e-7)
-
-
-def test_similarity_grad_is_zero_for_identical_inputs():
-    x = torch.randn(4, 7)
-    for kind in ("l1", "l2", "kl"):
-        value, grad = similarity_grad(x, x.clone(), kind, 3.0)
-        assert abs(value.item()) < 1e-6 and grad.abs().max().item() < 1e-7, kind
-
-
-def test_cross_entropy_grad_is_the_value_and_autograd_gradient():
-    logits = torch.randn(8, 5, requires_grad=True)
-    labels = torch.tensor([0, 4, 2, 2, 1, 3, 0, 4])
-    expected = F.cross_entropy(logits, labels)
-    expected.backward()
-    value, grad = cross_entropy_grad(logits, labels)
-    torch.testing.assert_close(value, expected.detach())
-    torch.testing.assert_close(grad, logits.grad)

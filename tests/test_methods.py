@@ -1,4 +1,4 @@
-"""Method plans and the adversarial game: who the student's gradient helps, what each plan reads."""
+"""The methods and the adversarial game: who the student's gradient helps, what each method reads."""
 
 from __future__ import annotations
 
@@ -9,15 +9,11 @@ import torch
 
 from pipeline.align import AlignConfig, align
 from pipeline.config import UserError, build
-from pipeline.discriminators import (
-    Discriminators, discriminator_loss, discriminator_step, fooling_loss, fooling_loss_grad, step_optimizer,
-    teacher_probability,
-)
-from pipeline.distill import build_run, load_state, state_dict, train_step
+from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss, teacher_probability
+from pipeline.distill import DistillConfig, build_trainer, load_state, state_dict, train_step
 from pipeline.losses import grad_reverse, soften
-from pipeline.methods import (
-    DistillConfig, StudentOut, Targets, distill_teachers, make_plan, method_configs,
-)
+from pipeline.methods import StudentOut, Targets, distill_teachers, make_method, method_configs
+from pipeline.methods.games import Alternating, Cooperative, Reversal
 from pipeline.models import build_model
 
 TEACHERS = ["t1", "t2", "t3"]
@@ -71,14 +67,14 @@ def test_student_gradient_fools_d_in_the_true_game_and_helps_it_in_cooperative(m
     assert direction * (after - before) > 1e-4, (mode, before.item(), after.item())
 
 
-def tiny_run(mode: str):
+def tiny_trainer(mode: str):
     """A MEAL run whose student loss is the adversarial term alone, D frozen (lr 0) to measure the student."""
     torch.manual_seed(0)
     cfg = build(DistillConfig, {"method": "meal", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}, "distill")
     opts = options("meal", adversarial=mode, adv_weight=1.0, logit_weight=0.0, block_weights=[0.0, 0.0, 0.0])
-    plan = make_plan("meal", opts, TEACHERS[:2])
+    method = make_method("meal", opts, TEACHERS[:2])
     student = build_model("student_cnn", 10, 1, width=0.25)
-    run = build_run(plan, cfg, student, 10, ALIGN, torch.device("cpu"))
+    run = build_trainer(method, cfg, student, 10, ALIGN, torch.device("cpu"))
     for opt in (run.opt, run.d_opt):
         for group in (opt.param_groups if opt is not None else []):
             if opt is run.d_opt or group.get("fixed_lr"):
@@ -95,7 +91,7 @@ def d_teacher_prob(run, x) -> float:
 
 @pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
 def test_training_step_moves_the_student_the_right_way(mode, direction):
-    run = tiny_run(mode)
+    run = tiny_trainer(mode)
     x = torch.randn(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
     tgt = Targets(torch.randn(1, 32, 10), torch.rand(1, 3, 32, 8) * 3)
@@ -172,114 +168,44 @@ def test_discriminator_loss_matches_the_plain_formula():
 
 
 
-@pytest.mark.parametrize("rows", [0, 5])
-def test_hand_written_d_step_equals_autograd(rows):
-    """discriminator_step's gradient by hand = autograd's on discriminator_loss, and the same Adam step follows."""
-    torch.manual_seed(0)
-    by_hand = Discriminators(["a", "b", "c"], 16)
-    by_autograd = Discriminators(["a", "b", "c"], 16)
-    by_autograd.load_state_dict(by_hand.state_dict())
-    adam = lambda d: torch.optim.Adam(d.parameters(), lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3)  # noqa: E731
-    opt_hand, opt_auto = adam(by_hand), adam(by_autograd)
-    for _ in range(3):
-        t, s = torch.randn(3, 20, 16) + 1, torch.randn(3, 20, 16)
-        loss, acc = discriminator_loss(by_autograd, t, s, rows)
-        opt_auto.zero_grad()
-        loss.sum().backward()
-        loss_h, acc_h = discriminator_step(by_hand, opt_hand, t, s, rows)
-        torch.testing.assert_close(by_hand.flat.grad, by_autograd.flat.grad, rtol=1e-5, atol=1e-7)
-        opt_auto.step()
-        torch.testing.assert_close(loss_h, loss.detach())
-        torch.testing.assert_close(acc_h, acc)
-    for p, q in zip(by_hand.parameters(), by_autograd.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-
-
-def check_direct_fused_adam_step(device: str) -> None:
-    """step_optimizer's direct fused-Adam call against opt.step() on `device`: bit for bit, weights and state."""
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(300, device=device))
-    b = torch.nn.Parameter(a.detach().clone())
-    make = lambda p: torch.optim.Adam([p], lr=1e-2, betas=(0.5, 0.999), weight_decay=1e-3, fused=True)  # noqa: E731
-    opt_a, opt_b = make(a), make(b)
-    for _ in range(5):
-        grad = torch.randn(300, device=device)
-        a.grad, b.grad = grad.clone(), grad.clone()
-        opt_a.step()
-        step_optimizer(opt_b)
-    assert torch.equal(a, b)
-    state_a, state_b = opt_a.state_dict()["state"][0], opt_b.state_dict()["state"][0]
-    assert all(torch.equal(state_a[k], state_b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-
-
-def test_direct_fused_adam_step_equals_opt_step():
-    check_direct_fused_adam_step("cpu")
-
-
-def test_fooling_loss_gradient_equals_autograd():
+def test_fooling_loss_is_bce_against_the_teacher_label_through_a_fixed_d():
     torch.manual_seed(0)
     disc = Discriminators(["a", "b"], 12)
     s = torch.randn(2, 9, 12, requires_grad=True)
-    weights = torch.tensor([0.3, -2.0])
     reference = torch.nn.functional.binary_cross_entropy_with_logits(
-        disc(s, frozen=True), torch.ones(2, 9), reduction="none").mean(1)  # (G,)
-    expected = torch.autograd.grad((weights * reference).sum(), s, retain_graph=True)[0]
+        disc(s), torch.ones(2, 9), reduction="none").mean(1)  # (G,)
     got = fooling_loss(disc, s)
     torch.testing.assert_close(got, reference)
-    torch.testing.assert_close(torch.autograd.grad((weights * got).sum(), s)[0], expected)
-    # the closed-form step's version: the weighted term and its sum's gradient, no graph
-    value, grad = fooling_loss_grad(disc, s, 0.7)
-    torch.testing.assert_close(value, 0.7 * reference.detach())
-    torch.testing.assert_close(grad, torch.autograd.grad(0.7 * reference.sum(), s)[0])
+    got.sum().backward()
+    assert s.grad is not None and disc.flat.grad is None
 
 
-@pytest.mark.parametrize("method,values", [
-    ("meal", {}),
-    ("meal", {"logit_similarity": "kl", "temperature": 4.0, "similarity": "l1", "logit_weight": 0.5,
-              "block_weights": [0.0, 2.0, 1.0], "ce_weight": 0.3}),
-    ("meal", {"adversarial": "none", "logit_similarity": "l2", "similarity": "kl", "block_weights": [1.0, 0.0, 0.5]}),
-    ("anc", {"logit_weight": 0.4}),
-])
-def test_closed_form_loss_grads_equal_autograd(method, values):
-    """Plan.loss_grads: the terms of Plan.losses and the gradient of their sum, written out."""
-    plan = make_plan(method, options(method, **values), TEACHERS)
-    assert plan.closed_form
-    g = torch.Generator().manual_seed(3)
-    blocks = len(plan.feature_blocks)
-    logits = torch.randn(6, 10, generator=g, requires_grad=True)
-    vectors = torch.randn(blocks, 6, 8, generator=g, requires_grad=True)
-    tgt = Targets(torch.randn(len(TEACHERS), 6, 10, generator=g), torch.randn(len(TEACHERS), blocks, 6, 8, generator=g))
-    picked = plan.pick(random.Random(0))
-    tgt = Targets(tgt.logits[picked], tgt.blocks[picked])
-    labels = torch.randint(0, 10, (6,), generator=g)
-    terms = plan.losses(StudentOut(logits, vectors), tgt, labels)
-    sum(terms.values()).backward()
-    got, g_logits, g_blocks = plan.loss_grads(StudentOut(logits.detach(), vectors.detach()), tgt, labels)
-    assert list(got) == list(terms)
-    for k in terms:
-        torch.testing.assert_close(got[k], terms[k].detach(), msg=k)
-    torch.testing.assert_close(g_logits, logits.grad, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(g_blocks, vectors.grad if vectors.grad is not None else torch.zeros_like(vectors))
+@pytest.mark.parametrize("mode,cls", [("alternating", Alternating), ("reversal", Reversal),
+                                      ("cooperative", Cooperative)])
+def test_each_game_owns_its_optimizer_or_joins_the_students(mode, cls):
+    run = tiny_trainer(mode)
+    assert isinstance(run.game, cls)
+    d_params = {id(p) for p in run.discs.parameters()}
+    in_student = {id(p) for g in run.opt.param_groups for p in g["params"]} & d_params
+    assert (run.d_opt is None) == (mode == "cooperative") and bool(in_student) == (mode == "cooperative")
 
 
-def trained_steps(method: str, values: dict, tapped: bool, steps: int = 3, device: str = "cpu", compile: bool = False):
+def trained_steps(method: str, values: dict, steps: int = 3, device: str = "cpu", compile: bool = False):
     """(stat names, last stats, student and discriminator weights, on the CPU) after `steps` steps of a tiny
-    run on `device`, with the closed-form step (tapped) or the plain autograd step (run.tap None; compiled
-    with `compile`), on the same seeded batches."""
+    run on `device` (compiled with `compile`), on the same seeded batches."""
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = build(DistillConfig, {"method": method, "lr": 0.2, "compile": compile}, "distill")
-    plan = make_plan(method, options(method, **values), TEACHERS)
+    distiller = make_method(method, options(method, **values), TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-    run = build_run(plan, cfg, student, 10, ALIGN, dev, closed_form=tapped)
-    assert (run.tap is not None) == (tapped and not compile)
+    run = build_trainer(distiller, cfg, student, 10, ALIGN, dev)
     g = torch.Generator().manual_seed(1)
     rng = random.Random(0)
     for _ in range(steps):
         x, y = torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 10, (16,), generator=g)
         every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
-        picked = plan.pick(rng)
-        tgt = Targets(every.logits[picked].to(dev), every.blocks[picked][:, list(plan.feature_blocks)].to(dev))
+        picked = distiller.pick(rng)
+        tgt = Targets(every.logits[picked].to(dev), every.blocks[picked][:, list(distiller.feature_blocks)].to(dev))
         names, stats = train_step(run, x.to(dev).contiguous(memory_format=torch.channels_last), y.to(dev), tgt)
     params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
     return names, stats.cpu(), {k: v.detach().cpu().clone() for k, v in params.items()}
@@ -295,114 +221,106 @@ def assert_trains_alike(run, reference, rtol: float, atol: float, params_atol: f
         torch.testing.assert_close(params[k], params_ref[k], rtol=rtol, atol=params_atol, msg=k)
 
 
-@pytest.mark.parametrize("method,values", [("meal", {}), ("meal", {"adversarial": "none", "ce_weight": 0.5}),
-                                           ("anc", {})])
-def test_closed_form_step_trains_as_autograd_does(method, values):
-    """The step with the tapped student and closed-form head against the plain autograd step (run.tap None):
-    the same student, discriminators and stats after a few steps."""
-    assert_trains_alike(trained_steps(method, values, True), trained_steps(method, values, False), 1e-4, 1e-6, 1e-5)
-
-
-def test_closed_form_step_under_bf16_autocast(monkeypatch):
-    """On CUDA the step runs under bf16 autocast; simulated here on the CPU: the closed-form step keeps its
-    block vectors and losses in float32, hands bf16 gradients back to a bf16 graph, and trains as the
-    autograd step does to bf16 precision."""
+def test_step_under_bf16_autocast(monkeypatch):
+    """On CUDA the step runs under bf16 autocast; simulated here on the CPU: the losses and D stay float32
+    and the step trains as the float32 step does, to bf16 precision."""
     import pipeline.distill as distill_module
 
+    plain = trained_steps("meal", {})
     monkeypatch.setattr(distill_module, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
-    tapped = trained_steps("meal", {}, True)
-    stats = tapped[1]
-    assert stats.dtype == torch.float32 and torch.isfinite(stats).all()
-    assert_trains_alike(tapped, trained_steps("meal", {}, False), 2e-2, 2e-3, 2e-3)
+    bf16 = trained_steps("meal", {})
+    assert bf16[0] == plain[0] and bf16[1].dtype == torch.float32 and torch.isfinite(bf16[1]).all()
+    torch.testing.assert_close(bf16[1], plain[1], rtol=2e-2, atol=2e-3)
+    for k, w in plain[2].items():  # bf16 keeps 8 bits of mantissa: within 2% of each weight's scale
+        assert (bf16[2][k] - w).abs().max() <= 2e-2 * w.abs().max(), k
 
 
 def test_compiled_step_is_two_graphs_and_trains_as_eager_does():
-    """distill.compile: the student with its blocks' alignment, and the objective with the fooling term
-    through D, each compile into one graph (no graph break: the custom pooling and fooling Functions step
-    aside under the compiler), and train as the eager autograd step does."""
+    """distill.compile: the student with its blocks' alignment, and the method's terms, each compile into one
+    graph (no graph break), and train as the eager step does."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    compiled = trained_steps("meal", {}, False, steps=2, compile=True)
+    compiled = trained_steps("meal", {}, steps=2, compile=True)
     assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 2
-    assert_trains_alike(compiled, trained_steps("meal", {}, False, steps=2), 1e-4, 1e-6, 1e-5)
+    assert_trains_alike(compiled, trained_steps("meal", {}, steps=2), 1e-4, 1e-6, 1e-5)
 
 
-# ---------------------------------------------------------------- plans
+# ---------------------------------------------------------------- methods
 
 
 def test_meal_draws_one_teacher_per_step_seeded():
-    plan = make_plan("meal", options("meal"), TEACHERS)
-    draws = [plan.pick(random.Random(5)) for _ in range(3)]
+    method = make_method("meal", options("meal"), TEACHERS)
+    draws = [method.pick(random.Random(5)) for _ in range(3)]
     assert draws[0] == draws[1] == draws[2] and len(draws[0]) == 1  # a function of the seed
     rng = random.Random(0)
-    seen = {plan.pick(rng)[0] for _ in range(100)}
+    seen = {method.pick(rng)[0] for _ in range(100)}
     assert seen == {0, 1, 2}
-    assert plan.feature_blocks == (0, 1, 2)
-    assert plan.discriminators(10, 8) == {"block1": 8, "block2": 8, "block3": 8}
-    assert make_plan("meal", options("meal", adversarial="none"), TEACHERS).discriminators(10, 8) == {}
+    assert method.feature_blocks == (0, 1, 2)
+    assert method.discriminators(10, 8) == {"block1": 8, "block2": 8, "block3": 8}
+    assert make_method("meal", options("meal", adversarial="none"), TEACHERS).discriminators(10, 8) == {}
 
 
 def test_meal_reads_only_the_blocks_it_uses():
     # without a game a block of weight 0 is neither aligned nor gathered; with one, its D still needs it
-    no_game = make_plan("meal", options("meal", adversarial="none", block_weights=[0.0, 1.0, 0.0]), TEACHERS)
+    no_game = make_method("meal", options("meal", adversarial="none", block_weights=[0.0, 1.0, 0.0]), TEACHERS)
     assert no_game.feature_blocks == (1,)
-    assert make_plan("meal", options("meal", block_weights=[0.0, 1.0, 0.0]), TEACHERS).feature_blocks == (0, 1, 2)
-    logits_only = make_plan("meal", options("meal", adversarial="none", block_weights=[0.0] * 3), TEACHERS)
+    assert make_method("meal", options("meal", block_weights=[0.0, 1.0, 0.0]), TEACHERS).feature_blocks == (0, 1, 2)
+    logits_only = make_method("meal", options("meal", adversarial="none", block_weights=[0.0] * 3), TEACHERS)
     out = StudentOut(torch.randn(4, 10), None)
     assert logits_only.feature_blocks == ()
     assert set(logits_only.losses(out, Targets(torch.randn(1, 4, 10), None), torch.zeros(4, dtype=torch.long))) == {"sim_logits"}
 
 
 def test_meal_losses_are_zero_when_the_student_is_the_teacher():
-    plan = make_plan("meal", options("meal", similarity="l1", logit_similarity="kl"), TEACHERS)
+    method = make_method("meal", options("meal", similarity="l1", logit_similarity="kl"), TEACHERS)
     logits, vecs = torch.randn(4, 10), torch.rand(3, 4, 8)
     tgt = Targets(logits[None].clone(), vecs[None].clone())
-    terms = plan.losses(StudentOut(logits, vecs), tgt, torch.zeros(4, dtype=torch.long))
+    terms = method.losses(StudentOut(logits, vecs), tgt, torch.zeros(4, dtype=torch.long))
     assert set(terms) == {"sim_logits", "sim_block1", "sim_block2", "sim_block3"}
     assert all(abs(v.item()) < 1e-6 for v in terms.values())
 
 
 def test_meal_v2_target_is_the_mean_of_teacher_softmaxes():
-    plan = make_plan("meal_v2", options("meal_v2"), TEACHERS)
-    assert plan.pick(random.Random(0)) == [0, 1, 2] and plan.feature_blocks == ()
+    method = make_method("meal_v2", options("meal_v2"), TEACHERS)
+    assert method.pick(random.Random(0)) == [0, 1, 2] and method.feature_blocks == ()
     t = torch.randn(3, 4, 10)
     mean = soften(t).mean(0)
     out = StudentOut(mean.log(), None)  # a student whose softmax equals the mean: soft CE = entropy
-    terms = plan.losses(out, Targets(t, None), torch.zeros(4, dtype=torch.long))
+    terms = method.losses(out, Targets(t, None), torch.zeros(4, dtype=torch.long))
     entropy = -(mean * mean.log()).sum(-1).mean()
     assert terms["soft_ce"].item() == pytest.approx(entropy.item(), rel=1e-5)
-    s, tv = plan.disc_inputs(out, Targets(t, None))
+    s, tv = method.disc_inputs(out, Targets(t, None))
     assert s.shape == tv.shape == (1, 4, 10)
     torch.testing.assert_close(tv[0], mean)
-    assert plan.discriminators(10, 8) == {"outputs": 10}
+    assert method.discriminators(10, 8) == {"outputs": 10}
 
 
-def test_anc_plan():
-    plan = make_plan("anc", options("anc", teacher="t2", adv_sample_rate=0.25), TEACHERS)
-    assert plan.pick(random.Random(0)) == [1]
-    assert plan.feature_blocks == (2,) and plan.discriminators(10, 8) == {"block3": 8}
-    assert plan.adversarial_rows(32) == 8
+def test_anc_method():
+    method = make_method("anc", options("anc", teacher="t2", adv_sample_rate=0.25), TEACHERS)
+    assert method.pick(random.Random(0)) == [1]
+    assert method.feature_blocks == (2,) and method.discriminators(10, 8) == {"block3": 8}
+    assert method.adversarial_rows(32) == 8
     logits = torch.randn(4, 10)
-    terms = plan.losses(StudentOut(logits, torch.rand(1, 4, 8)), Targets(logits[None], torch.rand(1, 1, 4, 8)), None)
+    terms = method.losses(StudentOut(logits, torch.rand(1, 4, 8)), Targets(logits[None], torch.rand(1, 1, 4, 8)), None)
     assert terms["l2_logits"].item() == 0.0
-    assert make_plan("anc", options("anc", teacher="mean"), TEACHERS).pick(random.Random(0)) == [0, 1, 2]
+    assert make_method("anc", options("anc", teacher="mean"), TEACHERS).pick(random.Random(0)) == [0, 1, 2]
 
 
-def test_kd_plan_named_teacher_and_mean():
-    assert make_plan("kd", options("kd", teacher="t3"), TEACHERS).pick(random.Random(0)) == [2]
-    plan = make_plan("kd", options("kd", temperature=2.0, alpha=1.0), TEACHERS)
-    assert plan.pick(random.Random(0)) == [0, 1, 2]
+def test_kd_method_named_teacher_and_mean():
+    assert make_method("kd", options("kd", teacher="t3"), TEACHERS).pick(random.Random(0)) == [2]
+    method = make_method("kd", options("kd", temperature=2.0, alpha=1.0), TEACHERS)
+    assert method.pick(random.Random(0)) == [0, 1, 2]
     same = torch.randn(3, 4, 10)
     same[:] = same[0]  # three identical teachers: their mean is each of them
-    terms = plan.losses(StudentOut(same[0], None), Targets(same, None), torch.zeros(4, dtype=torch.long))
+    terms = method.losses(StudentOut(same[0], None), Targets(same, None), torch.zeros(4, dtype=torch.long))
     assert terms["kd_soft"].item() == pytest.approx(0.0, abs=1e-6) and terms["ce"].item() == 0.0
 
 
-def test_scratch_plan_needs_no_teacher():
-    plan = make_plan("scratch", options("scratch"), TEACHERS)
-    assert plan.pick(random.Random(0)) == [] and plan.teachers == [] and plan.adversarial == "none"
+def test_scratch_method_needs_no_teacher():
+    method = make_method("scratch", options("scratch"), TEACHERS)
+    assert method.pick(random.Random(0)) == [] and method.teachers == [] and method.adversarial == "none"
 
 
 # ---------------------------------------------------------------- configs
@@ -438,7 +356,7 @@ def test_teacher_list():
 
 def test_checkpoint_with_other_discriminator_layout_is_one_line():
     """Discriminators saved per layer (an older version's checkpoint) cannot resume: a UserError, no traceback."""
-    run = tiny_run("alternating")
+    run = tiny_trainer("alternating")
     state = state_dict(run)
     state["discriminators"] = {f"weights.{i}": w.detach() for i, (w, _) in enumerate(run.discs.layers())}
     with pytest.raises(UserError, match="--restart"):

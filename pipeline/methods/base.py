@@ -1,0 +1,98 @@
+"""What every distillation method builds on: the student's outputs, the teachers' targets, the base class.
+
+A method (one module each: meal, meal_v2, anc, kd, scratch) is a `Method` subclass that says
+- `pick(rng)`: the teachers whose cached targets this step reads;
+- `feature_blocks`: the blocks whose aligned vectors it compares (student and teacher);
+- `losses(out, targets, labels)`: its named, already weighted loss terms (the trainer sums them);
+- `discriminators(num_classes, dim)` and `disc_inputs(out, targets)`: what its discriminators see;
+- `game`: its adversarial options (pipeline.methods.games plays them), None without discriminators.
+docs/design.md section 4 describes the interface and the game.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.config import check, check_choice
+
+GAMES = ("alternating", "reversal", "cooperative", "none")
+
+
+@dataclass
+class StudentOut:
+    logits: torch.Tensor  # (B, C)
+    blocks: torch.Tensor | None  # (G, B, L) aligned vectors of the method's feature_blocks, in that order
+
+
+@dataclass
+class Targets:
+    logits: torch.Tensor  # (k, B, C) float32: the picked teachers' logits (through fp16)
+    blocks: torch.Tensor | None  # (k, G, B, L) float32 aligned vectors of the method's feature_blocks
+
+
+@dataclass
+class GameConfig:
+    """The adversarial options every method with discriminators shares."""
+
+    adversarial: str = "alternating"  # alternating | reversal | cooperative (official MEAL code) | none
+    adv_weight: float = 0.1  # weight of the student's adversarial term
+    d_lr: float = 1e-3  # discriminator learning rate (constant)
+    d_optimizer: str = "adam"  # adam (betas 0.5, 0.999) | sgd (momentum 0.9); cooperative: D joins the student's SGD
+    d_weight_decay: float = 0.0  # L2 penalty on discriminator weights
+
+    def check_game(self, where: str) -> None:
+        check_choice(self.adversarial, GAMES, f"{where}.adversarial")
+        check(self.adv_weight >= 0, f"{where}.adv_weight = {self.adv_weight} must be >= 0")
+        check(self.d_lr > 0, f"{where}.d_lr = {self.d_lr} must be positive")
+        check_choice(self.d_optimizer, ("adam", "sgd"), f"{where}.d_optimizer")
+        check(self.d_weight_decay >= 0, f"{where}.d_weight_decay = {self.d_weight_decay} must be >= 0")
+
+
+class Method:
+    """A distillation method: what to read, what to minimise, what to discriminate."""
+
+    name = ""
+    feature_blocks: tuple[int, ...] = ()  # block indexes whose aligned vectors the method compares
+
+    def __init__(self, cfg: Any, teachers: list[str], block_names: list[str]):
+        self.cfg, self.teachers, self.block_names = cfg, teachers, block_names
+
+    @property
+    def game(self) -> GameConfig | None:
+        """The adversarial options, or None when the method plays no game."""
+        cfg = self.cfg
+        return cfg if isinstance(cfg, GameConfig) and cfg.adversarial != "none" else None
+
+    @property
+    def adversarial(self) -> str:
+        return "none" if self.game is None else self.game.adversarial
+
+    def pick(self, rng: random.Random) -> list[int]:
+        """Indexes (into self.teachers) of the teachers whose targets this step reads."""
+        return list(range(len(self.teachers)))
+
+    def losses(self, out: StudentOut, tgt: Targets | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named scalar float32 loss terms, already weighted: their sum is what the student minimises."""
+        raise NotImplementedError
+
+    def discriminators(self, num_classes: int, dim: int) -> dict[str, int]:
+        """Discriminator name -> input size; empty when the method plays no adversarial game."""
+        return {}
+
+    def disc_inputs(self, out: StudentOut, tgt: Targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student vectors (G, B, D), teacher vectors (G, B, D)), one row per discriminator in the order
+        `discriminators` names them."""
+        raise NotImplementedError
+
+    def adversarial_rows(self, batch: int) -> int:
+        """How many of the batch's student rows D is shown labelled "teacher" (ANC's adversarial samples)."""
+        return 0
+
+
+def named_teacher(choice: str, teachers: list[str]) -> int | None:
+    """The index of the teacher a method's `teacher` option names, None for random/mean."""
+    return teachers.index(choice) if choice in teachers else None

@@ -1,0 +1,50 @@
+"""MEAL V2 (Shen & Savvides 2020): the student matches the ensemble's mean softmax, with no labels.
+
+A step, given every teacher's cached logits:
+- `soft_ce`: T^2 * soft cross-entropy of the student's softmax at T against the mean of the teachers'
+  softmax at T (the official code's loss at T = 1);
+- the game: one discriminator on the final outputs (the softened probabilities, or the logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import check, check_choice
+from pipeline.losses import soft_cross_entropy, soften
+from pipeline.methods.base import GameConfig, Method, Targets
+
+
+@dataclass
+class MealV2Config(GameConfig):
+    temperature: float = 1.0  # softmax temperature of the teachers' mean and the student's soft cross-entropy
+    d_input: str = "probs"  # probs | logits: what the discriminator on the final outputs sees
+
+    def __post_init__(self) -> None:
+        self.check_game("distill.meal_v2")
+        check(self.temperature > 0, f"distill.meal_v2.temperature = {self.temperature} must be positive")
+        check_choice(self.d_input, ("probs", "logits"), "distill.meal_v2.d_input")
+
+
+class MealV2(Method):
+    """Soft cross-entropy to the mean of the teachers' softmax, no labels; one D on the outputs."""
+
+    name = "meal_v2"
+
+    def target(self, tgt: Targets) -> torch.Tensor:
+        """The ensemble's soft label: the mean of the teachers' softmax at T, (B, C)."""
+        return soften(tgt.logits, self.cfg.temperature).mean(0)
+
+    def losses(self, out, tgt, labels):
+        t = self.cfg.temperature
+        return {"soft_ce": soft_cross_entropy(out.logits.float() / t, self.target(tgt)) * t**2}
+
+    def discriminators(self, num_classes, dim):
+        return {} if self.game is None else {"outputs": num_classes}
+
+    def disc_inputs(self, out, tgt):
+        if self.cfg.d_input == "logits":
+            return out.logits.float()[None], tgt.logits.mean(0)[None]
+        return soften(out.logits, self.cfg.temperature)[None], self.target(tgt)[None]
