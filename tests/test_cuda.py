@@ -103,7 +103,7 @@ def tiny_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
     return params
 
 
-def cuda_run(params: dict, method: str, options: dict, online: bool = False):
+def cuda_trainer(params: dict, method: str, options: dict, online: bool = False):
     """(trainer, train set, targets) of `method` with `options` on the GPU, as the distill stage builds them."""
     train = load_split(build(DataConfig, params["data"], "data"), "train")
     views = open_view_plan(paths.view_plan())
@@ -114,9 +114,9 @@ def cuda_run(params: dict, method: str, options: dict, online: bool = False):
     targets = tiny_targets(distiller, align_cfg, CUDA, online) if teachers else NoTargets()
     torch.manual_seed(0)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.1)
-    run = build_trainer(distiller, cfg, student, 10, align_cfg, CUDA)
+    trainer = build_trainer(distiller, cfg, student, 10, align_cfg, CUDA)
     data = TrainSet(train.images.to(CUDA), train.labels.to(CUDA), views.aug, views.augment, train.mean, train.std)
-    return run, data, targets
+    return trainer, data, targets
 
 
 @pytest.mark.parametrize("method,options", [
@@ -127,9 +127,9 @@ def test_training_steps_never_wait_for_the_gpu(tiny_pipeline, method, options):
     """No host synchronisation inside a step (no .item(), no host-to-device copy of a fresh tensor, no
     data-dependent shape): CUDA's sync debug mode turns any into an error. The epoch's setup (its batch
     order and view parameters copied to the device) happens on the first step, before the check."""
-    run, data, targets = cuda_run(tiny_pipeline, method, options)
+    trainer, data, targets = cuda_trainer(tiny_pipeline, method, options)
     targets.start_epoch(0, 1)
-    steps = epoch_steps(run, 0, data, targets)
+    steps = epoch_steps(trainer, 0, data, targets)
     next(steps)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -144,10 +144,10 @@ def test_training_steps_never_wait_for_the_gpu(tiny_pipeline, method, options):
 def test_cached_targets_on_cuda_equal_the_live_teachers(tiny_pipeline):
     """The epoch's slab pinned and copied to the GPU gives, for a batch, what the teachers compute live
     on the GPU from the same view (the cache was written on the CPU: equal to fp16 rounding and TF32)."""
-    run, data, cached = cuda_run(tiny_pipeline, "kd", {})
-    _, _, online = cuda_run(tiny_pipeline, "kd", {}, online=True)
-    run, data, cached_meal = cuda_run(tiny_pipeline, "meal", {})
-    _, _, online_meal = cuda_run(tiny_pipeline, "meal", {}, online=True)
+    _, data, cached = cuda_trainer(tiny_pipeline, "kd", {})
+    _, _, online = cuda_trainer(tiny_pipeline, "kd", {}, online=True)
+    _, data, cached_meal = cuda_trainer(tiny_pipeline, "meal", {})
+    _, _, online_meal = cuda_trainer(tiny_pipeline, "meal", {}, online=True)
     idx = torch.arange(5, 37, device=CUDA)
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, 1])).to(CUDA)
     x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)

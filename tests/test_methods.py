@@ -68,40 +68,40 @@ def test_student_gradient_fools_d_in_the_true_game_and_helps_it_in_cooperative(m
 
 
 def tiny_trainer(mode: str):
-    """A MEAL run whose student loss is the adversarial term alone, D frozen (lr 0) to measure the student."""
+    """A MEAL trainer whose student loss is the adversarial term alone, D frozen (lr 0) to measure the student."""
     torch.manual_seed(0)
     cfg = build(DistillConfig, {"method": "meal", "lr": 0.5, "momentum": 0.0, "weight_decay": 0.0}, "distill")
     opts = options("meal", adversarial=mode, adv_weight=1.0, logit_weight=0.0, block_weights=[0.0, 0.0, 0.0])
     method = make_method("meal", opts, TEACHERS[:2])
     student = build_model("student_cnn", 10, 1, width=0.25)
-    run = build_trainer(method, cfg, student, 10, ALIGN, torch.device("cpu"))
-    for opt in (run.opt, run.d_opt):
+    trainer = build_trainer(method, cfg, student, 10, ALIGN, torch.device("cpu"))
+    for opt in (trainer.opt, trainer.d_opt):
         for group in (opt.param_groups if opt is not None else []):
-            if opt is run.d_opt or group.get("fixed_lr"):
+            if opt is trainer.d_opt or group.get("fixed_lr"):
                 group["lr"] = 0.0  # a fixed D: only the student moves
-    return run
+    return trainer
 
 
-def d_teacher_prob(run, x) -> float:
+def d_teacher_prob(trainer, x) -> float:
     with torch.no_grad():
-        _, feats = run.student(x)
+        _, feats = trainer.student(x)
         vecs = [align(f, ALIGN) for f in feats]  # (B, 8) each, as the step aligns them
-        return teacher_probability(run.discs, torch.stack(vecs)).mean().item()  # D order: block1..3
+        return teacher_probability(trainer.discs, torch.stack(vecs)).mean().item()  # D order: block1..3
 
 
 @pytest.mark.parametrize("mode,direction", [("alternating", +1), ("reversal", +1), ("cooperative", -1)])
 def test_training_step_moves_the_student_the_right_way(mode, direction):
-    run = tiny_trainer(mode)
+    trainer = tiny_trainer(mode)
     x = torch.randn(32, 1, 28, 28)
     y = torch.randint(0, 10, (32,))
     tgt = Targets(torch.randn(1, 32, 10), torch.rand(1, 3, 32, 8) * 3)
-    d_before = {k: v.clone() for k, v in run.discs.state_dict().items()}
-    run.student.eval()  # fixed BatchNorm statistics, so the probe sees only the weight change
-    before = d_teacher_prob(run, x)
+    d_before = {k: v.clone() for k, v in trainer.discs.state_dict().items()}
+    trainer.student.eval()  # fixed BatchNorm statistics, so the probe sees only the weight change
+    before = d_teacher_prob(trainer, x)
     for _ in range(3):
-        names, _ = train_step(run, x, y, tgt)
-    after = d_teacher_prob(run, x)
-    assert all(torch.equal(v, run.discs.state_dict()[k]) for k, v in d_before.items())  # D did not move
+        names, _ = train_step(trainer, x, y, tgt)
+    after = d_teacher_prob(trainer, x)
+    assert all(torch.equal(v, trainer.discs.state_dict()[k]) for k, v in d_before.items())  # D did not move
     assert direction * (after - before) > 0, (mode, before, after)
     assert set(names) >= {"loss", "d_acc_block1", "d_loss_block3", "adv_block2"}
 
@@ -183,22 +183,22 @@ def test_fooling_loss_is_bce_against_the_teacher_label_through_a_fixed_d():
 @pytest.mark.parametrize("mode,cls", [("alternating", Alternating), ("reversal", Reversal),
                                       ("cooperative", Cooperative)])
 def test_each_game_owns_its_optimizer_or_joins_the_students(mode, cls):
-    run = tiny_trainer(mode)
-    assert isinstance(run.game, cls)
-    d_params = {id(p) for p in run.discs.parameters()}
-    in_student = {id(p) for g in run.opt.param_groups for p in g["params"]} & d_params
-    assert (run.d_opt is None) == (mode == "cooperative") and bool(in_student) == (mode == "cooperative")
+    trainer = tiny_trainer(mode)
+    assert isinstance(trainer.game, cls)
+    d_params = {id(p) for p in trainer.discs.parameters()}
+    in_student = {id(p) for g in trainer.opt.param_groups for p in g["params"]} & d_params
+    assert (trainer.d_opt is None) == (mode == "cooperative") and bool(in_student) == (mode == "cooperative")
 
 
 def trained_steps(method: str, values: dict, steps: int = 3, device: str = "cpu", compile: bool = False):
     """(stat names, last stats, student and discriminator weights, on the CPU) after `steps` steps of a tiny
-    run on `device` (compiled with `compile`), on the same seeded batches."""
+    trainer on `device` (compiled with `compile`), on the same seeded batches."""
     torch.manual_seed(0)
     dev = torch.device(device)
     cfg = build(DistillConfig, {"method": method, "lr": 0.2, "compile": compile}, "distill")
     distiller = make_method(method, options(method, **values), TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=0.0)
-    run = build_trainer(distiller, cfg, student, 10, ALIGN, dev)
+    trainer = build_trainer(distiller, cfg, student, 10, ALIGN, dev)
     g = torch.Generator().manual_seed(1)
     rng = random.Random(0)
     for _ in range(steps):
@@ -206,8 +206,8 @@ def trained_steps(method: str, values: dict, steps: int = 3, device: str = "cpu"
         every = Targets(torch.randn(3, 16, 10, generator=g), torch.rand(3, 3, 16, 8, generator=g) * 2)
         picked = distiller.pick(rng)
         tgt = Targets(every.logits[picked].to(dev), every.blocks[picked][:, list(distiller.feature_blocks)].to(dev))
-        names, stats = train_step(run, x.to(dev).contiguous(memory_format=torch.channels_last), y.to(dev), tgt)
-    params = {**dict(run.student.named_parameters()), **(dict(run.discs.named_parameters()) if run.discs else {})}
+        names, stats = train_step(trainer, x.to(dev).contiguous(memory_format=torch.channels_last), y.to(dev), tgt)
+    params = {**dict(trainer.student.named_parameters()), **(dict(trainer.discs.named_parameters()) if trainer.discs else {})}
     return names, stats.cpu(), {k: v.detach().cpu().clone() for k, v in params.items()}
 
 
@@ -356,9 +356,9 @@ def test_teacher_list():
 
 def test_checkpoint_with_other_discriminator_layout_is_one_line():
     """Discriminators saved per layer (an older version's checkpoint) cannot resume: a UserError, no traceback."""
-    run = tiny_trainer("alternating")
-    state = state_dict(run)
-    state["discriminators"] = {f"weights.{i}": w.detach() for i, (w, _) in enumerate(run.discs.layers())}
+    trainer = tiny_trainer("alternating")
+    state = state_dict(trainer)
+    state["discriminators"] = {f"weights.{i}": w.detach() for i, (w, _) in enumerate(trainer.discs.layers())}
     with pytest.raises(UserError, match="--restart"):
-        load_state(run, state)
-    load_state(run, state_dict(run))  # its own state loads
+        load_state(trainer, state)
+    load_state(trainer, state_dict(trainer))  # its own state loads
