@@ -24,10 +24,10 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.align import AlignConfig
-from pipeline.cache_store import FORMAT_CODECS, FORMATS, format_of, open_store
+from pipeline.cache_store import FORMAT_CODECS, FORMATS, ChunkError, format_of, layout_from_attrs, open_store, read_view
 from pipeline.config import UserError, build, check, check_choice
 
-CACHE_FORMAT = 1  # bump when the layout or the meaning of an attr changes
+CACHE_FORMAT = 2  # bump when the layout or the meaning of an attr changes (2: checksummed chunks)
 
 
 @dataclass
@@ -44,6 +44,7 @@ class CacheConfig:
     # none | zstd | blosc (zarr); none | lzf | gzip (h5). fp16 teacher outputs barely compress (their
     # mantissas are noise) and every codec slows the slab reads (same sweep), so raw storage is the default.
     codec: str = "none"
+    checksum: bool = True  # crc32c (zarr) / Fletcher32 (h5) on every chunk, verified on every read
     queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
     prefetch_batches: int = 4  # augmented input batches prepared ahead of the teacher forward
     autocast: bool = False  # bf16 autocast on CUDA: faster, but logits carry bf16 (8-bit) precision
@@ -64,10 +65,11 @@ class CacheConfig:
         return build(AlignConfig, self.align, "cache.align")
 
 
-def rerun_hint(teacher: str, fmt: str, overwrite: bool = False) -> str:
-    """The command that (re)builds a teacher's cache."""
+def rerun_hint(teacher: str, fmt: str, overwrite: bool = False, repair: bool = False) -> str:
+    """The command that (re)builds a teacher's cache (`repair`: only its damaged chunks)."""
     return (f"python -m stages.cache_teachers --teacher {teacher}"
-            + (" --format h5" if fmt == "h5" else "") + (" --overwrite" if overwrite else ""))
+            + (" --format h5" if fmt == "h5" else "") + (" --overwrite" if overwrite else "")
+            + (" --repair" if repair else ""))
 
 
 class TeacherCache:
@@ -90,6 +92,7 @@ class TeacherCache:
             self.close()
             raise UserError(f"teacher cache {self.path} has format version {self.attrs.get('format_version')!r}, "
                             f"this code reads {CACHE_FORMAT}: run {rerun_hint(guess, self.format, True)}")
+        self.layout = layout_from_attrs(self.attrs)
 
     # ------------------------------------------------------------ identity and shape
 
@@ -140,6 +143,19 @@ class TeacherCache:
             raise UserError(f"cache {self.path} is incomplete ({self.done_chunks}/{self.num_chunks} chunks): "
                             f"rerun {rerun_hint(self.teacher, self.format)} to finish it")
 
+    def check_identity(self, name: str, checkpoint: Path | None = None) -> None:
+        """The cache must hold teacher `name`'s outputs, made from the checkpoint at `checkpoint` (when that
+        file exists: a cache stands alone once its teacher is gone). A store copied under another
+        teacher's name, or made before its teacher was retrained, is a one-line UserError."""
+        from pipeline.checkpoints import sha256_file
+
+        fix = f"rerun {rerun_hint(name, self.format, overwrite=True)}"
+        if self.teacher != name:
+            raise UserError(f"cache {self.path} holds teacher {self.teacher!r}'s outputs, not {name!r}'s: {fix}")
+        if checkpoint is not None and Path(checkpoint).is_file() \
+                and sha256_file(checkpoint) != self.attrs.get("checkpoint_sha256"):
+            raise UserError(f"teacher checkpoint {checkpoint} changed since cache {self.path} was made: {fix}")
+
     # ------------------------------------------------------------ reading
 
     def view_slab(self, view: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
@@ -154,7 +170,11 @@ class TeacherCache:
         for name in wanted:
             if name != "logits" and name not in self.blocks:
                 raise KeyError(f"{self.path} has no array {name!r}; it has logits, {', '.join(self.blocks)}")
-            out[name] = np.asarray(self._store.read_view("logits" if name == "logits" else f"features/{name}", view))
+            try:
+                out[name] = read_view(self._store, self.layout, "logits" if name == "logits" else f"features/{name}", view)
+            except ChunkError as err:  # checksummed chunks: a damaged one is named, with how to rebuild it
+                raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True)} "
+                                f"to rebuild the damaged chunks") from None
         return out
 
     def array(self, name: str):
@@ -187,18 +207,19 @@ def validate_caches(
     num_classes: int,
     check_checkpoints: bool = True,
     checkpoint_path: Callable[[str], Path] = paths.teacher_checkpoint,
+    teachers: list[str] | None = None,
 ) -> list[TeacherCache]:
     """Refuse, with one line naming the cache and the fix, caches the student cannot use together.
 
-    Checks each cache against the view plan (`plan`, a ViewPlan), the student's training data
-    (`data_fingerprint`, `num_classes`) and the others (N, V, number of blocks, align spec), that it is
-    complete, and (with `check_checkpoints`) that its teacher's checkpoint still hashes to what the
-    cache recorded; a checkpoint file that is no longer there is not checked (the cache stands alone).
-    Returns the caches, opened.
+    Checks each cache against the teacher it is used as (`teachers`, in the caches' order: its name,
+    and with `check_checkpoints` that teacher's checkpoint, `check_identity`), the view plan (`plan`, a
+    ViewPlan), the student's training data (`data_fingerprint`, `num_classes`) and the others (N, V,
+    number of blocks, align spec), and that it is complete. Returns the caches, opened.
     """
-    from pipeline.checkpoints import sha256_file
-
     opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in caches]
+    names = list(teachers) if teachers is not None else [c.teacher for c in opened]
+    if len(names) != len(opened):
+        raise ValueError(f"{len(opened)} caches for {len(names)} teacher names")
     if not opened:
         raise UserError("no teacher caches given: list the teachers to distill from and cache them first")
     plan_name = plan.path or "the view plan"
@@ -206,7 +227,8 @@ def validate_caches(
         raise UserError(f"view plan {plan_name} was made from another dataset than the student's training data: "
                         f"rerun python -m stages.plan_views, then the teacher caches")
     first = opened[0]
-    for cache in opened:
+    for cache, name in zip(opened, names):
+        cache.check_identity(name, checkpoint_path(name) if check_checkpoints else None)
         fix = f"rerun {rerun_hint(cache.teacher, cache.format, overwrite=True)}"
         if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
             raise UserError(f"cache {cache.path} was made from another view plan than {plan_name}: {fix}")
@@ -224,10 +246,6 @@ def validate_caches(
                 raise UserError(f"caches {first.path} and {cache.path} disagree on the {what} ({theirs} vs {mine}): "
                                 f"rebuild them with the same params ({fix})")
         cache.check_complete()
-        if check_checkpoints:
-            ckpt = Path(checkpoint_path(cache.teacher))
-            if ckpt.is_file() and sha256_file(ckpt) != cache.attrs.get("checkpoint_sha256"):
-                raise UserError(f"teacher checkpoint {ckpt} changed since cache {cache.path} was made: {fix}")
     return opened
 
 

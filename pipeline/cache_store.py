@@ -13,14 +13,21 @@ writers. R and the codec were chosen by measurement (`python -m bench.cache_io -
 `pipeline.cache.CacheConfig`).
 
 Float arrays use NaN as the fill value, so a region nobody wrote reads as NaN, never as plausible zeros;
-`done` is what says which rows are real. HDF5 cannot hold dict or list attributes, so those are stored
+`done` is what says which rows are real. Every chunk carries a checksum (zarr v3's crc32c codec, HDF5's
+Fletcher32 filter), verified on every read; `read_rows` names the chunk a failed read or a NaN belongs
+to (`ChunkError`), so a damaged store ends in one line saying which chunk to rebuild. HDF5 cannot hold dict or list attributes, so those are stored
 as JSON strings and their names listed in the `json_attrs` attribute.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ class Layout:
     feature_length: int  # L, the aligned length of every block's vector
     chunk_rows: int  # R, sample rows per chunk (the write and resume unit)
     codec: str  # one of FORMAT_CODECS[format]
+    checksum: bool = True  # a crc32c (zarr) or Fletcher32 (h5) checksum on every chunk, verified on read
 
     @property
     def n_chunks(self) -> int:
@@ -56,16 +64,66 @@ class Layout:
         """The sample rows [start, stop) of chunk k."""
         return k * self.chunk_rows, min(self.num_samples, (k + 1) * self.chunk_rows)
 
+    def chunk_of(self, row: int) -> int:
+        return row // self.chunk_rows
+
     def to_attrs(self) -> dict[str, Any]:
-        return {"chunk_rows": self.chunk_rows, "codec": self.codec}
+        return {"chunk_rows": self.chunk_rows, "codec": self.codec, "checksum": self.checksum}
 
 
 def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
     return Layout(
         num_samples=attrs["num_samples"], num_views=attrs["num_views"], num_classes=attrs["num_classes"],
         blocks=tuple(attrs["blocks"]), feature_length=attrs["align"]["length"],
-        chunk_rows=attrs["chunk_rows"], codec=attrs["codec"],
+        chunk_rows=attrs["chunk_rows"], codec=attrs["codec"], checksum=bool(attrs.get("checksum", False)),
     )
+
+
+class ChunkError(Exception):
+    """Chunk `chunk` of array `array` could not be read back as written: `reason` says how."""
+
+    def __init__(self, array: str, chunk: int, rows: tuple[int, int], reason: str):
+        super().__init__(f"chunk {chunk} of {array} (rows {rows[0]}-{rows[1] - 1}) {reason}")
+        self.array, self.chunk, self.rows, self.reason = array, chunk, rows, reason
+
+
+def read_rows(store, layout: Layout, name: str, k: int, view: int | None = None) -> np.ndarray:
+    """Chunk k's rows of array `name` (all views, or one), verified: a checksum or decoding failure, or a
+    NaN (a region no writer filled: a lost chunk file), raises ChunkError."""
+    start, stop = layout.rows(k)
+    try:
+        arr = store.array(name)
+        value = np.asarray(arr[start:stop] if view is None else arr[start:stop, view])
+    except Exception as exc:  # zarr: ValueError on a checksum mismatch; h5py: OSError from the filter
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+        raise ChunkError(name, k, (start, stop), f"is damaged ({type(exc).__name__}: {first})") from None
+    if np.isnan(value).any():
+        raise ChunkError(name, k, (start, stop), "holds unwritten (NaN) values")
+    return value
+
+
+def read_view(store, layout: Layout, name: str, view: int) -> np.ndarray:
+    """View `view` of array `name` for every sample, (N, W), read and verified chunk by chunk."""
+    out = np.empty((layout.num_samples, layout.widths()[name]), dtype=np.float16)
+    for k in range(layout.n_chunks):
+        start, stop = layout.rows(k)
+        out[start:stop] = read_rows(store, layout, name, k, view)
+    return out
+
+
+def damaged_chunks(store, layout: Layout) -> dict[int, list[str]]:
+    """Every chunk whose rows or `done` marker do not read back as written: chunk -> the arrays at fault.
+    Chunks not marked done are not checked (they are still to be written)."""
+    bad: dict[int, list[str]] = {}
+    for k, done in enumerate(store.done()):
+        if not done:
+            continue
+        for name in layout.widths():
+            try:
+                read_rows(store, layout, name, k)
+            except ChunkError:
+                bad.setdefault(k, []).append(name)
+    return bad
 
 
 def format_of(path: str | Path) -> str:
@@ -102,8 +160,12 @@ class ZarrStore:
     def create(cls, path: Path, layout: Layout, attrs: dict[str, Any]) -> "ZarrStore":
         import zarr
 
+        from zarr.codecs import Crc32cCodec
+
         root = zarr.open_group(str(path), mode="w-", zarr_format=3)
-        compressors = _zarr_compressors(layout.codec)
+        # the checksum is the last bytes-to-bytes codec: it covers the compressed bytes as stored
+        checksum = [Crc32cCodec()] if layout.checksum else []
+        compressors = (_zarr_compressors(layout.codec) or []) + checksum or None
         for name, width in layout.widths().items():
             root.create_array(
                 name, shape=(layout.num_samples, layout.num_views, width),
@@ -112,7 +174,7 @@ class ZarrStore:
             )
         # one zarr chunk per marker, so writers of different chunks never rewrite each other's markers
         root.create_array("done", shape=(layout.n_chunks,), chunks=(1,), dtype="uint8", fill_value=0,
-                          compressors=None, dimension_names=("chunk",))
+                          compressors=checksum or None, dimension_names=("chunk",))
         root.attrs.update(attrs)
         return cls(path, writable=True)
 
@@ -130,23 +192,31 @@ class ZarrStore:
         return self._arrays[name]
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.array("done")[...], dtype=np.uint8)
+        """The `done` markers (n_chunks,); a marker that fails its checksum counts as not done."""
+        try:
+            return np.asarray(self.array("done")[...], dtype=np.uint8)
+        except ValueError:
+            return np.array([_marker(self.array("done"), k) for k in range(self.array("done").shape[0])], np.uint8)
 
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         for name, value in arrays.items():  # value (r, V, W) float16
             self.array(name)[start:start + len(value)] = value
 
-    def mark_done(self, k: int) -> None:
-        self.array("done")[k] = 1
-
-    def read_view(self, name: str, view: int) -> np.ndarray:
-        return self.array(name)[:, view, :]  # (N, W)
+    def mark_done(self, k: int, value: int = 1) -> None:
+        self.array("done")[k] = value
 
     def flush(self) -> None:
         pass  # every zarr write is already a finished file
 
     def close(self) -> None:
         self._arrays.clear()
+
+
+def _marker(done, k: int) -> int:
+    try:
+        return int(done[k])
+    except (ValueError, OSError):
+        return 0
 
 
 def _zarr_compressors(codec: str):
@@ -183,11 +253,13 @@ class H5Store:
             for name, width in layout.widths().items():
                 ds = f.create_dataset(
                     name, shape=(layout.num_samples, layout.num_views, width), dtype="float16",
-                    chunks=(min(layout.chunk_rows, layout.num_samples), 1, width), fillvalue=np.nan, **kwargs,
+                    chunks=(min(layout.chunk_rows, layout.num_samples), 1, width), fillvalue=np.nan,
+                    fletcher32=layout.checksum, **kwargs,
                 )
                 for axis, label in enumerate(DIMS.get(name, FEATURE_DIMS)):
                     ds.dims[axis].label = label
-            done = f.create_dataset("done", shape=(layout.n_chunks,), dtype="uint8", fillvalue=0)
+            done = f.create_dataset("done", shape=(layout.n_chunks,), dtype="uint8", fillvalue=0,
+                                    chunks=(1,), fletcher32=layout.checksum)
             done.dims[0].label = "chunk"
             _h5_write_attrs(f.attrs, attrs)
         return cls(path, writable=True)
@@ -205,19 +277,20 @@ class H5Store:
         return self.file[name]
 
     def done(self) -> np.ndarray:
-        return np.asarray(self.file["done"][...], dtype=np.uint8)
+        """The `done` markers (n_chunks,); a marker that fails its checksum counts as not done."""
+        try:
+            return np.asarray(self.file["done"][...], dtype=np.uint8)
+        except OSError:
+            return np.array([_marker(self.file["done"], k) for k in range(self.file["done"].shape[0])], np.uint8)
 
     def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         for name, value in arrays.items():
             self.file[name][start:start + len(value)] = value
         self.file.flush()  # the rows reach the file before their `done` marker does
 
-    def mark_done(self, k: int) -> None:
-        self.file["done"][k] = 1
+    def mark_done(self, k: int, value: int = 1) -> None:
+        self.file["done"][k] = value
         self.file.flush()
-
-    def read_view(self, name: str, view: int) -> np.ndarray:
-        return self.file[name][:, view, :]  # (N, W)
 
     def flush(self) -> None:
         self.file.flush()
@@ -262,6 +335,42 @@ def _h5_read_attrs(source) -> dict[str, Any]:
             value = value.item()  # numpy scalars -> plain bool / int / float
         out[key] = value
     return out
+
+
+@contextlib.contextmanager
+def writer_lock(store: Path):
+    """Hold the one-writer lock of the store at `store` (`<store>.lock` beside it) for the block.
+
+    An exclusive `fcntl.flock`, which the kernel drops when its process dies: a killed writer leaves no
+    lock that blocks a rerun. A second writer ends at once in one line naming the process that holds it.
+    """
+    from pipeline.config import UserError
+
+    lock = store.with_name(store.name + ".lock")
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot write the cache at {store} ({exc.strerror or exc}): choose a writable location "
+                        f"or fix the permissions of {store.parent}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"cache {store} is being written by {holder}: wait for it to finish, or stop it "
+                            f"and rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # the file stays (unlinking it could let two writers lock two inodes)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def remove_path(path: Path) -> None:

@@ -34,7 +34,7 @@ import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CACHE_FORMAT, CacheConfig, rerun_hint
-from pipeline.cache_store import Layout, create_store, open_store, remove_path, swap_in
+from pipeline.cache_store import Layout, create_store, damaged_chunks, open_store, remove_path, swap_in, writer_lock
 from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
 from pipeline.config import UserError, to_dict
 from pipeline.device import memory_format
@@ -70,6 +70,7 @@ def cache_teacher(
     on_chunk: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
     teacher: str | None = None,
+    repair: bool = False,
 ) -> dict[str, Any]:
     """Fill the cache `out` (.zarr or .h5) for the teacher at `checkpoint`; returns a summary dict.
 
@@ -77,7 +78,9 @@ def cache_teacher(
     `paths.teacher_checkpoint(name)` finds it again when validate_caches checks its hash).
     `data` is the ImageData of the split the plan was made from. `on_chunk(k)` is called by the writer
     after chunk k is marked done (progress reporting, and the tests' fault injection); `log(line)` gets
-    one line once every check passed and the work starts.
+    one line once every check passed and the work starts. `repair`: verify every chunk of an existing
+    store first and rebuild those whose checksum (or content) fails, keeping the rest.
+    One writer per store: a second `cache_teacher` on the same `out` ends at once (`writer_lock`).
     """
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
     if not checkpoint.is_file():
@@ -116,32 +119,61 @@ def cache_teacher(
     n_chunks = max(1, -(-plan.num_samples // cfg.chunk_rows))
     rows = max(1, -(-plan.num_samples // n_chunks))  # <= chunk_rows, balanced: no mostly-empty last chunk
     layout = Layout(plan.num_samples, plan.num_views, attrs["num_classes"], tuple(blocks), align_cfg.length,
-                    rows, cfg.codec)
+                    rows, cfg.codec, cfg.checksum)
     attrs.update(layout.to_attrs())
 
-    store, staging = _prepare_store(out, attrs, layout, overwrite)
+    with writer_lock(out):  # taken before the store is created, resumed, repaired or swapped
+        store, staging = _prepare_store(out, attrs, layout, overwrite, repair)
+        try:
+            layout = dataclasses.replace(layout, **_layout_of(store.attrs))  # a resumed store keeps its own layout
+            damaged = _clear_damaged(store, layout) if repair else []
+            done = store.done()
+            pending = [k for k in range(layout.n_chunks) if not done[k]]
+            if log is not None:
+                chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
+                state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
+                         else "already complete" if not pending else chunks)
+                if repair:
+                    state += f", {len(damaged)} damaged chunk(s) to rebuild" if damaged else ", every chunk verified"
+                log(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
+                    f"{layout.num_views} views on {device}, {state}")
+            if pending:
+                _run_chunks(model, store, layout, pending, plan, data, cfg, device, progress, on_chunk, teacher)
+            if not store.done().all():  # cannot happen unless the store was changed under us
+                raise UserError(f"cache {out} still has unwritten chunks: rerun {rerun_hint(teacher, store.format)}")
+            if not store.attrs.get("complete"):
+                store.update_attrs({"complete": True})
+        finally:
+            store.close()
+        if staging is not None:
+            swap_in(staging, out)
+    return {"teacher": teacher, "path": str(out), "chunks_written": len(pending), "chunks": layout.n_chunks,
+            "num_samples": layout.num_samples, "num_views": layout.num_views, "repaired": damaged}
+
+
+def _clear_damaged(store, layout: Layout) -> list[int]:
+    """Clear the `done` marker of every chunk that fails verification (and `complete`), so the pass
+    rebuilds exactly those; returns them."""
+    bad = sorted(damaged_chunks(store, layout))
+    for k in bad:
+        store.mark_done(k, 0)
+    if bad:
+        store.update_attrs({"complete": False})
+    return bad
+
+
+def verify_cache(out: str | Path) -> dict[int, list[str]]:
+    """Every damaged chunk of the store at `out` -> the arrays at fault ({} when every chunk verifies)."""
+    from pipeline.cache_store import layout_from_attrs
+
+    out = Path(out)
+    store = _try_open(out)
+    if store is None:
+        raise UserError(f"{out} cannot be read as a teacher cache ({_open_error(out) if out.exists() else 'not found'})")
     try:
-        layout = dataclasses.replace(layout, **_layout_of(store.attrs))  # a resumed store keeps its own layout
-        done = store.done()
-        pending = [k for k in range(layout.n_chunks) if not done[k]]
-        if log is not None:
-            chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
-            state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
-                     else "already complete" if not pending else chunks)
-            log(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
-                f"{layout.num_views} views on {device}, {state}")
-        if pending:
-            _run_chunks(model, store, layout, pending, plan, data, cfg, device, progress, on_chunk, teacher)
-        if not store.done().all():  # cannot happen unless the store was changed under us
-            raise UserError(f"cache {out} still has unwritten chunks: rerun {rerun_hint(teacher, store.format)}")
-        if not store.attrs.get("complete"):
-            store.update_attrs({"complete": True})
+        return damaged_chunks(store, layout_from_attrs(store.attrs))
     finally:
         store.close()
-    if staging is not None:
-        swap_in(staging, out)
-    return {"teacher": teacher, "path": str(out), "chunks_written": len(pending), "chunks": layout.n_chunks,
-            "num_samples": layout.num_samples, "num_views": layout.num_views}
 
 
 # ---------------------------------------------------------------- checks and store preparation
@@ -155,7 +187,7 @@ def _check_inputs(teacher: str, ckpt: dict, plan: ViewPlan, data, checkpoint: Pa
                     f"retrain it with python -m stages.pretrain --teacher {teacher} --restart")
 
 
-def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: bool):
+def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: bool, repair: bool = False):
     """The store to write into, and the staging path to swap in at the end (or None).
 
     An existing store with the same identity is resumed; one with another identity is an error unless
@@ -172,7 +204,7 @@ def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: 
                             f"pass --overwrite to replace it, or delete it")
         if existing is not None:
             changed = identity_diff(existing.attrs, attrs)
-            if not overwrite and not changed and existing.attrs.get("complete") and existing.done().all():
+            if not (overwrite or repair or changed) and existing.attrs.get("complete") and existing.done().all():
                 return existing, None  # up to date: nothing to write, stay read-only
             existing.close()
             if not overwrite:
@@ -258,7 +290,7 @@ def _open_writable(path: Path):
 
 
 def _layout_of(attrs: dict[str, Any]) -> dict[str, Any]:
-    return {"chunk_rows": attrs["chunk_rows"], "codec": attrs["codec"]}
+    return {"chunk_rows": attrs["chunk_rows"], "codec": attrs["codec"], "checksum": bool(attrs.get("checksum", False))}
 
 
 def _json(value: Any) -> Any:

@@ -40,10 +40,14 @@ def soft_labels(
         raise UserError(f"temperature = {temperature} must be > 0")
     if top_k < 1:
         raise UserError(f"top_k = {top_k} must be at least 1")
-    opened = [c if isinstance(c, TeacherCache) else open_cache(c)
-              for c in ([caches] if isinstance(caches, (str, Path, TeacherCache)) else list(caches))]
+    given = [caches] if isinstance(caches, (str, Path, TeacherCache)) else list(caches)
+    opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in given]
     if not opened:
         raise UserError("no caches given: pass one path or a list of paths")
+    for cache in opened:  # a store at data/cache/NAME.zarr must hold teacher NAME's outputs
+        name = paths.cached_teacher_name(cache.path)
+        if name is not None:
+            cache.check_identity(name, paths.teacher_checkpoint(name))
     plan = plan if isinstance(plan, ViewPlan) else open_view_plan(plan or paths.view_plan())
     for cache in opened:
         if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:

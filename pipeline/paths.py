@@ -24,6 +24,15 @@ def view_plan() -> Path:
     return DATA / "views.zarr"
 
 
+def cached_teacher_name(path: str | Path) -> str | None:
+    """The teacher a store at the pipeline's own cache location is used as (data/cache/NAME.zarr -> NAME);
+    None for a store anywhere else."""
+    path = Path(path)
+    if path.parent.resolve() != (DATA / "cache").resolve():
+        return None
+    return path.name.split(".")[0]
+
+
 def teacher_cache(name: str, fmt: str = "zarr") -> Path:
     """One teacher's cached logits and aligned features (`zarr` or `h5`)."""
     return DATA / "cache" / f"{name}.{fmt}"

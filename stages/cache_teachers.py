@@ -1,12 +1,14 @@
 """Stage: run one pretrained teacher over every (sample, view) of the view plan and cache its outputs.
 
     python -m stages.cache_teachers --teacher resnet18 [--format zarr|h5] [--device auto|cpu|cuda]
+    python -m stages.cache_teachers --teacher resnet18 --verify     # check every chunk's checksum, write nothing
+    python -m stages.cache_teachers --teacher resnet18 --repair     # rebuild only the chunks that fail it
 
 Reads data/teachers/<name>.pt and data/views.zarr, writes data/cache/<name>.zarr (or .h5): raw fp16
 logits (N, V, C) and the aligned block features (N, V, L) (pipeline.cache). Killed and rerun, it
 resumes from the first chunk not yet written; a cache made from another checkpoint, view plan or
 align spec is refused unless --overwrite is given (the old one is replaced only once the new one is
-complete).
+complete). Every chunk is checksummed; one process writes a store at a time (`<store>.lock`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import click
 
 from pipeline import paths
 from pipeline.cache import CacheConfig
-from pipeline.cache_write import cache_teacher
+from pipeline.cache_write import cache_teacher, verify_cache
+from pipeline.config import UserError
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
+from pipeline.cache import rerun_hint
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.views import open_view_plan
@@ -29,22 +33,32 @@ from pipeline.views import open_view_plan
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", type=int, default=None, help="(sample, view) pairs per forward [default: params cache.batch_size].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made from another checkpoint, plan or align spec.")
+@click.option("--verify", is_flag=True, help="Check every chunk of the existing cache against its checksum; write nothing.")
+@click.option("--repair", is_flag=True, help="Verify every chunk and rebuild the damaged ones (the rest is kept).")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, overwrite: bool,
-         params_path: str, quiet: bool) -> None:
+def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, overwrite: bool, verify: bool,
+         repair: bool, params_path: str, quiet: bool) -> None:
     """Cache one teacher's logits and aligned features over the planned views; resumable."""
     params = load_params(params_path)
     data_cfg = build(DataConfig, section(params, "data"), "data")
     overrides = {k: v for k, v in (("format", fmt), ("batch_size", batch_size)) if v is not None}
     cfg = build(CacheConfig, {**section(params, "cache"), **overrides}, "cache")
+    out = paths.teacher_cache(teacher, cfg.format)
+    if verify:
+        bad = verify_cache(out)
+        if bad:
+            listed = "; ".join(f"chunk {k}: {', '.join(names)}" for k, names in sorted(bad.items()))
+            raise UserError(f"cache {out} has {len(bad)} damaged chunk(s) ({listed}): run "
+                            f"{rerun_hint(teacher, cfg.format, repair=True)} to rebuild them")
+        click.echo(f"{teacher}: every written chunk of {out} verified")
+        return
     dev = resolve_device(device)
     setup_cpu()
     plan = open_view_plan(paths.view_plan())
     train = load_split(data_cfg, "train")
-    out = paths.teacher_cache(teacher, cfg.format)
     summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,
-                            progress=not quiet, log=click.echo, teacher=teacher)
+                            progress=not quiet, log=click.echo, teacher=teacher, repair=repair)
     click.echo(f"{summary['teacher']}: {summary['chunks_written']} of {summary['chunks']} chunks written, "
                f"cache complete -> {out}")
 

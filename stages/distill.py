@@ -117,7 +117,7 @@ def open_targets(s: Settings, plan, train, feature_blocks, device):
         align_cfg = s.cache.align_config
         return OnlineTargets(models, align_cfg, feature_blocks, device, s.cache.autocast), align_cfg, None, hashes
     caches = validate_caches([open_cache(paths.teacher_cache(t, s.cache.format)) for t in s.teachers], plan,
-                             train.fingerprint, train.num_classes, check_checkpoints=True)
+                             train.fingerprint, train.num_classes, check_checkpoints=True, teachers=s.teachers)
     align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
     source = CacheSlabs(dict(zip(s.teachers, caches)))
     hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(s.teachers, caches)}

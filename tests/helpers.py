@@ -66,3 +66,13 @@ def tiny_targets(method, align_cfg, device, online: bool):
                              method.feature_blocks, device)
     caches = {t: open_cache(paths.teacher_cache(t)) for t in teachers}
     return CachedTargets(SlabLoader(CacheSlabs(caches), method.feature_blocks, device))
+
+
+def ends_in_one_error_line(result, exit_code: int = 2) -> str:
+    """A click result that stopped partway (after its start-up line, say) the way users must see it: the
+    last line one `Error:` line, no traceback, no other error line."""
+    assert result.exit_code == exit_code, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("Error:") and sum(line.startswith("Error:") for line in lines) == 1, result.output
+    return lines[-1]

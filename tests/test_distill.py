@@ -171,34 +171,6 @@ def test_games_run_through_the_stage(tiny_pipeline, method, game):
     assert bool(ckpt["discriminators"]) == (game != "none")
 
 
-def test_killed_run_resumes_from_the_saved_epoch(tiny_pipeline, monkeypatch):
-    assert run().exit_code == 0
-    reference = torch.load(paths.student_checkpoint("meal"), weights_only=False)
-    paths.student_checkpoint("meal").unlink()
-
-    real = pipeline.distill.train_one_epoch
-
-    def dies_in_epoch_two(run_, epoch, *args, **kwargs):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return real(run_, epoch, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline.distill, "train_one_epoch", dies_in_epoch_two)
-    with pytest.raises((KeyboardInterrupt, click.exceptions.Abort)):  # click turns ^C into Abort
-        distill_stage.main(["--quiet", "--device", "cpu"], standalone_mode=False)
-    partial = torch.load(paths.student_checkpoint("meal"), weights_only=False)
-    assert partial["epoch"] == 1 and not partial["finished"]
-
-    monkeypatch.setattr(pipeline.distill, "train_one_epoch", real)
-    resumed = run()
-    assert resumed.exit_code == 0 and "resuming after epoch 1" in resumed.output
-    final = torch.load(paths.student_checkpoint("meal"), weights_only=False)
-    assert final["epoch"] == 2 and len(final["history"]) == 2
-    for key in ("student", "discriminators"):
-        for name, value in reference[key].items():
-            torch.testing.assert_close(final[key][name], value, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def test_changed_settings_refuse_without_restart(tiny_pipeline):
     params = tiny_pipeline
     params["distill"]["epochs"] = 1
