@@ -1,6 +1,6 @@
 """Benchmark of the teacher cache: stage overhead, bytes on disk, view-slab reads against a numpy memmap.
 
-    python -m bench.cache_io                      # small synthetic setup, a minute or two on 2 CPU cores
+    python -m bench.cache_io                      # small synthetic setup, a few minutes on 2 CPU cores
     python -m bench.cache_io --sweep              # + chunk rows x codec grid (how CacheConfig's defaults were chosen)
     python -m bench.cache_io --cache data/cache/resnet18.zarr --cache data/cache/vgg16.h5   # real caches
 
@@ -17,7 +17,13 @@ A. Stage overhead: the whole cache stage (pipeline.cache_write.cache_teacher: ch
 B. Slab reads at Fashion-MNIST scale (N=60000, V=8, C=10, 3 blocks x L=32, the CacheConfig defaults):
    one view slab `[:, v]` of every array from zarr and from h5 against `np.array(memmap[:, v])` of
    the same (N, V, W) arrays in .npy files. All reads are warm (page cache), best of several.
-C. --sweep: slab read and write speed, and size, for chunk rows x codec, both formats.
+C. Checksum cost: every chunk carries a checksum (zarr v3 crc32c codec, HDF5 Fletcher32), verified on
+   every read (CacheConfig.checksum). The whole cache stage of A with `checksum: true` against
+   `checksum: false`, and one view slab of every array at B's scale from a checksummed store against
+   an unchecksummed one (both through pipeline.cache_store.read_view, chunk by chunk, with its NaN
+   check), both formats. Ratios are taken within each repeat, the order of the pair flipped every
+   repeat; the median is reported. Goal: checksummed within 1.05x of unchecksummed.
+D. --sweep: slab read and write speed, and size, for chunk rows x codec, both formats.
 
 Its synthetic helpers (`synthetic_data`, `fake_teacher`) are shared with the tests.
 """
@@ -36,7 +42,7 @@ import torch
 from bench.common import header, run_main, sync, write_result
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store
+from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store, read_view
 from pipeline.cache_write import cache_teacher
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.data import ImageData
@@ -141,20 +147,24 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
     plan = make_view_plan(ViewsConfig(num_views=args.views), data)
     ckpt = fake_teacher(work / "teacher.pt", data, args.arch, args.width)
     rows = args.chunk_rows or max(1, args.samples // 4)
-    times: dict[str, list[float]] = {"bare": [], "replay": [], "zarr": [], "h5": []}
+    # zarr, h5: the stage as configured by default (checksummed chunks); zarr_nock, h5_nock: checksum off
+    times: dict[str, list[float]] = {"bare": [], "replay": [], "zarr": [], "h5": [], "zarr_nock": [], "h5_nock": []}
     sizes = {}
     bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=False)  # warm-up (allocator, kernels)
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
+    for i in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
         times["bare"].append(bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=False))
         times["replay"].append(bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=True))
         for fmt in ("zarr", "h5"):
-            out = work / f"stage.{fmt}"
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-            cfg = CacheConfig(format=fmt, batch_size=args.batch_size, chunk_rows=rows)
-            start = time.perf_counter()
-            cache_teacher(ckpt, out, plan, data, cfg, device, progress=False)
-            times[fmt].append(time.perf_counter() - start)
-            sizes[fmt] = _disk_bytes(out)
+            # the checksummed and unchecksummed stage back to back, which one first flipped every repeat
+            for checksum in ((True, False) if i % 2 == 0 else (False, True)):
+                key = fmt if checksum else f"{fmt}_nock"
+                out = work / f"stage.{fmt}" if checksum else work / f"stage-nock.{fmt}"
+                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+                cfg = CacheConfig(format=fmt, batch_size=args.batch_size, chunk_rows=rows, checksum=checksum)
+                start = time.perf_counter()
+                cache_teacher(ckpt, out, plan, data, cfg, device, progress=False)
+                times[key].append(time.perf_counter() - start)
+                sizes[key] = _disk_bytes(out)
     # Ratios are taken within each repeat (runs seconds apart see the same machine load; a shared
     # CPU's speed drifts within a minute) and the median is reported; times are the best of the repeats.
     best = {k: min(v) for k, v in times.items()}
@@ -168,6 +178,8 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
         **{f"{f}_stage_s": best[f] for f in ("zarr", "h5")},
         **{f"{f}_ratio": ratio[f] for f in ("zarr", "h5")},
         **{f"{f}_bytes_per_sample_view": sizes[f] / n_views for f in ("zarr", "h5")},
+        "checksum": {f: _pair(times[f], times[f + "_nock"], sizes[f] / n_views, sizes[f + "_nock"] / n_views)
+                     for f in ("zarr", "h5")},
         "payload_bytes_per_sample_view": 2 * sum(Layout(1, 1, data.num_classes, ("b1", "b2", "b3"), 32, 1,
                                                         "none").widths().values()),
     }
@@ -208,21 +220,25 @@ def slab_reads(stores: dict[str, Path], work: Path, repeats: int) -> list[dict]:
     return rows
 
 
-def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8) -> dict[str, Path]:
-    """Stores of Fashion-MNIST size with the default layout, filled by tiling a small real cache's values."""
-    cfg = CacheConfig()
+def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8,
+                         checksum: bool = True) -> dict[str, Path]:
+    """Stores of Fashion-MNIST size with the default layout (`checksum`: chunk checksums on, the default),
+    filled by tiling a small real cache's values."""
+    cfg = CacheConfig(checksum=checksum)
     small = open_cache(source)
     arrays = {"logits": np.asarray(small.array("logits")[...])}
     arrays.update({f"features/{b}": np.asarray(small.array(b)[...]) for b in small.blocks})
     rows = -(-n // -(-n // cfg.chunk_rows))  # balanced as pipeline.cache_write does
     attrs = {**small.attrs, "num_samples": n, "num_views": v, "chunk_rows": rows, "codec": cfg.codec}
-    layout = Layout(n, v, small.num_classes, tuple(small.blocks), small.dims[small.blocks[0]], rows, cfg.codec)
+    layout = Layout(n, v, small.num_classes, tuple(small.blocks), small.dims[small.blocks[0]], rows, cfg.codec,
+                    cfg.checksum)
+    attrs.update(layout.to_attrs())
     small.close()
     reps = (-(-n // arrays["logits"].shape[0]), -(-v // arrays["logits"].shape[1]), 1)
     full = {k: np.tile(a, reps)[:n, :v] for k, a in arrays.items()}  # (n, v, W)
     out = {}
     for fmt in ("zarr", "h5"):
-        path = work / f"fashion-scale.{fmt}"
+        path = work / (f"fashion-scale.{fmt}" if checksum else f"fashion-scale-nock.{fmt}")
         store = create_store(path, layout, attrs)
         for k in range(layout.n_chunks):
             a, b = layout.rows(k)
@@ -230,11 +246,50 @@ def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8) -
             store.mark_done(k)
         store.update_attrs({"complete": True})
         store.close()
-        out[f"{fmt} N={n} V={v}"] = path
+        out[f"{fmt} N={n} V={v}" + ("" if checksum else " no checksum")] = path
     return out
 
 
-# ---------------------------------------------------------------- C. chunk rows x codec sweep
+# ---------------------------------------------------------------- C. checksum cost of a slab read
+
+
+def checksum_reads(checked: dict[str, Path], unchecked: dict[str, Path], repeats: int) -> dict[str, dict]:
+    """One view slab of every array, checksummed store against unchecksummed, per format (pairs in order).
+
+    Both go through TeacherCache.view_slab, i.e. pipeline.cache_store.read_view chunk by chunk with its
+    NaN check; only the checksum differs. Interleaved repeats, the pair's order flipped every repeat."""
+    out = {}
+    for (label, path), nock in zip(checked.items(), unchecked.values()):
+        caches = {True: open_cache(path), False: open_cache(nock)}
+        assert caches[True].attrs.get("checksum") and not caches[False].attrs.get("checksum")
+        view = caches[True].num_views // 2
+        for c in caches.values():
+            c.view_slab(view)  # warm: page cache, lazily opened arrays
+        times: dict[bool, list[float]] = {True: [], False: []}
+        for i in range(repeats):
+            for checksum in ((True, False) if i % 2 == 0 else (False, True)):
+                start = time.perf_counter()
+                caches[checksum].view_slab(view)
+                times[checksum].append(time.perf_counter() - start)
+        out[caches[True].format] = {"store": label, **_pair(times[True], times[False],
+                                                           _disk_bytes(path) / (caches[True].num_samples * caches[True].num_views),
+                                                           _disk_bytes(nock) / (caches[True].num_samples * caches[True].num_views))}
+        for c in caches.values():
+            c.close()
+    return out
+
+
+def _pair(checked: list[float], unchecked: list[float], bytes_checked: float, bytes_unchecked: float) -> dict:
+    """Checksummed against unchecksummed timings taken pairwise: best times, median ratio within a pair."""
+    ratios = np.array(checked) / np.array(unchecked)
+    return {"checksum_s": min(checked), "no_checksum_s": min(unchecked), "ratio": float(np.median(ratios)),
+            "ratio_iqr": [float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))],
+            "ratio_of_best": min(checked) / min(unchecked), "ratios": ratios.tolist(),
+            "times_s": {"checksum": checked, "no_checksum": unchecked},
+            "bytes_per_sample_view": bytes_checked, "no_checksum_bytes_per_sample_view": bytes_unchecked}
+
+
+# ---------------------------------------------------------------- D. chunk rows x codec sweep
 
 
 def sweep(work: Path, source: Path | None, n: int, v: int, repeats: int) -> list[dict]:
@@ -268,7 +323,7 @@ def sweep(work: Path, source: Path | None, n: int, v: int, repeats: int) -> list
                 t_write = time.perf_counter() - start
                 size = _disk_bytes(path)
                 store = open_store(path)
-                t_read = _best(lambda: [store.read_view(name, v // 2) for name in arrays], repeats)
+                t_read = _best(lambda: [read_view(store, layout, name, v // 2) for name in arrays], repeats)
                 store.close()
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
                 rows_out.append({"format": fmt, "codec": codec, "chunk_rows": rows, "write_mb_s": total / t_write / 1e6,
@@ -307,7 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=float, default=1.0, help="its width multiplier")
     parser.add_argument("--batch-size", type=int, default=512, help="(sample, view) pairs per forward")
     parser.add_argument("--chunk-rows", type=int, default=0, help="chunk rows for the stage timing (0 = samples/4)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median ratio, best time)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats (median ratio, best time)")
+    parser.add_argument("--read-repeats", type=int, default=21,
+                        help="timed repeats of the checksummed against unchecksummed slab reads")
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cache", action="append", default=[], type=Path,
                         help="also measure slab reads of this existing cache (repeatable)")
@@ -327,9 +384,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"{args.arch} width {args.width}, {device}", flush=True)
         stage = stage_overhead(args, work, device)
         stores = {} if args.no_fashion_scale else fashion_scale_stores(work, work / "stage.zarr")
+        unchecked = {} if args.no_fashion_scale else fashion_scale_stores(work, work / "stage.zarr", checksum=False)
+        checked = dict(stores)
         stores.update({str(p): p for p in args.cache})
         print("B. view slab reads", flush=True)
         reads = slab_reads(stores, work, repeats=5)
+        print("C. checksummed vs unchecksummed slab reads", flush=True)
+        check_reads = checksum_reads(checked, unchecked, args.read_repeats)
         grid = sweep(work, args.sweep_from, args.sweep_samples, args.sweep_views, 3) if args.sweep else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -348,8 +409,18 @@ def main(argv: list[str] | None = None) -> dict:
     for r in reads:
         print(f"{'  ' + r['store'][-42:]:<44}{r['slab_mb']:>8.2f}{r['store_mb_s']:>12.0f}{r['memmap_mb_s']:>13.0f}"
               f"{r['ratio']:>8.2f}{r['bytes_per_sample_view']:>9.0f}")
+    print()
+    print(f"{'checksum (crc32c zarr / Fletcher32 h5)':<44}{'on':>10}{'off':>10}{'ratio':>8}{'IQR':>14}")
+    checksum = {"goal_ratio": 1.05, "stage": stage["checksum"], "slab_read": check_reads}
+    for what, unit, scale in (("stage", "s", 1.0), ("slab_read", "ms", 1e3)):
+        for fmt, r in checksum[what].items():
+            label = f"  {'cache stage' if what == 'stage' else 'one view slab, every array'} -> {fmt} ({unit})"
+            print(f"{label:<44}{r['checksum_s'] * scale:>10.2f}{r['no_checksum_s'] * scale:>10.2f}{r['ratio']:>8.3f}"
+                  f"{format(r['ratio_iqr'][0], '.3f') + '-' + format(r['ratio_iqr'][1], '.3f'):>14}")
+    print(f"  (on/off: best times; ratio: median over {args.repeats} stage / {args.read_repeats} read pairs of "
+          f"checksummed / unchecksummed back to back; goal <= {checksum['goal_ratio']})")
     result = {**header("cache_io", device, argv, ("torch", "numpy", "zarr", "h5py")),
-              "stage": stage, "slab_reads": reads, "sweep": grid}
+              "stage": stage, "slab_reads": reads, "checksum": checksum, "sweep": grid}
     write_result(result, "cache_io", args.out)
     return result
 
