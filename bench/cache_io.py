@@ -180,8 +180,8 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
         **{f"{f}_bytes_per_sample_view": sizes[f] / n_views for f in ("zarr", "h5")},
         "checksum": {f: _pair(times[f], times[f + "_nock"], sizes[f] / n_views, sizes[f + "_nock"] / n_views)
                      for f in ("zarr", "h5")},
-        "payload_bytes_per_sample_view": 2 * sum(Layout(1, 1, data.num_classes, ("b1", "b2", "b3"), 32, 1,
-                                                        "none").widths().values()),
+        "payload_bytes_per_sample_view": 2 * sum(Layout(1, 1, data.num_classes, ("b1", "b2", "b3"), (32,) * 3,
+                                                        1, "none").widths().values()),
     }
 
 
@@ -230,8 +230,8 @@ def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8,
     arrays.update({f"features/{b}": np.asarray(small.array(b)[...]) for b in small.blocks})
     rows = -(-n // -(-n // cfg.chunk_rows))  # balanced as pipeline.cache_write does
     attrs = {**small.attrs, "num_samples": n, "num_views": v, "chunk_rows": rows, "codec": cfg.codec}
-    layout = Layout(n, v, small.num_classes, tuple(small.blocks), small.dims[small.blocks[0]], rows, cfg.codec,
-                    cfg.checksum)
+    lengths = tuple(small.dims[b] for b in small.blocks)
+    layout = Layout(n, v, small.num_classes, tuple(small.blocks), lengths, rows, cfg.codec, cfg.checksum)
     attrs.update(layout.to_attrs())
     small.close()
     reps = (-(-n // arrays["logits"].shape[0]), -(-v // arrays["logits"].shape[1]), 1)
@@ -310,8 +310,8 @@ def sweep(work: Path, source: Path | None, n: int, v: int, repeats: int) -> list
     for fmt in ("zarr", "h5"):
         for codec in FORMAT_CODECS[fmt]:
             for rows in (1024, 4096, 8192, 16384, 65536):
-                layout = Layout(n, v, arrays["logits"].shape[2], blocks, arrays[f"features/{blocks[0]}"].shape[2],
-                                min(rows, n), codec)
+                lengths = tuple(arrays[f"features/{b}"].shape[2] for b in blocks)
+                layout = Layout(n, v, arrays["logits"].shape[2], blocks, lengths, min(rows, n), codec)
                 path = work / f"sweep-{rows}-{codec}.{fmt}"
                 start = time.perf_counter()
                 store = create_store(path, layout, {"num_samples": n})

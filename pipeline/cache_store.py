@@ -47,7 +47,7 @@ class Layout:
     num_views: int  # V
     num_classes: int  # C
     blocks: tuple[str, ...]  # block names, e.g. ("block1", "block2", "block3")
-    feature_length: int  # L, the aligned length of every block's vector
+    feature_lengths: tuple[int, ...]  # L per block: the aligned length of its vector
     chunk_rows: int  # R, sample rows per chunk (the write and resume unit)
     codec: str  # one of FORMAT_CODECS[format]
     checksum: bool = True  # a crc32c (zarr) or Fletcher32 (h5) checksum on every chunk, verified on read
@@ -58,7 +58,7 @@ class Layout:
 
     def widths(self) -> dict[str, int]:
         """Array name -> last-axis width: logits first, then the blocks in order."""
-        return {"logits": self.num_classes, **{f"features/{b}": self.feature_length for b in self.blocks}}
+        return {"logits": self.num_classes, **{f"features/{b}": n for b, n in zip(self.blocks, self.feature_lengths)}}
 
     def rows(self, k: int) -> tuple[int, int]:
         """The sample rows [start, stop) of chunk k."""
@@ -74,7 +74,7 @@ class Layout:
 def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
     return Layout(
         num_samples=attrs["num_samples"], num_views=attrs["num_views"], num_classes=attrs["num_classes"],
-        blocks=tuple(attrs["blocks"]), feature_length=attrs["align"]["length"],
+        blocks=tuple(attrs["blocks"]), feature_lengths=tuple(attrs["dims"][b] for b in attrs["blocks"]),
         chunk_rows=attrs["chunk_rows"], codec=attrs["codec"], checksum=bool(attrs.get("checksum", False)),
     )
 

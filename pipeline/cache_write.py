@@ -94,6 +94,7 @@ def cache_teacher(
     with torch.no_grad():
         _, feats = model(torch.zeros(2, *data.images.shape[1:], device=device))  # block names and widths
     blocks = [f"block{i + 1}" for i in range(len(feats))]
+    lengths = align_cfg.lengths(len(blocks))
     attrs = _json({
         "format_version": CACHE_FORMAT,
         "teacher": teacher,
@@ -108,7 +109,7 @@ def cache_teacher(
         "num_samples": plan.num_samples,
         "num_views": plan.num_views,
         "blocks": blocks,
-        "dims": {b: align_cfg.length for b in blocks},
+        "dims": dict(zip(blocks, lengths)),
         "block_channels": {b: int(f.shape[1]) for b, f in zip(blocks, feats)},
         "align": to_dict(align_cfg),
         "dtype": "float16",
@@ -118,7 +119,7 @@ def cache_teacher(
     })
     n_chunks = max(1, -(-plan.num_samples // cfg.chunk_rows))
     rows = max(1, -(-plan.num_samples // n_chunks))  # <= chunk_rows, balanced: no mostly-empty last chunk
-    layout = Layout(plan.num_samples, plan.num_views, attrs["num_classes"], tuple(blocks), align_cfg.length,
+    layout = Layout(plan.num_samples, plan.num_views, attrs["num_classes"], tuple(blocks), tuple(lengths),
                     rows, cfg.codec, cfg.checksum)
     attrs.update(layout.to_attrs())
 
@@ -342,7 +343,7 @@ def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan
                 buffers = {name: np.empty((n, widths[name]), dtype=np.float16) for name in names}  # (n, W)
             with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
                 logits, feats = model(x)  # (b, C), [(b, C_i, H_i, W_i) or (b, D_i)]
-                outputs = [logits.float(), *align_all(feats, align_cfg)]  # (b, C), (b, L) x blocks
+                outputs = [logits.float(), *align_all(feats, align_cfg)]  # (b, C), (b, L_i) per block
             for name, value in zip(names, outputs):
                 buffers[name][s:s + len(x)] = value.to(torch.float16).cpu().numpy()
             bar.update(len(x))

@@ -1,107 +1,135 @@
 """Discriminators that tell teacher vectors from student vectors, and the losses of the game.
 
-One small MLP per distilled block (MEAL's stacked discriminators) or on the final outputs (MEAL V2):
-D -> D/2 -> D/4 -> 1 logit, LeakyReLU between, no activation after the last layer (the official MEAL
-code ends in a ReLU, which clips the "student" side of its logit to 0; we do not copy that).
-The label convention: 1 = teacher, 0 = student; `sigmoid(D(v))` is D's "teacher" probability.
+One small MLP per discriminated output (MEAL: each selected block and the logits; MEAL V2: the final
+outputs; ANC: the last block), each D -> D/2 -> D/4 -> K, of one of two kinds (`discriminator`):
+
+- `mlp`, ours: LeakyReLU between the layers, no activation after the last, K = 1 logit of "teacher";
+  BCE on that logit.
+- `official`, the MEAL and MEAL V2 code's (models/discriminator.py): 1x1 convolutions, which on a vector
+  are linear layers, with a ReLU after every layer including the last, K = 2 columns; BCE with logits
+  on both columns against [1, 0] for student rows and [0, 1] for teacher rows. The final ReLU clips
+  both columns at 0, so a side whose two columns are both clipped gives D no gradient.
+
+The label convention: "teacher" = 1, "student" = 0. D says "teacher" when its logit is > 0 (`mlp`)
+or when the teacher column exceeds the student column (`official`).
 pipeline.methods.games plays the game with these losses.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SLOPE = 0.2  # LeakyReLU's negative slope in every hidden layer
+from pipeline.config import check_choice
+
+KINDS = ("mlp", "official")
+SLOPE = 0.2  # LeakyReLU's negative slope in every hidden layer of the `mlp` kind
 
 
-class Discriminators(nn.Module):
-    """G discriminators of the same input size D, one per name, run as one batched MLP.
+class Discriminator(nn.Module):
+    """One discriminator: (N, D) -> (N, K) scores, D -> D/2 -> D/4 -> K (K = 1 `mlp`, 2 `official`)."""
 
-    (G, N, D) -> (G, N) logits of "this vector came from a teacher". Group g is exactly the MLP
-    D -> D/2 -> D/4 -> 1 with its own weights (initialised as nn.Linear initialises); the G of them run
-    as three `baddbmm` calls, so MEAL's per-block discriminators cost one small MLP's launches, not G.
-    All weights and biases live in one parameter, `flat` (one tensor for the optimizer to step);
-    `layers()` gives them per layer as views.
-    """
-
-    def __init__(self, names: list[str], dim: int):
+    def __init__(self, linears: list[nn.Linear], kind: str):
         super().__init__()
-        self.names = list(names)
-        self._labels: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per batch layout, see `labels`
-        widths = [dim, max(1, dim // 2), max(1, dim // 4), 1]
-        tensors = []
-        for d_in, d_out in zip(widths[:-1], widths[1:]):
-            layers = [nn.Linear(d_in, d_out) for _ in self.names]
-            tensors.append(torch.stack([m.weight.detach().t() for m in layers]))  # (G, in, out)
-            tensors.append(torch.stack([m.bias.detach()[None] for m in layers]))  # (G, 1, out)
-        self.shapes = [t.shape for t in tensors]  # w1, b1, w2, b2, w3, b3
-        self.flat = nn.Parameter(torch.cat([t.flatten() for t in tensors]))
+        self.linears, self.kind = nn.ModuleList(linears), kind
 
-    def layers(self, flat: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """[(weight (G, in, out), bias (G, 1, out))] per layer, as views of `flat` (default: the parameters;
-        pass `flat.grad` for the gradients). Differentiable when grad mode is on."""
-        parts = (self.flat if flat is None else flat).split([math.prod(shape) for shape in self.shapes])
-        views = [p.view(shape) for p, shape in zip(parts, self.shapes)]
-        return list(zip(views[0::2], views[1::2]))
-
-    @property
-    def widths(self) -> list[int]:
-        return [int(shape[2]) for shape in self.shapes[0::2]]
+    @staticmethod
+    def widths(dim: int, kind: str) -> list[int]:
+        return [dim, max(1, dim // 2), max(1, dim // 4), 1 if kind == "mlp" else 2]
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """`x` (G, N, D) -> (G, N). `frozen`: no gradient reaches the weights (the student's turn)."""
-        layers = self.layers(self.flat.detach() if frozen else None)
+        """`frozen`: no gradient reaches the weights (the student's turn of the alternating game)."""
         h = x.float()
-        for i, (w, b) in enumerate(layers):
-            h = torch.baddbmm(b, h, w)  # (G, N, out)
-            if i < len(layers) - 1:
+        last = len(self.linears) - 1
+        for i, m in enumerate(self.linears):
+            w, b = (m.weight.detach(), m.bias.detach()) if frozen else (m.weight, m.bias)
+            h = F.linear(h, w, b)  # (N, out)
+            if self.kind == "official":
+                h = F.relu(h)  # after every layer, the last included, as the official code
+            elif i < last:
                 # LeakyReLU rather than ReLU: with inputs this small (D = 10..64) dead units would leave D
                 # with almost no capacity; the slope keeps a gradient flowing to the student through every unit.
                 h = F.leaky_relu(h, SLOPE)
-        return h[..., 0]
+        return h
 
-    def labels(self, n: int, teachers: int, adversarial_rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(truth (n,) bool: the teacher rows, sign (n,) float: 1 - 2 * target, the target 1 for the teacher
-        rows and the adversarial rows), made once per batch layout: a tensor made on every step from host
-        values is a host-to-device copy, a sync on CUDA."""
-        key = (n, teachers, adversarial_rows, device)
-        if key not in self._labels:
-            rows = torch.arange(n, device=device)
-            target = (rows < teachers + adversarial_rows).float()
-            self._labels[key] = (rows < teachers, 1.0 - 2.0 * target)
-        return self._labels[key]
+    def row_bce(self, scores: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """Per-row binary cross-entropy (N,) of `scores` (N, K) against `teacher` (N,) float labels in {0, 1}."""
+        if self.kind == "mlp":
+            return F.softplus(scores[:, 0] * (1.0 - 2.0 * teacher))  # BCE(x, y) = softplus((1 - 2y) x)
+        target = torch.stack([1.0 - teacher, teacher], dim=1)  # (N, 2): [1, 0] student, [0, 1] teacher
+        return F.binary_cross_entropy_with_logits(scores, target, reduction="none").mean(1)
+
+    def says_teacher(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: D's verdict "teacher" per row."""
+        return scores[:, 0] > 0 if self.kind == "mlp" else scores[:, 1] > scores[:, 0]
 
 
-def discriminator_loss(
-    discs: Discriminators, teacher: torch.Tensor, student: torch.Tensor, adversarial_rows: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
+class Discriminators(nn.Module):
+    """One Discriminator per name, each with its own input size: `dims` name -> D.
+
+    The linear layers are made layer by layer across the discriminators (first layers of every D, then
+    the second layers...), each initialised as nn.Linear initialises (as nn.Conv2d with a 1x1 kernel does).
+    """
+
+    def __init__(self, dims: dict[str, int], kind: str = "mlp"):
+        super().__init__()
+        check_choice(kind, KINDS, "discriminator")
+        self.names, self.kind = list(dims), kind
+        widths = {name: Discriminator.widths(d, kind) for name, d in dims.items()}
+        layers: dict[str, list[nn.Linear]] = {name: [] for name in dims}
+        for i in range(3):
+            for name in self.names:
+                layers[name].append(nn.Linear(widths[name][i], widths[name][i + 1]))
+        self.discs = nn.ModuleList(Discriminator(layers[name], kind) for name in self.names)
+
+    def __len__(self) -> int:
+        return len(self.discs)
+
+
+def discriminator_loss(discs: Discriminators, teacher: list[torch.Tensor], student: list[torch.Tensor],
+                       adversarial: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each D's binary cross-entropy on teacher (label 1) and student (label 0) vectors, and its accuracy.
 
-    `teacher`, `student`: (G, B, D). Returns (loss (G,), accuracy (G,)). The first `adversarial_rows`
-    student rows are ANC's "adversarial samples": student vectors labelled as teacher, a regulariser
-    that keeps D from winning outright (the batch is already shuffled, so the first rows are a random
-    subset). Accuracy is always measured against the true labels, on the device (no host sync).
+    `teacher`, `student`: one (B, D_g) tensor per discriminator. `adversarial`: ANC's adversarial samples,
+    extra student vectors (A, D_g) per discriminator shown to D labelled "teacher", added to its batch.
+    The loss is the mean over all 2B (+ A) rows. Returns (loss (G,), accuracy (G,)); the accuracy is on the
+    2B true rows, both sides weighing the same, on the device (no host sync).
     """
-    logits = discs(torch.cat([teacher, student], dim=1))  # (G, 2B): one pass over both sides
-    truth, sign = discs.labels(logits.shape[1], teacher.shape[1], adversarial_rows, logits.device)  # (2B,) each
-    loss = F.softplus(logits * sign).mean(1)  # BCE(x, y) = softplus((1 - 2y) x) for y in {0, 1}
-    accuracy = ((logits.detach() > 0) == truth).float().mean(1)  # both sides weigh the same
-    return loss, accuracy
+    losses, accs = [], []
+    for g, d in enumerate(discs.discs):
+        t, s = teacher[g], student[g]
+        rows = [t, s] + ([adversarial[g]] if adversarial is not None else [])
+        scores = d(torch.cat(rows))  # (2B + A, K): one pass over every row
+        b, n = len(t), sum(len(r) for r in rows)
+        label = torch.ones(n, device=scores.device)
+        label[b:2 * b] = 0.0  # the student rows; the adversarial rows, after them, keep "teacher"
+        losses.append(d.row_bce(scores, label).mean())
+        verdict = d.says_teacher(scores[:2 * b].detach())
+        accs.append((verdict == (label[:2 * b] > 0.5)).float().mean())
+    return torch.stack(losses), torch.stack(accs)
 
 
-def fooling_loss(discs: Discriminators, student: torch.Tensor) -> torch.Tensor:
+def fooling_loss(discs: Discriminators, student: list[torch.Tensor]) -> torch.Tensor:
     """The student's adversarial term in the alternating game: BCE(D(s), teacher), non-saturating.
 
-    `student` (G, B, D) float32 -> (G,). D's weights are held fixed: the gradient reaches the student only.
+    `student`: (B, D_g) per discriminator -> (G,). D's weights are held fixed: the gradient reaches the
+    student only.
     """
-    return F.softplus(-discs(student, frozen=True)).mean(1)  # BCE with label 1 is softplus(-logit)
+    out = []
+    for d, s in zip(discs.discs, student):
+        scores = d(s, frozen=True)
+        out.append(d.row_bce(scores, torch.ones(len(s), device=scores.device)).mean())
+    return torch.stack(out)
 
 
-def teacher_probability(discs: Discriminators, vectors: torch.Tensor) -> torch.Tensor:
-    """Mean sigmoid(D(v)) per discriminator over a batch (G, B, D) -> (G,): how "teacher" D finds them."""
+def teacher_probability(discs: Discriminators, vectors: list[torch.Tensor]) -> torch.Tensor:
+    """How "teacher" each D finds a batch, (G,): mean sigmoid(logit) (`mlp`), or the mean share of the
+    teacher column in softmax over the two columns (`official`)."""
     with torch.no_grad():
-        return torch.sigmoid(discs(vectors)).mean(1)
+        out = []
+        for d, v in zip(discs.discs, vectors):
+            scores = d(v)
+            p = torch.sigmoid(scores[:, 0]) if d.kind == "mlp" else torch.softmax(scores, 1)[:, 1]
+            out.append(p.mean())
+        return torch.stack(out)

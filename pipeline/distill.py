@@ -44,6 +44,8 @@ from pipeline.zoo_cifar import set_pooling
 class StudentConfig:
     arch: str = "student_cnn"  # a name from pipeline.models.ZOO
     model: dict[str, Any] = field(default_factory=lambda: {"width": 1.0, "dropout": 0.0})  # constructor kwargs
+    init: str = ""  # a checkpoint to start from (MEAL V2 fine-tunes a pretrained student): a student's
+    # data/student/RUN.pt or a teacher's data/teachers/NAME.pt of this arch and kwargs; "" = random init
 
 
 @dataclass
@@ -103,22 +105,24 @@ class TrainSet:
 
 class StudentVectors(nn.Module):
     """The student with the alignment of the method's blocks folded in: x -> (logits (B, C), vectors
-    (G, B, L), or None without blocks). Compiled as one, the alignment's forward and backward fuse with
-    the student's."""
+    [(B, L_g) per block], or None without blocks). Compiled as one, the alignment's forward and backward
+    fuse with the student's."""
 
     def __init__(self, student: nn.Module, blocks: tuple[int, ...], align_cfg: AlignConfig, mean=plain_mean):
         super().__init__()
         self.student, self.blocks, self.align_cfg, self.mean = student, tuple(blocks), align_cfg, mean
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         logits, feats = self.student(x)
         if not self.blocks:
             return logits, None
-        return logits, torch.stack([align(feats[b], self.align_cfg, self.mean) for b in self.blocks])
+        lengths = self.align_cfg.lengths(len(feats))
+        return logits, [align(feats[b], self.align_cfg, self.mean, lengths[b]) for b in self.blocks]
 
 
-def method_terms(method: Method, logits: torch.Tensor, blocks: torch.Tensor | None, tgt_logits: torch.Tensor | None,
-                 tgt_blocks: torch.Tensor | None, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+def method_terms(method: Method, logits: torch.Tensor, blocks: list[torch.Tensor] | None,
+                 tgt_logits: torch.Tensor | None, tgt_blocks: list[torch.Tensor] | None,
+                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
     """`method.losses` on plain tensors, so that torch.compile traces it as one region."""
     tgt = Targets(tgt_logits, tgt_blocks) if tgt_logits is not None else None
     return method.losses(StudentOut(logits, blocks), tgt, labels)
@@ -131,11 +135,11 @@ class Trainer:
     method: Method
     cfg: DistillConfig
     student: nn.Module
-    discs: Discriminators | None  # one per name the method gives, batched (None without a game)
+    discs: Discriminators | None  # one per name the method gives (None without a game)
     game: Game | None  # plays the adversarial part (pipeline.methods.games); None without discriminators
     opt: torch.optim.Optimizer  # the student's SGD (and, in `cooperative`, the discriminators too)
     device: torch.device
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]  # StudentVectors, maybe compiled
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor] | None]]  # StudentVectors, maybe compiled
     terms: Callable[..., dict[str, torch.Tensor]]  # method_terms for this method, maybe compiled
 
     @property
@@ -148,14 +152,10 @@ def build_trainer(method: Method, cfg: DistillConfig, student: nn.Module, num_cl
                   device: torch.device) -> Trainer:
     """Discriminators for the method, its game and the optimizers, on `device` (seed torch before calling)."""
     student.to(device=device, memory_format=memory_format(device))
-    dims = method.discriminators(num_classes, align_cfg.length)  # name -> input size
-    discs = None
-    if dims:
-        if len(set(dims.values())) != 1:
-            raise ValueError(f"method {method.name} asks for discriminators of different sizes {dims}: one bank needs one")
-        discs = Discriminators(list(dims), next(iter(dims.values()))).to(device)
-    game = make_game(method.game, discs)
-    groups = param_groups(student, cfg.weight_decay) + (game.student_groups() if game else [])
+    dims = method.discriminators(num_classes, align_cfg.lengths(len(method.block_names)))  # name -> input size
+    discs = Discriminators(dims, method.game.discriminator).to(device) if dims else None
+    game = make_game(method.game, discs, method.disc_weights()) if discs is not None else None
+    groups = param_groups(student, cfg.weight_decay) + (game.student_groups(cfg.lr) if game else [])
     opt = make_sgd(groups, cfg)
     # The one speed choice of the step: the layout-keeping mean for an eager student (docs/design.md
     # section 5); compiled, the plain mean, which the compiler fuses and lays out itself.
@@ -177,13 +177,14 @@ def train_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, tgt: Targets | Non
     game, each discriminator's loss, accuracy and adversarial term."""
     method, game = tr.method, tr.game
     with autocast(tr.device):
-        logits, vectors = tr.forward(x)  # (B, C), (G, B, L) aligned vectors or None
+        logits, vectors = tr.forward(x)  # (B, C), [(B, L_g)] aligned vectors or None
         terms = tr.terms(logits, vectors, *((tgt.logits, tgt.blocks) if tgt is not None else (None, None)), y)
         if game is not None:
-            s, t = method.disc_inputs(StudentOut(logits, vectors), tgt)  # (G, B, D) each: student, teacher
+            s, t = method.disc_inputs(StudentOut(logits, vectors), tgt)  # (B, D_g) per D: student, teacher
     objective = sum(terms.values())
     if game is not None:  # outside autocast: D's arithmetic is tiny, float32 throughout
-        played = game.play(s.float(), t.float(), method.adversarial_rows(len(y)))  # D's own turn, where it has one
+        s, t = [v.float() for v in s], [v.float() for v in t]
+        played = game.play(s, t, method.adversarial_rows(len(y)))  # D's own turn, where it has one
         terms["adv"] = played.adv.sum()
         objective = objective + played.objective
     tr.opt.zero_grad(set_to_none=True)

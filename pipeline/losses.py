@@ -1,7 +1,7 @@
 """The distillation losses, as plain functions of tensors (docs/design.md section 4).
 
-- `similarity(s, t, kind)`: MEAL's per-block distance, `l1 | l2 | kl`, between a student vector and a
-  teacher vector of the same shape (aligned block features or logits).
+- `similarity(s, t, kind)`: MEAL's per-output distance, `ce | l1 | l2 | kl`, between a student vector and
+  a teacher vector of the same shape (aligned block features or logits); `ce` is the official default.
 - `kd_loss`: Hinton's alpha * T^2 * KL(p_t || softmax(s/T)) + (1 - alpha) * CE(s, y).
 - `soft_cross_entropy`: MEAL V2's loss against a soft target distribution, no one-hot labels.
 - `grad_reverse`: identity forward, -scale * gradient backward (Ganin & Lempitsky), one way to play
@@ -15,32 +15,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SIMILARITIES = ("l1", "l2", "kl")
+SIMILARITIES = ("ce", "l1", "l2", "kl")
 
 
-def similarity(student: torch.Tensor, teacher: torch.Tensor, kind: str = "l2", temperature: float = 1.0,
-               groups: bool = False) -> torch.Tensor:
-    """Distance between `student` and `teacher` (B, D): zero when they are equal.
+def similarity(student: torch.Tensor, teacher: torch.Tensor, kind: str = "ce", temperature: float = 1.0) -> torch.Tensor:
+    """Distance between `student` and `teacher` (B, D), a scalar float32.
 
-    - `l1`: mean absolute difference over all elements.
-    - `l2`: mean squared difference over all elements (nn.MSELoss; the official MEAL default).
-    - `kl`: KL(softmax(t/T) || softmax(s/T)) * T^2 per sample, averaged over the batch; the softmax
-      runs over the last axis, so on block features it compares the normalised activation profiles.
-
-    `groups`: the inputs are (G, B, D), G independent pairs (MEAL's blocks), and the result is (G,),
-    each entry what the (B, D) call on that pair returns.
+    - `ce`, the official MEAL code's default (`--loss ce`, its loss.CrossEntropy): the soft cross-entropy
+      -sum_d softmax(t/T)_d log softmax(s/T)_d per sample, averaged over the batch, times T^2 (T = 1
+      officially). On pooled block vectors too: the softmax runs over the vector's D elements.
+      Its minimum is the entropy of softmax(t/T), not 0.
+    - `l1`: mean absolute difference over all elements (the official `--loss l1`, F.l1_loss).
+    - `l2`: mean squared difference over all elements (the official `--loss l2`, F.mse_loss).
+    - `kl`: KL(softmax(t/T) || softmax(s/T)) * T^2, summed over D, averaged over the batch: `ce` less the
+      target's entropy (the same gradient), zero when the two are equal.
     """
     s, t = student.float(), teacher.float()
-    dims = (-2, -1) if groups else tuple(range(s.dim()))
+    if kind == "ce":
+        return soft_cross_entropy(s / temperature, soften(t, temperature)) * temperature**2
     if kind == "l1":
-        return (s - t).abs().mean(dims)
+        return (s - t).abs().mean()
     if kind == "l2":
-        return (s - t).square().mean(dims)
+        return (s - t).square().mean()
     if kind == "kl":
-        if groups:  # per pair: summed over D, averaged over B, as kl_div's batchmean
-            log_q = F.log_softmax(s / temperature, dim=-1)
-            p = soften(t, temperature)
-            return F.kl_div(log_q, p, reduction="none").sum(-1).mean(-1) * temperature**2
         return kl_divergence(soften(t, temperature), s / temperature) * temperature**2
     raise ValueError(f"unknown similarity {kind!r}; choose one of {', '.join(SIMILARITIES)}")
 

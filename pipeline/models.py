@@ -6,8 +6,8 @@ stage or (B, D) for a fully connected one. NUM_BLOCKS is the same for every mode
 pairs block by block with any student; the alignment pooling later maps each feature to a vector.
 
 Every constructor takes keyword arguments `num_classes`, `in_channels` and `width` (a channel
-multiplier); students also take `dropout`, applied before the classifier (ANC uses it as the
-student's noise). Every model accepts inputs of 28x28 and larger with any channel count.
+multiplier); students also take `dropout`, the noise ANC calls z: applied to the last block's output,
+so the classifier and whoever reads that block (ANC's discriminator) see the same noisy feature. Every model accepts inputs of 28x28 and larger with any channel count.
 
 This file holds the small networks (the LeNet-4 / NiN pair of Adversarial Network Compression and
 two tiny students); the CIFAR teachers of MEAL live in `pipeline.zoo_cifar`.
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from pipeline.config import UserError
 from pipeline.zoo_cifar import (
-    NUM_BLOCKS, BasicBlock, Head, ResNet, conv_bn_relu, densenet_cifar, dpn92, init_weights,
+    NUM_BLOCKS, BasicBlock, Head, ResNet, conv_bn_relu, densenet_cifar, dpn92, feature_noise, init_weights,
     preact_resnet18, resnet18, scaled, vgg11, vgg16, vgg19_bn,
 )
 
@@ -59,9 +59,8 @@ class LeNet4(nn.Module):
         f1 = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, c1, 12, 12) for 28x28
         f2 = F.max_pool2d(F.relu(self.conv2(f1)), 2)  # (B, c2, 4, 4) for 28x28
         f2 = F.adaptive_avg_pool2d(f2, 4)  # (B, c2, 4, 4) whatever the input size
-        f3 = F.relu(self.fc1(f2.flatten(1)))  # (B, hidden)
-        # The feature is taken before dropout: the block's output, not the noise injected after it.
-        return self.fc2(self.dropout(f3)), [f1, f2, f3]
+        f3 = self.dropout(F.relu(self.fc1(f2.flatten(1))))  # (B, hidden), with the noise z
+        return self.fc2(f3), [f1, f2, f3]
 
 
 def mlpconv(cin: int, widths: tuple[int, int, int], kernel: int) -> nn.Sequential:
@@ -115,13 +114,14 @@ class StudentCNN(nn.Module):
         self.stage1 = nn.Sequential(*conv_bn_relu(in_channels, c1))
         self.stage2 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c1, c2))
         self.stage3 = nn.Sequential(nn.MaxPool2d(2), *conv_bn_relu(c2, c3))
-        self.head = Head(c3, num_classes, dropout)
+        self.noise = feature_noise(dropout)
+        self.head = Head(c3, num_classes)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f1 = self.stage1(x)  # (B, c1, H, W)
         f2 = self.stage2(f1)  # (B, c2, H/2, W/2)
-        f3 = self.stage3(f2)  # (B, c3, H/4, W/4)
+        f3 = self.noise(self.stage3(f2))  # (B, c3, H/4, W/4), with the noise z
         return self.head(f3), [f1, f2, f3]
 
 

@@ -55,7 +55,7 @@ def make_sgd(groups: list[dict[str, Any]], cfg: SGDConfig) -> torch.optim.SGD:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """`lr` into every param group except those marked `fixed_lr` (a discriminator keeps its constant rate)."""
+    """`lr` into every param group, times the group's `lr_scale` where it has one (the cooperative game's
+    discriminators: d_lr / lr, so they follow the student's schedule at their own peak rate)."""
     for group in optimizer.param_groups:
-        if not group.get("fixed_lr", False):
-            group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

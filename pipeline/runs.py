@@ -9,9 +9,11 @@ The `distill` params section may hold a `runs` mapping, run name -> {method: NAM
         scratch:   {method: scratch}
         meal:      {method: meal}
         meal_coop: {method: meal, meal: {adversarial: cooperative}}   # the official code's game
+        meal_v2_ft: {method: meal_v2, student: {init: data/student/scratch.pt}}
 
 A run sees the `distill` section with its own entries deep-merged in (nested mappings merge key by
-key, anything else replaces), so `meal_coop` above keeps every other `distill.meal` option.
+key, anything else replaces), so `meal_coop` above keeps every other `distill.meal` option. A run's
+`student` mapping is merged into the `student` section instead (`student_overrides`).
 `python -m stages.distill --run meal_coop` trains it into data/student/meal_coop.pt; dvc.yaml has one
 `distill@<run>` stage per run. Every run is checked at start-up, so a typo in one run fails every
 stage at once instead of hours later in the last one.
@@ -69,9 +71,18 @@ def run_section(distill_section: dict[str, Any], name: str) -> dict[str, Any]:
     return deep_merge(base, run)
 
 
+def student_overrides(merged: dict[str, Any], name: str) -> dict[str, Any]:
+    """Pops a run's `student` overrides (e.g. {init: PATH}) out of its merged distill section."""
+    value = merged.pop("student", None) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"params distill.runs.{name}.student must be a mapping like {{init: PATH}}, got {value!r}")
+    return value
+
+
 def run_config(distill_section: dict[str, Any], name: str, teachers: list[str]) -> DistillConfig:
     """Run `name`'s DistillConfig, with every method's options checked; errors name the run."""
     merged = run_section(distill_section, name)
+    student_overrides(merged, name)
     try:
         cfg = build(DistillConfig, merged, "distill")
         method_configs(cfg, distill_teachers(cfg, teachers))

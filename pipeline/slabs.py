@@ -11,7 +11,7 @@ live on the very pixels the student sees, aligns their features with the cache's
 through fp16, so a step gets targets in exactly the cached format.
 
 Both hand the loop a `pipeline.methods.Targets`: logits (k, B, C) and aligned block vectors
-(k, G, B, L), float32, for the k teachers the method picked this step.
+[(k, B, L_g) per feature block], float32, for the k teachers the method picked this step.
 """
 
 from __future__ import annotations
@@ -76,22 +76,25 @@ class Slab:
     """
 
     view: int
-    rows: torch.Tensor  # (K, N, C + G*L): logits, then the G feature blocks' vectors
+    rows: torch.Tensor  # (K, N, C + sum L_g): logits, then the G feature blocks' vectors
     classes: int  # C
     feature_blocks: tuple[int, ...]  # the G block indexes, in row order
+    lengths: tuple[int, ...]  # L_g, each feature block's vector length, in row order
 
     @property
     def logits(self) -> torch.Tensor:
         return self.rows[..., :self.classes]  # (K, N, C)
 
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """(..., C + sum L_g) rows -> (logits (..., C), [(..., L_g) per feature block] or None)."""
+        parts = rows.split([self.classes, *self.lengths], dim=-1)
+        return parts[0], (list(parts[1:]) if self.feature_blocks else None)
+
     @property
     def features(self) -> dict[int, torch.Tensor]:
-        """Block index -> (K, N, L) view of its vectors."""
-        if not self.feature_blocks:
-            return {}
-        length = (self.rows.shape[-1] - self.classes) // len(self.feature_blocks)
-        return {b: self.rows[..., self.classes + g * length:self.classes + (g + 1) * length]
-                for g, b in enumerate(self.feature_blocks)}
+        """Block index -> (K, N, L_g) view of its vectors."""
+        _, blocks = self.split(self.rows)
+        return dict(zip(self.feature_blocks, blocks or []))
 
 
 class SlabLoader:
@@ -105,15 +108,15 @@ class SlabLoader:
         self.pending: dict[int, Future] = {}
         self.current: Slab | None = None
 
-    def _read(self, view: int) -> tuple[torch.Tensor, int]:
-        """Runs in the background thread: disk read + decode, stacked over teachers into rows (K, N, C + G*L)
-        (pinned on CUDA); also returns C."""
+    def _read(self, view: int) -> tuple[torch.Tensor, list[int]]:
+        """Runs in the background thread: disk read + decode, stacked over teachers into rows (K, N, C + sum L)
+        (pinned on CUDA); also returns the widths [C, L_1, ...]."""
         per_teacher = self.source.read(view, self.names)
         rows = np.stack([np.concatenate([t[k] for k in self.names], axis=1) for t in per_teacher])
         host = torch.from_numpy(rows.astype(np.float16, copy=False))
         if self.device.type == "cuda":
             host = host.pin_memory()
-        return host, int(per_teacher[0]["logits"].shape[1])
+        return host, [int(per_teacher[0][k].shape[1]) for k in self.names]
 
     def prefetch(self, view: int) -> None:
         if view not in self.pending and (self.current is None or self.current.view != view):
@@ -124,9 +127,10 @@ class SlabLoader:
         if self.current is not None and self.current.view == view:
             return self.current
         self.prefetch(view)
-        host, classes = self.pending.pop(view).result()
+        host, widths = self.pending.pop(view).result()
         self.current = None  # drop the old slab before keeping the new one
-        self.current = Slab(view, host.to(self.device, non_blocking=True), classes, self.feature_blocks)
+        self.current = Slab(view, host.to(self.device, non_blocking=True), widths[0], self.feature_blocks,
+                            tuple(widths[1:]))
         return self.current
 
     def close(self) -> None:
@@ -159,16 +163,12 @@ class CachedTargets:
         """`idx` (B,) sample indexes on the device; `x` unused (the cache already saw these pixels)."""
         s = self.slab
         if len(picked) == s.rows.shape[0]:
-            rows = s.rows[:, idx]  # (K, B, C + G*L)
+            rows = s.rows[:, idx]  # (K, B, C + sum L)
         elif len(picked) == 1:
-            rows = s.rows[picked[0]][idx][None]  # (1, B, C + G*L): MEAL's one teacher per step
+            rows = s.rows[picked[0]][idx][None]  # (1, B, C + sum L): MEAL's one teacher per step
         else:
             rows = s.rows[picked][:, idx]
-        rows = rows.float()
-        k, b = rows.shape[:2]
-        g = len(s.feature_blocks)
-        blocks = rows[..., s.classes:].view(k, b, g, -1).transpose(1, 2) if g else None  # (k, G, B, L)
-        return Targets(rows[..., :s.classes], blocks)
+        return Targets(*s.split(rows.float()))  # (k, B, C), [(k, B, L_g) per feature block]
 
     def close(self) -> None:
         self.loader.close()
@@ -197,8 +197,10 @@ class OnlineTargets:
             with torch.autocast("cuda", torch.bfloat16, enabled=self.use_autocast):
                 out, blocks = self.teachers[k](x)
             logits.append(out.float().half())  # (B, C): the cache stores fp16
-            vectors.append([align(blocks[b], self.align_cfg).half() for b in self.feature_blocks])  # (B, L) each
-        stacked = torch.stack([torch.stack(v) for v in vectors]).float() if self.feature_blocks else None  # (k, G, B, L)
+            lengths = self.align_cfg.lengths(len(blocks))
+            vectors.append([align(blocks[b], self.align_cfg, length=lengths[b]).half()
+                            for b in self.feature_blocks])  # (B, L_b) each
+        stacked = [torch.stack(v).float() for v in zip(*vectors)] if self.feature_blocks else None  # (k, B, L_g) each
         return Targets(torch.stack(logits).float(), stacked)
 
     def close(self) -> None:

@@ -57,20 +57,25 @@ def init_weights(model: nn.Module) -> nn.Module:
 
 
 class Head(nn.Module):
-    """Global average pool, optional dropout, linear classifier: (B, C, H, W) -> (B, num_classes).
+    """Global average pool, linear classifier: (B, C, H, W) -> (B, num_classes).
 
     `mean` pools: the layout-keeping mean by default (its gradient stays channels_last, docs/design.md
     section 5), the plain one where the caller compiles the model (`set_pooling`)."""
 
-    def __init__(self, channels: int, num_classes: int, dropout: float = 0.0):
+    def __init__(self, channels: int, num_classes: int):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, num_classes)
         self.mean = mean_keep_layout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.mean(x, (2, 3))  # (B, C) global average pool
-        return self.fc(self.dropout(x))  # (B, num_classes)
+        return self.fc(self.mean(x, (2, 3)))  # (B, C) global average pool -> (B, num_classes)
+
+
+def feature_noise(dropout: float) -> nn.Module:
+    """A student's noise (ANC's z) on its last block's map, before the head pools it and the caller reads it
+    as the block's output. Whole channels drop: pooled, that is dropout on the pooled vector the classifier
+    reads (the same distribution), and the discriminator on the last block sees the noise too."""
+    return nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
 
 
 def set_pooling(model: nn.Module, mean) -> None:
@@ -140,7 +145,8 @@ class ResNet(nn.Module):
             self.stages.append(nn.Sequential(*blocks))
             cin = cout
         self.post = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True)) if preact else nn.Identity()
-        self.head = Head(cin, num_classes, dropout)
+        self.noise = feature_noise(dropout)
+        self.head = Head(cin, num_classes)
         init_weights(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -149,7 +155,7 @@ class ResNet(nn.Module):
         for stage in self.stages:  # stage i: (B, channels[i], H / 2^i, W / 2^i)
             x = stage(x)
             outs.append(x)
-        outs[-1] = self.post(outs[-1])
+        outs[-1] = self.noise(self.post(outs[-1]))
         return self.head(outs[-1]), outs[-NUM_BLOCKS:]
 
 

@@ -15,6 +15,7 @@ data is read.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
@@ -24,14 +25,15 @@ import torch
 from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache, validate_caches
-from pipeline.checkpoints import check_fits_data, load_resumable, load_teacher, save_checkpoint, sha256_file, write_json
+from pipeline.checkpoints import (check_fits_data, load_checkpoint, load_resumable, load_teacher, save_checkpoint,
+                                  sha256_file, write_json)
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, distill
 from pipeline.methods import distill_teachers, make_method, method_configs
 from pipeline.models import build_model, count_parameters
-from pipeline.runs import check_runs, run_section
+from pipeline.runs import check_runs, deep_merge, run_section, student_overrides
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import open_view_plan
 
@@ -71,7 +73,6 @@ def read_settings(params: dict[str, Any], method: str | None, epochs: int | None
     Every named run under `distill.runs` is checked too, whichever run (or none) is trained.
     """
     data_cfg = build(DataConfig, section(params, "data"), "data")
-    student = build(StudentConfig, section(params, "student"), "student")
     listed = list(section(params, "teachers"))
     distill_section = section(params, "distill")
     check_runs(distill_section, listed)
@@ -79,6 +80,10 @@ def read_settings(params: dict[str, Any], method: str | None, epochs: int | None
         raise UserError(f"--run {run} and --method {method} both given: a run names its own method "
                         f"(distill.runs.{run}.method), so pass only one")
     base = run_section(distill_section, run) if run is not None else distill_section
+    student_section = section(params, "student")
+    if run is not None:
+        student_section = deep_merge(student_section, student_overrides(base, run))
+    student = build(StudentConfig, student_section, "student")
     overrides = {k: v for k, v in (("method", method), ("epochs", epochs), ("seed", seed)) if v is not None}
     cfg = build(DistillConfig, {**base, **overrides}, "distill")
     teachers = distill_teachers(cfg, listed)
@@ -155,6 +160,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         model_kwargs["dropout"] = s.options.dropout
     torch.manual_seed(s.distill.seed)
     student = build_model(s.student.arch, **model_kwargs)
+    init_sha = load_student_init(student, s.student, model_kwargs) if s.student.init else None
     trainer = build_trainer(method, s.distill, student, train.num_classes, align_cfg, dev)
     distill_dict = {k: v for k, v in to_dict(s.distill).items() if k not in NOT_IDENTITY and k not in
                     ("meal", "meal_v2", "anc", "kd", "scratch", "runs")}
@@ -164,6 +170,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         "distill": distill_dict,
         "options": to_dict(s.options),
         "student": to_dict(s.student),
+        "student_init_sha256": init_sha,
         "model_kwargs": model_kwargs,
         "data": to_dict(s.data),
         "dataset_fingerprint": train.fingerprint,
@@ -202,6 +209,21 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         save(ckpt)  # refresh the metrics file; the checkpoint is unchanged
     click.echo(f"{s.run_name}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at epoch "
                f"{ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
+
+
+def load_student_init(student: torch.nn.Module, cfg: StudentConfig, model_kwargs: dict[str, Any]) -> str:
+    """`student.init` into `student`: the weights of a student checkpoint (data/student/RUN.pt) or a teacher
+    checkpoint of the same architecture and kwargs (dropout aside). Returns the file's sha256."""
+    path = Path(cfg.init)
+    ckpt = load_checkpoint(path, "student.init checkpoint", "train that run first, or fix student.init")
+    weights = ckpt.get("student", ckpt.get("model"))
+    theirs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "dropout"}
+    ours = {k: v for k, v in model_kwargs.items() if k != "dropout"}
+    if weights is None or ckpt.get("arch") != cfg.arch or theirs != ours:
+        raise UserError(f"student.init {path} holds {ckpt.get('arch')} {theirs}, not the student {cfg.arch} {ours}: "
+                        f"point student.init at a checkpoint of this student")
+    student.load_state_dict(weights)
+    return sha256_file(path)
 
 
 def metrics(s: Settings, base: dict[str, Any], ckpt: dict[str, Any], device: str) -> dict[str, Any]:

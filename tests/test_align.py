@@ -16,16 +16,18 @@ def reference(x: torch.Tensor, kind: str, length: int) -> torch.Tensor:
     if x.dim() == 2:
         x = x[:, :, None]
     x = x.flatten(2).float()  # (B, C, H*W)
-    if kind == "meal":
+    if kind == "meal":  # the official models/*.py with --pool_out avg
         return F.adaptive_avg_pool1d(x, length).mean(dim=1)
+    if kind == "meal_max":  # the official default --pool_out max: max-pool the positions, then max over channels
+        return F.adaptive_max_pool1d(x, length).max(dim=1)[0]
     return F.adaptive_avg_pool1d(x.mean(dim=2)[:, None], length)[:, 0]
 
 
-@pytest.mark.parametrize("kind", ["meal", "channel"])
+@pytest.mark.parametrize("kind", ["meal", "meal_max", "channel"])
 @pytest.mark.parametrize("shape", [(4, 6, 7, 5), (3, 40, 4, 4), (2, 12)])
 def test_align_matches_the_formula(kind, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).relu()
-    for length in (8, 32):
+    for length in (8, 32, 100):  # 100 > H*W: adaptive pooling repeats positions, as the official out_dims do
         got = align(x, AlignConfig(kind, length))
         assert got.shape == (shape[0], length) and got.dtype == torch.float32
         torch.testing.assert_close(got, reference(x, kind, length), rtol=1e-5, atol=1e-6)
@@ -65,3 +67,19 @@ def test_bad_align_spec_is_one_line():
         AlignConfig("max", 8)
     with pytest.raises(UserError, match="alignment length"):
         AlignConfig("channel", 0)
+
+
+def test_one_length_per_block():
+    """The official `--out_dims`: each block pooled to its own length."""
+    from pipeline.align import align_all
+
+    cfg = AlignConfig("meal", [16, 8, 4])
+    feats = [torch.rand(2, 4, 8, 8), torch.rand(2, 8, 4, 4), torch.rand(2, 16, 2, 2)]
+    out = align_all(feats, cfg)
+    assert [v.shape for v in out] == [(2, 16), (2, 8), (2, 4)]
+    for v, f, n in zip(out, feats, (16, 8, 4)):
+        torch.testing.assert_close(v, reference(f, "meal", n))
+    with pytest.raises(UserError, match="one per block"):
+        cfg.lengths(2)
+    with pytest.raises(UserError, match="alignment length"):
+        AlignConfig("meal", [16, 0, 4])

@@ -80,11 +80,13 @@ def test_checkpoint_must_fit_the_data():
 # ---------------------------------------------------------------- the optimizer
 
 
-def test_set_lr_spares_fixed_lr_groups():
+def test_set_lr_scales_lr_scale_groups():
+    """The cooperative game's discriminators follow the student's schedule at their own peak rate (the official
+    code's one MultiStepLR over every group): a group with lr_scale gets lr * lr_scale."""
     a, b, d = (nn.Parameter(torch.zeros(2)) for _ in range(3))
-    opt = torch.optim.SGD([{"params": [a]}, {"params": [b]}, {"params": [d], "lr": 1e-3, "fixed_lr": True}], lr=0.1)
+    opt = torch.optim.SGD([{"params": [a]}, {"params": [b]}, {"params": [d], "lr": 1e-3, "lr_scale": 0.01}], lr=0.1)
     set_lr(opt, 0.05)
-    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05, 1e-3]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.05, 0.05, 5e-4])
 
 
 def test_make_sgd_and_param_groups():

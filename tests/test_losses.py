@@ -72,17 +72,23 @@ def test_grad_reverse_is_identity_forward_and_negates_gradient():
 def test_losses_are_float32_scalars_from_bf16_inputs():
     s = torch.randn(4, 10).bfloat16()
     t = torch.randn(4, 10).bfloat16()
-    for kind in ("l1", "l2", "kl"):
+    for kind in ("ce", "l1", "l2", "kl"):
         out = similarity(s, t, kind)
         assert out.dtype == torch.float32 and out.dim() == 0
 
 
-@pytest.mark.parametrize("kind", ["l1", "l2", "kl"])
-def test_similarity_over_groups_is_each_pair_alone(kind):
-    """groups=True: (G, B, D) pairs -> (G,), entry g what the (B, D) call returns on pair g."""
+def test_ce_similarity_is_the_official_soft_cross_entropy_on_pooled_vectors():
+    """MEAL's official `--loss ce` (loss.CrossEntropy): -(log_softmax(s) * softmax(t)).sum(1).mean(), at T = 1,
+    applied to a pooled block vector just as to the logits; the other official options are F.l1_loss, F.mse_loss."""
     g = torch.Generator().manual_seed(0)
-    s, t = torch.randn(3, 5, 8, generator=g), torch.randn(3, 5, 8, generator=g)
-    got = similarity(s, t, kind, 2.0, groups=True)
-    assert got.shape == (3,)
-    for i in range(3):
-        torch.testing.assert_close(got[i], similarity(s[i], t[i], kind, 2.0))
+    s, t = torch.randn(5, 32, generator=g), torch.randn(5, 32, generator=g) * 3  # (B, L) pooled vectors
+    official = -(F.log_softmax(s, dim=1) * F.softmax(t, dim=1)).sum(dim=1).mean()
+    torch.testing.assert_close(similarity(s, t, "ce"), official)
+    torch.testing.assert_close(similarity(s, t, "l1"), F.l1_loss(s, t))
+    torch.testing.assert_close(similarity(s, t, "l2"), F.mse_loss(s, t))
+    # ce minus the target's entropy is kl: the same gradient in the student
+    entropy = -(F.softmax(t, 1) * F.log_softmax(t, 1)).sum(1).mean()
+    torch.testing.assert_close(similarity(s, t, "ce") - entropy, similarity(s, t, "kl"))
+    # at T: the softmax of both at T, times T^2
+    at_t = -(F.log_softmax(s / 4, dim=1) * F.softmax(t / 4, dim=1)).sum(dim=1).mean() * 16
+    torch.testing.assert_close(similarity(s, t, "ce", 4.0), at_t)

@@ -6,6 +6,13 @@ commit 81e2bb2 (the pre-refactor code, whose CPU step used closed-form gradients
 the cases and batches below are that script's. The current step computes every term through autograd,
 so where the old step wrote gradients by hand (the alternating game, MEAL and ANC without a game) the
 float32 sums run in another order: equal to float tolerance. Where it already ran autograd, bitwise.
+
+The faithful-methods change (MEAL's official soft cross-entropy and discriminator on the logits, MEAL V2's
+raw-logit D input) changed the defaults: every case runs with LEGACY, the options that select the forms
+the reference was made with, and still matches. ANC's old forms were not kept as options (D read the
+student before its dropout, its adversarial samples relabelled student rows, its L2 averaged over the
+classes: each a departure from the paper, tests/test_methods.py pins the faithful ones), so the three ANC
+cases are checked for what did not change, their stat names, and no longer for their values.
 """
 
 from __future__ import annotations
@@ -27,8 +34,11 @@ TEACHERS = ["t1", "t2", "t3"]
 ALIGN = AlignConfig("channel", 8)
 STEPS = 4
 # the cases the old step already trained through autograd: the same arithmetic, the same bits
-BITWISE = {"meal_reversal", "meal_coop", "meal_v2_reversal", "meal_v2_coop", "meal_v2_none", "anc_reversal",
-           "anc_coop", "kd", "kd_named", "scratch"}
+BITWISE = {"meal_v2_none", "kd", "kd_named", "scratch"}
+# the options that give back the forms the reference was made with (the defaults before the faithful forms)
+LEGACY = {"meal": {"similarity": "l2", "logit_similarity": "l2", "logit_eta": 0.0},
+          "meal_v2": {"d_input": "probs"}}
+CHANGED_ON_PURPOSE = {"anc", "anc_coop", "anc_reversal"}
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +61,7 @@ def batches(steps: int = STEPS):
 def trained(method: str, values: dict) -> tuple[list[str], torch.Tensor, dict[str, torch.Tensor]]:
     """(stat names, last stats, every student and discriminator weight) after STEPS steps."""
     torch.manual_seed(0)
-    cfg = build(DistillConfig, {"method": method, "lr": 0.2, method: values}, "distill")
+    cfg = build(DistillConfig, {"method": method, "lr": 0.2, method: {**LEGACY.get(method, {}), **values}}, "distill")
     opts = method_configs(cfg, TEACHERS)[method]
     distiller = make_method(method, opts, TEACHERS)
     student = build_model("student_cnn", 10, 1, width=0.25, dropout=opts.dropout if method == "anc" else 0.0)
@@ -59,12 +69,13 @@ def trained(method: str, values: dict) -> tuple[list[str], torch.Tensor, dict[st
     rng = random.Random(0)
     for x, y, logits, blocks in batches():
         picked = distiller.pick(rng)
-        tgt = Targets(logits[picked], blocks[picked][:, list(distiller.feature_blocks)]) if picked else None
+        tgt = Targets(logits[picked], [blocks[picked][:, b] for b in distiller.feature_blocks]) if picked else None
         names, stats = train_step(trainer, x, y, tgt)
     params = {f"student.{k}": v.detach() for k, v in trainer.student.named_parameters()}
-    if trainer.discs is not None:  # stored per layer, whatever the bank's parameter layout
-        for i, (w, b) in enumerate(trainer.discs.layers()):
-            params[f"disc.w{i}"], params[f"disc.b{i}"] = w.detach(), b.detach()
+    if trainer.discs is not None:  # stored per layer, stacked over the discriminators: (G, in, out), (G, 1, out)
+        for i, layer in enumerate(zip(*[d.linears for d in trainer.discs.discs])):
+            params[f"disc.w{i}"] = torch.stack([m.weight.detach().t() for m in layer])
+            params[f"disc.b{i}"] = torch.stack([m.bias.detach()[None] for m in layer])
     return names, stats, params
 
 
@@ -75,6 +86,8 @@ def test_training_steps_equal_the_pre_refactor_step(case):
     names, stats, params = trained(method, values)
     assert names == want["names"]
     assert params.keys() == want["params"].keys()
+    if case in CHANGED_ON_PURPOSE:
+        return
     tol = {"rtol": 0.0, "atol": 0.0} if case in BITWISE else {"rtol": 1e-5, "atol": 5e-6}
     torch.testing.assert_close(stats, want["stats"], **tol)
     for k, v in want["params"].items():

@@ -1,10 +1,17 @@
 """Adversarial Network Compression (Belagiannis et al. 2018): L2 on the logits plus a game on the last block.
 
-A step, given one teacher's (drawn, named, or the mean of all) cached logits and last-block vectors:
-- `l2_logits`: lambda * mean squared difference of student and teacher logits (L_data);
-- the game on the last block at full weight (L_adv), with "adversarial samples": a fraction of each
-  batch's student vectors shown to D labelled teacher, which keeps D from winning outright;
-- the noise z is dropout before the student's classifier (`dropout`, set on the student by the stage).
+A step, given one teacher's (named, the mean of all, or one drawn per step) cached logits and last-block
+vectors:
+- `l2_logits`: lambda * ||f_t(x) - f_s(x)||^2 on the logits, summed over classes, averaged over the batch
+  (L_data);
+- the game on the last block at full weight (L_adv). D sees the student's noisy features: the noise z is
+  the student's dropout (`dropout`, set on the student by the stage), applied to its last block's
+  output, which both the classifier and the alignment read;
+- D's regularisation, the seed's ablation: none, L1 (`d_l1`) or L2 (`d_weight_decay`) on D's weights,
+  or "adversarial samples" (`adv_sample_rate`): extra student vectors, a fraction of the batch, added
+  to D's batch labelled teacher.
+With several teachers the paper's single teacher becomes the mean of their logits (`teacher: mean`,
+the default): one teacher drawn per step is a noisy target whose scale differs per teacher.
 """
 
 from __future__ import annotations
@@ -12,16 +19,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import check
-from pipeline.losses import similarity
 from pipeline.methods.base import GameConfig, Method, named_teacher
 from pipeline.models import NUM_BLOCKS
 
 
 @dataclass
 class AncConfig(GameConfig):
-    teacher: str = "random"  # random (one per step, as MEAL) | mean (of the teachers' outputs) | a teacher's name
-    logit_weight: float = 1.0  # lambda: weight of the L2 between student and teacher logits
-    adv_sample_rate: float = 0.1  # fraction of each batch's student vectors shown to D labelled "teacher"
+    teacher: str = "mean"  # mean (of the teachers' outputs) | random (one per step, as MEAL) | a teacher's name
+    logit_weight: float = 1.0  # lambda: weight of the squared L2 distance between student and teacher logits
+    adv_sample_rate: float = 0.1  # adversarial samples per batch, as a fraction of it: extra student rows labelled teacher
     adv_weight: float = 1.0  # ANC's objective is L_adv + lambda L_data: the adversarial term at full weight
     dropout: float = 0.1  # ANC's noise z: dropout before the student's classifier (replaces student.model.dropout)
 
@@ -49,13 +55,14 @@ class Anc(Method):
 
     def losses(self, out, tgt, labels):
         # the mean over the picked teachers is the teacher itself when one was picked
-        return {"l2_logits": self.cfg.logit_weight * similarity(out.logits, tgt.logits.mean(0), "l2")}
+        diff = out.logits.float() - tgt.logits.mean(0)  # (B, C)
+        return {"l2_logits": self.cfg.logit_weight * diff.square().sum(1).mean()}
 
-    def discriminators(self, num_classes, dim):
-        return {} if self.game is None else {self.block_names[-1]: dim}
+    def discriminators(self, num_classes, lengths):
+        return {} if self.game is None else {self.block_names[-1]: lengths[-1]}
 
     def disc_inputs(self, out, tgt):
-        return out.blocks, tgt.blocks.mean(0)  # (1, B, L) each: the last block
+        return out.blocks, [tgt.blocks[0].mean(0)]  # [(B, L)] each: the last block
 
     def adversarial_rows(self, batch):
         return int(round(self.cfg.adv_sample_rate * batch))

@@ -2,9 +2,10 @@
 
 A method (one module each: meal, meal_v2, anc, kd, scratch) is a `Method` subclass that says
 - `pick(rng)`: the teachers whose cached targets this step reads;
-- `feature_blocks`: the blocks whose aligned vectors it compares (student and teacher);
+- `feature_blocks`: the blocks whose aligned vectors it compares or discriminates (student and teacher);
 - `losses(out, targets, labels)`: its named, already weighted loss terms (the trainer sums them);
-- `discriminators(num_classes, dim)` and `disc_inputs(out, targets)`: what its discriminators see;
+- `discriminators(num_classes, lengths)`, `disc_weights()` and `disc_inputs(out, targets)`: what its
+  discriminators see and how much each weighs;
 - `game`: its adversarial options (pipeline.methods.games plays them), None without discriminators.
 docs/design.md section 4 describes the interface and the game.
 """
@@ -25,13 +26,13 @@ GAMES = ("alternating", "reversal", "cooperative", "none")
 @dataclass
 class StudentOut:
     logits: torch.Tensor  # (B, C)
-    blocks: torch.Tensor | None  # (G, B, L) aligned vectors of the method's feature_blocks, in that order
+    blocks: list[torch.Tensor] | None  # (B, L_g) aligned vectors of the method's feature_blocks, in that order
 
 
 @dataclass
 class Targets:
     logits: torch.Tensor  # (k, B, C) float32: the picked teachers' logits (through fp16)
-    blocks: torch.Tensor | None  # (k, G, B, L) float32 aligned vectors of the method's feature_blocks
+    blocks: list[torch.Tensor] | None  # (k, B, L_g) float32 aligned vectors of the method's feature_blocks
 
 
 @dataclass
@@ -42,7 +43,9 @@ class GameConfig:
     adv_weight: float = 0.1  # weight of the student's adversarial term
     d_lr: float = 1e-3  # discriminator learning rate (constant)
     d_optimizer: str = "adam"  # adam (betas 0.5, 0.999) | sgd (momentum 0.9); cooperative: D joins the student's SGD
-    d_weight_decay: float = 0.0  # L2 penalty on discriminator weights
+    d_weight_decay: float = 0.0  # L2 penalty on discriminator weights (official cooperative: 5e-4)
+    d_l1: float = 0.0  # L1 penalty on discriminator weights, added to D's loss (ANC's "L1" regularisation)
+    discriminator: str = "mlp"  # mlp (ours: LeakyReLU, one logit) | official (MEAL's: ReLU after every layer, 2 columns)
 
     def check_game(self, where: str) -> None:
         check_choice(self.adversarial, GAMES, f"{where}.adversarial")
@@ -50,6 +53,8 @@ class GameConfig:
         check(self.d_lr > 0, f"{where}.d_lr = {self.d_lr} must be positive")
         check_choice(self.d_optimizer, ("adam", "sgd"), f"{where}.d_optimizer")
         check(self.d_weight_decay >= 0, f"{where}.d_weight_decay = {self.d_weight_decay} must be >= 0")
+        check(self.d_l1 >= 0, f"{where}.d_l1 = {self.d_l1} must be >= 0")
+        check_choice(self.discriminator, ("mlp", "official"), f"{where}.discriminator")
 
 
 class Method:
@@ -79,17 +84,22 @@ class Method:
         """Named scalar float32 loss terms, already weighted: their sum is what the student minimises."""
         raise NotImplementedError
 
-    def discriminators(self, num_classes: int, dim: int) -> dict[str, int]:
-        """Discriminator name -> input size; empty when the method plays no adversarial game."""
+    def discriminators(self, num_classes: int, lengths: list[int]) -> dict[str, int]:
+        """Discriminator name -> input size, given C and every block's aligned length; empty when the
+        method plays no adversarial game."""
         return {}
 
-    def disc_inputs(self, out: StudentOut, tgt: Targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(student vectors (G, B, D), teacher vectors (G, B, D)), one row per discriminator in the order
+    def disc_weights(self) -> list[float] | None:
+        """Each discriminator's weight in the game (times adv_weight), in `discriminators` order; None: all 1."""
+        return None
+
+    def disc_inputs(self, out: StudentOut, tgt: Targets) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(student vectors, teacher vectors): one (B, D_g) tensor each per discriminator, in the order
         `discriminators` names them."""
         raise NotImplementedError
 
     def adversarial_rows(self, batch: int) -> int:
-        """How many of the batch's student rows D is shown labelled "teacher" (ANC's adversarial samples)."""
+        """How many extra student vectors D is shown labelled "teacher" per batch (ANC's adversarial samples)."""
         return 0
 
 

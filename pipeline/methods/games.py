@@ -10,8 +10,11 @@ The modes (`adversarial` in a method's options; docs/design.md section 4):
   are (detached), then the student minimises w * the non-saturating fooling loss through D held fixed.
 - `reversal`: one backward through a gradient-reversal layer, so D descends its loss and the student
   ascends w * it (the minimax form); D's optimizer steps after that backward.
-- `cooperative`, the official MEAL code's: w * D's loss is added to the student's loss and D trains in
-  the student's SGD, so the student's gradient helps D tell it apart from the teacher.
+- `cooperative`, the official MEAL and MEAL V2 code's: w_g * each D's loss is added to the student's loss
+  and D trains in the student's SGD (its group at d_lr, on the student's schedule), so the student's
+  gradient helps D tell it apart from the teacher.
+
+Every mode weighs discriminator g by adv_weight * the method's weight for it (MEAL's per-output eta).
 """
 
 from __future__ import annotations
@@ -35,8 +38,12 @@ class Played:
 
 
 class Game:
-    def __init__(self, cfg: GameConfig, discs: Discriminators):
+    """`weights` (G,): each discriminator's weight in the student's objective (MEAL's eta), times adv_weight."""
+
+    def __init__(self, cfg: GameConfig, discs: Discriminators, weights: list[float]):
         self.cfg, self.discs = cfg, discs
+        self.weight_values = [cfg.adv_weight * w for w in weights]  # on the host: the reversal layer's scales
+        self.weights = torch.tensor(self.weight_values, device=next(discs.parameters()).device)  # (G,)
         self.opt = self.make_optimizer()
 
     def make_optimizer(self) -> torch.optim.Optimizer | None:
@@ -47,62 +54,80 @@ class Game:
                                     **fused_optimizer())
         return torch.optim.SGD(params, lr=g.d_lr, momentum=0.9, weight_decay=g.d_weight_decay, **fused_optimizer())
 
-    def student_groups(self) -> list[dict]:
+    def penalty(self) -> torch.Tensor | float:
+        """d_l1 * sum |theta_D|: the L1 regularisation of D's weights (ANC's "L1" variant); L2 is d_weight_decay."""
+        if self.cfg.d_l1 == 0:
+            return 0.0
+        return self.cfg.d_l1 * sum(m.weight.abs().sum() for d in self.discs.discs for m in d.linears)
+
+    def student_groups(self, student_lr: float) -> list[dict]:
         return []
 
-    def play(self, student: torch.Tensor, teacher: torch.Tensor, rows: int) -> Played:
-        """`student`, `teacher`: (G, B, D) float32 discriminator inputs; `rows`: ANC's adversarial samples."""
+    def play(self, student: list[torch.Tensor], teacher: list[torch.Tensor], rows: int) -> Played:
+        """`student`, `teacher`: one (B, D_g) float32 tensor per discriminator; `rows`: how many adversarial
+        samples (ANC) to add, the first `rows` student vectors of the shuffled batch, labelled teacher."""
         raise NotImplementedError
 
     def step(self) -> None:
         pass
 
 
-def without_adversarial_rows(student: torch.Tensor, rows: int) -> torch.Tensor:
-    """ANC's adversarial samples regularise D only: no student gradient through them."""
-    return torch.cat([student[:, :rows].detach(), student[:, rows:]], dim=1) if rows > 0 else student
+def adversarial_samples(student: list[torch.Tensor], rows: int) -> list[torch.Tensor] | None:
+    """ANC's adversarial samples: `rows` extra student vectors per D (the batch is shuffled, so its first rows
+    are a random subset), detached: they regularise D only, the student's own rows carry its gradient."""
+    return [s[:rows].detach() for s in student] if rows > 0 else None
 
 
 class Alternating(Game):
     def play(self, student, teacher, rows):
-        d_loss, acc = discriminator_loss(self.discs, teacher, student.detach(), rows)  # (G,) each
+        detached = [s.detach() for s in student]
+        d_loss, acc = discriminator_loss(self.discs, teacher, detached, adversarial_samples(student, rows))  # (G,)
         self.opt.zero_grad(set_to_none=True)
-        d_loss.sum().backward()
+        (d_loss.sum() + self.penalty()).backward()
         self.opt.step()  # D's turn, before the student's
-        adv = self.cfg.adv_weight * fooling_loss(self.discs, student)  # (G,), through the updated D held fixed
+        adv = self.weights * fooling_loss(self.discs, student)  # (G,), through the updated D held fixed
         return Played(adv, adv.sum(), d_loss.detach(), acc)
 
 
 class Reversal(Game):
     def play(self, student, teacher, rows):
-        w = self.cfg.adv_weight
-        reversed_ = grad_reverse(without_adversarial_rows(student, rows), w)  # D descends, the student ascends w * it
-        d_loss, acc = discriminator_loss(self.discs, teacher, reversed_, rows)
+        # D descends its loss, the student ascends weights[g] * it
+        reversed_ = [grad_reverse(s, w) for s, w in zip(student, self.weight_values)]
+        d_loss, acc = discriminator_loss(self.discs, teacher, reversed_, adversarial_samples(student, rows))
         self.opt.zero_grad(set_to_none=True)
         # reported: what the student effectively minimises
-        return Played(-w * d_loss.detach(), d_loss.sum(), d_loss.detach(), acc)
+        return Played(-self.weights * d_loss.detach(), d_loss.sum() + self.penalty(), d_loss.detach(), acc)
 
     def step(self):
         self.opt.step()
 
 
 class Cooperative(Game):
+    """The official MEAL / MEAL V2 code's game: total = student loss + sum_g eta_g * BCE_g, one SGD step over
+    the student and the discriminators (D's group at d_lr, following the student's schedule, weight decay
+    d_weight_decay). Both sides descend the BCE: the student helps D tell it apart from the teacher."""
+
     def make_optimizer(self):
         return None  # D trains inside the student's optimizer, on the summed loss
 
-    def student_groups(self):
+    def student_groups(self, student_lr):
         g = self.cfg
+        # lr_scale: set_lr gives this group d_lr / lr times the student's scheduled rate, as the official
+        # MultiStepLR scales every group of its one optimizer
         return [{"params": list(self.discs.parameters()), "lr": g.d_lr, "weight_decay": g.d_weight_decay,
-                 "fixed_lr": True}]
+                 "lr_scale": g.d_lr / student_lr}]
 
     def play(self, student, teacher, rows):
-        d_loss, acc = discriminator_loss(self.discs, teacher, without_adversarial_rows(student, rows), rows)
-        adv = self.cfg.adv_weight * d_loss  # the student helps D
-        return Played(adv, adv.sum(), d_loss.detach(), acc)
+        d_loss, acc = discriminator_loss(self.discs, teacher, student, adversarial_samples(student, rows))
+        adv = self.weights * d_loss  # the student helps D
+        return Played(adv, adv.sum() + self.penalty(), d_loss.detach(), acc)
 
 
 GAMES = {"alternating": Alternating, "reversal": Reversal, "cooperative": Cooperative}
 
 
-def make_game(cfg: GameConfig | None, discs: Discriminators | None) -> Game | None:
-    return None if cfg is None else GAMES[cfg.adversarial](cfg, discs)
+def make_game(cfg: GameConfig | None, discs: Discriminators | None, weights: list[float] | None = None) -> Game | None:
+    """The game of `cfg` (None: no game) over `discs`, discriminator g weighing `weights[g]` (default 1)."""
+    if cfg is None:
+        return None
+    return GAMES[cfg.adversarial](cfg, discs, [1.0] * len(discs) if weights is None else list(weights))

@@ -3,7 +3,12 @@
 A step, given every teacher's cached logits:
 - `soft_ce`: T^2 * soft cross-entropy of the student's softmax at T against the mean of the teachers'
   softmax at T (the official code's loss at T = 1);
-- the game: one discriminator on the final outputs (the softened probabilities, or the logits).
+- the game: one discriminator on the final outputs: the raw logits, the student's against the mean of
+  the teachers' raw logits (`d_input: logits`, the official code's), or the softened probabilities
+  (`probs`, ours).
+The official recipe (szq0214/MEAL-V2, train.py) fine-tunes a pretrained student (`student.init`), plays
+the cooperative game with the official discriminator, D's learning rate equal to the student's, SGD at
+lr 0.01 with no weight decay: profiles and the README's ablation name it `meal_v2_official`.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pipeline.methods.base import GameConfig, Method, Targets
 @dataclass
 class MealV2Config(GameConfig):
     temperature: float = 1.0  # softmax temperature of the teachers' mean and the student's soft cross-entropy
-    d_input: str = "probs"  # probs | logits: what the discriminator on the final outputs sees
+    d_input: str = "logits"  # logits (official: raw, teachers' mean) | probs (ours: softmax at T): what D sees
 
     def __post_init__(self) -> None:
         self.check_game("distill.meal_v2")
@@ -41,10 +46,10 @@ class MealV2(Method):
         t = self.cfg.temperature
         return {"soft_ce": soft_cross_entropy(out.logits.float() / t, self.target(tgt)) * t**2}
 
-    def discriminators(self, num_classes, dim):
+    def discriminators(self, num_classes, lengths):
         return {} if self.game is None else {"outputs": num_classes}
 
     def disc_inputs(self, out, tgt):
         if self.cfg.d_input == "logits":
-            return out.logits.float()[None], tgt.logits.mean(0)[None]
-        return soften(out.logits, self.cfg.temperature)[None], self.target(tgt)[None]
+            return [out.logits.float()], [tgt.logits.mean(0)]
+        return [soften(out.logits, self.cfg.temperature)], [self.target(tgt)]
