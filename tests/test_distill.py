@@ -263,3 +263,34 @@ def test_slab_loader_reads_whole_views_and_prefetches(tiny_pipeline):
     assert torch.equal(memory.get(0).logits, again.logits) and torch.equal(memory.get(0).features[2], again.features[2])
     loader.close()
     memory.close()
+
+
+def test_student_init_fine_tunes_from_a_checkpoint(tiny_pipeline):
+    """student.init (MEAL V2's official recipe fine-tunes a pretrained student): a run's `student` overrides
+    point it at another run's checkpoint; the student starts from those weights and records the file's hash;
+    a checkpoint of another student is a one-line refusal."""
+    params = tiny_pipeline
+    params["distill"]["epochs"] = 1
+    params["distill"]["runs"] = {"scratch": {"method": "scratch"},
+                                 "ft": {"method": "meal_v2", "lr": 1e-9, "momentum": 0.0,
+                                        "student": {"init": "data/student/scratch.pt"}}}
+    write_params(params)
+    assert run("--run", "scratch").exit_code == 0
+    result = run("--run", "ft")
+    assert result.exit_code == 0, result.output
+    start = torch.load(paths.student_checkpoint("scratch"), weights_only=False)["student"]
+    tuned = torch.load(paths.student_checkpoint("ft"), weights_only=False)
+    assert tuned["identity"]["student_init_sha256"] is not None
+    for k, v in start.items():  # lr 1e-9: the weights are the scratch student's, BatchNorm statistics aside
+        if "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(tuned["student"][k], v, rtol=0, atol=1e-6, msg=k)
+    params["distill"]["runs"]["ft"]["student"] = {"init": "data/teachers/t1.pt"}  # a teacher of the same arch
+    write_params(params)
+    assert run("--run", "ft", "--restart").exit_code == 0
+    params["distill"]["runs"]["ft"]["student"] = {"init": "data/teachers/t1.pt", "model": {"width": 0.5}}
+    write_params(params)
+    line = one_line_error(run("--run", "ft", "--restart"))  # a wider student than the checkpoint's
+    assert "student.init" in line and "point student.init at a checkpoint of this student" in line
+    params["distill"]["runs"]["ft"]["student"] = {"init": "data/student/none.pt"}
+    write_params(params)
+    assert "student.init checkpoint data/student/none.pt not found" in one_line_error(run("--run", "ft", "--restart"))

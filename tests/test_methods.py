@@ -414,3 +414,104 @@ def test_checkpoint_with_other_discriminator_layout_is_one_line():
     with pytest.raises(UserError, match="--restart"):
         load_state(trainer, state)
     load_state(trainer, state_dict(trainer))  # its own state loads
+
+
+# ---------------------------------------------------------------- the faithful forms against the official code
+
+
+def test_cooperative_step_is_one_sgd_over_student_and_d_on_the_official_total():
+    """The official main.py: total = sum_i gamma_i CE(out_i, teacher_i) + sum_i eta_i BCE(D_i(cat(s_i, t_i)));
+    total.backward(); one optimizer.step() over the student and D (D's group at d_lr). Written by hand here
+    on a copy of the models, one step of plain SGD from zero momentum, and compared with train_step."""
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    gammas, etas = [0.01, 0.05, 0.1], [1.0, 0.5, 1.0]
+    cfg = build(DistillConfig, {"method": "meal", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}, "distill")
+    opts = options("meal", adversarial="cooperative", adv_weight=1.0, d_lr=0.01, d_weight_decay=5e-4,
+                   discriminator="official", similarity="ce", logit_similarity="ce", block_weights=gammas,
+                   block_eta=etas, logit_eta=2.0)
+    method = make_method("meal", opts, TEACHERS)
+    student = build_model("student_cnn", 10, 1, width=0.25)
+    trainer = build_trainer(method, cfg, student, 10, ALIGN, torch.device("cpu"))
+    ref_student, ref_discs = copy.deepcopy(trainer.student), copy.deepcopy(trainer.discs)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    tgt = Targets(torch.randn(1, 16, 10) * 3, list(torch.rand(3, 1, 16, 8) * 2))
+    train_step(trainer, x.contiguous(memory_format=torch.channels_last), y, tgt)
+
+    def ce(s, t):  # the official loss.CrossEntropy
+        return -(F.log_softmax(s, dim=1) * F.softmax(t, dim=1)).sum(dim=1).mean()
+
+    logits, feats = ref_student(x)
+    outs = [align(f, ALIGN) for f in feats] + [logits]
+    answers = [tgt.blocks[g][0] for g in range(3)] + [tgt.logits[0]]
+    total = sum(w * ce(o, a) for w, o, a in zip(gammas + [1.0], outs, answers))
+    target = torch.tensor([[1.0, 0.0]] * 16 + [[0.0, 1.0]] * 16)  # student rows, then teacher rows
+    for eta, d, o, a in zip(etas + [2.0], ref_discs.discs, outs, answers):
+        total = total + eta * F.binary_cross_entropy_with_logits(official_reference(d, torch.cat([o, a])), target)
+    total.backward()
+    with torch.no_grad():  # SGD's first step: momentum buffer = gradient; weight decay on the decayed groups
+        for p in ref_student.parameters():
+            p -= 0.1 * (p.grad + (5e-4 * p if p.dim() > 1 else 0.0))
+        for p in ref_discs.parameters():
+            p -= 0.01 * (p.grad + 5e-4 * p)
+    for (k, p), q in zip(trainer.student.named_parameters(), ref_student.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=k)
+    for p, q in zip(trainer.discs.parameters(), ref_discs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # and D's group follows the student's schedule at its own peak rate
+    from pipeline.optim import set_lr
+
+    set_lr(trainer.opt, 0.05)
+    assert trainer.opt.param_groups[-1]["lr"] == pytest.approx(0.005)
+
+
+def test_cooperative_discriminator_learns_on_a_tiny_run():
+    """The official game trains D: its accuracy on the logits rises above chance within a few dozen steps
+    (the game before the faithful forms held D at exactly 0.5)."""
+    torch.manual_seed(0)
+    cfg = build(DistillConfig, {"method": "meal", "lr": 0.05, "weight_decay": 5e-4}, "distill")
+    opts = options("meal", adversarial="cooperative", adv_weight=1.0, d_lr=0.05, d_weight_decay=5e-4,
+                   discriminator="official", block_weights=[0.0] * 3, block_eta=[0.0] * 3)
+    method = make_method("meal", opts, TEACHERS)
+    trainer = build_trainer(method, cfg, build_model("student_cnn", 10, 1, width=0.25), 10, ALIGN,
+                            torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    accs = []
+    for _ in range(40):
+        x, y = torch.randn(32, 1, 28, 28, generator=g), torch.randint(0, 10, (32,), generator=g)
+        teacher = torch.nn.functional.one_hot(y, 10).float()[None] * 8  # confident teacher logits
+        names, stats = train_step(trainer, x.contiguous(memory_format=torch.channels_last), y, Targets(teacher, None))
+        accs.append(stats[names.index("d_acc_logits")].item())
+    assert sum(accs[-10:]) / 10 > 0.6, accs
+
+
+@pytest.mark.parametrize("arch", ["lenet4", "student_cnn", "resnet8"])
+def test_anc_discriminator_sees_the_students_noise(arch):
+    """ANC's z is the student's dropout, and D must see the noisy features: the last block a student returns
+    is the very (noisy) feature its classifier reads, so the vector D gets carries the noise."""
+    torch.manual_seed(0)
+    model = build_model(arch, 10, 1, dropout=0.5).train()
+    x = torch.randn(8, 1, 28, 28)
+    logits, feats = model(x)
+    head = model.fc2 if arch == "lenet4" else model.head
+    torch.testing.assert_close(head(feats[-1]), logits)  # the classifier reads the returned, noisy feature
+    _, again = model(x)
+    assert not torch.equal(feats[-1], again[-1])  # a fresh z per forward
+    model.eval()
+    _, clean = model(x)
+    flat = feats[-1].flatten(2).amax(2) if feats[-1].dim() == 4 else feats[-1]  # dropped units / channels are 0
+    assert (flat == 0).float().mean() > 0.3 and (clean[-1].flatten(1) != 0).any()
+    vec = align(feats[-1], ALIGN)
+    assert not torch.allclose(vec, align(clean[-1], ALIGN))  # the aligned vector D reads differs from the clean one
+
+
+def test_anc_data_term_is_the_squared_distance_summed_over_classes():
+    """L_data = E ||f_t(x) - f_s(x)||^2: summed over the classes, averaged over the batch (not averaged over
+    the classes too, which weakens it C-fold against the adversarial term)."""
+    method = make_method("anc", options("anc", teacher="t1"), TEACHERS)
+    s, t = torch.randn(6, 10), torch.randn(1, 6, 10)
+    terms = method.losses(StudentOut(s, [torch.rand(6, 8)]), Targets(t, [torch.rand(1, 6, 8)]), None)
+    torch.testing.assert_close(terms["l2_logits"], ((t[0] - s) ** 2).sum(1).mean())

@@ -28,7 +28,9 @@ def test_profile_builds_every_config(path):
     build(ViewsConfig, section(params, "views"), "views")
     build(CacheConfig, section(params, "cache"), "cache")
     runs = run_names(section(params, "distill"))
-    assert {"scratch", "kd", "meal", "meal_coop", "meal_v2", "anc"} <= set(runs)
+    assert "scratch" in runs  # every profile compares against the student trained from scratch
+    if path.name in ("params.yaml", "gpu.yaml", "tiny.yaml"):  # the method comparisons; the others are recipes
+        assert {"kd", "meal", "meal_coop", "meal_v2", "anc"} <= set(runs)
     for run in runs:
         settings = read_settings(params, None, None, None, False, run)
         assert settings.run_name == run

@@ -40,8 +40,8 @@ class GameConfig:
     """The adversarial options every method with discriminators shares."""
 
     adversarial: str = "alternating"  # alternating | reversal | cooperative (official MEAL code) | none
-    adv_weight: float = 0.1  # weight of the student's adversarial term
-    d_lr: float = 1e-3  # discriminator learning rate (constant)
+    adv_weight: float = 0.1  # weight of the student's adversarial term (cooperative: eta, officially 1)
+    d_lr: float = 1e-3  # discriminator learning rate (constant; cooperative: its peak, on the student's schedule)
     d_optimizer: str = "adam"  # adam (betas 0.5, 0.999) | sgd (momentum 0.9); cooperative: D joins the student's SGD
     d_weight_decay: float = 0.0  # L2 penalty on discriminator weights (official cooperative: 5e-4)
     d_l1: float = 0.0  # L1 penalty on discriminator weights, added to D's loss (ANC's "L1" regularisation)

@@ -50,6 +50,9 @@ class MealConfig(GameConfig):
             check(len(value) == NUM_BLOCKS and all(w >= 0 for w in value),
                   f"distill.meal.{key} = {value} must be {NUM_BLOCKS} weights >= 0, one per block")
         check(self.ce_weight >= 0, f"distill.meal.ce_weight = {self.ce_weight} must be >= 0")
+        check(self.adversarial != "none" or self.logit_weight > 0 or any(self.block_weights) or self.ce_weight > 0,
+              "distill.meal: every weight is 0 and there is no game, so the student would learn nothing: "
+              "give logit_weight or block_weights a weight > 0")
 
 
 class Meal(Method):

@@ -8,7 +8,7 @@ A step, given every teacher's cached logits:
   (`probs`, ours).
 The official recipe (szq0214/MEAL-V2, train.py) fine-tunes a pretrained student (`student.init`), plays
 the cooperative game with the official discriminator, D's learning rate equal to the student's, SGD at
-lr 0.01 with no weight decay: profiles and the README's ablation name it `meal_v2_official`.
+lr 0.01 with no weight decay: scripts/ablation.py runs it as `meal_v2_ft`.
 """
 
 from __future__ import annotations

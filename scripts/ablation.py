@@ -1,0 +1,157 @@
+"""The faithful-methods ablation on a validation split: each method's official recipe against the profile's
+own run of it and against scratch, over several seeds, never on the test split.
+
+    python scripts/ablation.py                                    # params.yaml, 10k validation images, seeds 0 1 2
+    python scripts/ablation.py --baseline-code ../before          # + the rows of the code before the faithful forms
+
+It works in `--work` (default ablation/, ignored by git): teachers pretrained on the training split less
+the validation images, cached, then every run x seed trained through the pipeline's own stages
+(`python -m stages.distill --run NAME`), two processes at a time with one thread each. A run's score is
+its final-epoch accuracy on the validation split (`data.val_size`), which the distill stage evaluates on
+instead of the test split when val_size > 0. Everything resumes: rerun it after a kill.
+
+    python scripts/ablation.py --params profiles/anc_fmnist.yaml --val-size 0 --work anc \\
+        --runs scratch,anc_none,anc_l1,anc_l2,anc_adv --out bench/results/cpu-anc_fmnist.json
+
+The rows: the profile's runs named by --runs (default: scratch and the faithful meal, meal_coop, meal_v2, anc);
+`meal_v2_ft`, MEAL V2's whole official recipe (fine-tuning the same seed's scratch student, lr 0.01, no
+weight decay, D's lr equal to the student's); and with `--baseline-code DIR` (a checkout of the code
+before the faithful forms, e.g. `git worktree add ../before 8c6b1d4`) that checkout's own meal,
+meal_coop, meal_v2 and anc runs, trained by its code, as the "before" rows. Writes
+bench/results/cpu-ablation_val.json and prints the table the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# the profile's runs trained here (kd has no faithful question), plus MEAL V2's whole official recipe: it
+# fine-tunes a pretrained student (each seed's scratch student) at lr 0.01, no weight decay, D's lr = the
+# student's; "{seed}" in a value is the run's seed
+DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft"
+EXTRA_RUNS = {"meal_v2_ft": {"method": "meal_v2", "lr": 0.01, "weight_decay": 0.0, "meal_v2": {"d_lr": 0.01},
+                             "student": {"init": "data/student/scratch_s{seed}.pt"}}}
+BASELINE_RUNS = ("meal", "meal_coop", "meal_v2", "anc")  # the --baseline-code params.yaml's own runs
+
+
+def fill(value, seed: int):
+    if isinstance(value, dict):
+        return {k: fill(v, seed) for k, v in value.items()}
+    return value.replace("{seed}", str(seed)) if isinstance(value, str) else value
+
+
+def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = None) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DVC_NO_ANALYTICS": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    quiet = ["--quiet"] if args[0] != "stages.plan_views" else []
+    with log.open("a") as out:
+        done = subprocess.run([sys.executable, "-m", *args, *quiet], cwd=folder, env=env, stdout=out,
+                              stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise click.ClickException(f"{' '.join(args)} in {folder} failed (exit {done.returncode}): see the end of {log}")
+
+
+@click.command()
+@click.option("--params", "params_path", default=str(ROOT / "params.yaml"), show_default=True)
+@click.option("--work", default=str(ROOT / "ablation"), show_default=True)
+@click.option("--val-size", default=10000, show_default=True,
+              help="Validation images carved from train (0: score on the test split, for a fixed recipe).")
+@click.option("--seeds", default="0,1,2", show_default=True)
+@click.option("--runs", "only", default=DEFAULT_RUNS, show_default=True,
+              help="Runs of the profile's distill.runs, or meal_v2_ft.")
+@click.option("--baseline-code", default=None,
+              help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
+@click.option("--jobs", default=2, show_default=True, help="Processes at once (one thread each).")
+@click.option("--out", default=str(ROOT / "bench" / "results" / "cpu-ablation_val.json"), show_default=True)
+def main(params_path, work, val_size, seeds, only, baseline_code, jobs, out):
+    base = yaml.safe_load(Path(params_path).read_text())
+    base["data"]["val_size"] = val_size
+    seeds = [int(s) for s in seeds.split(",")]
+    runs = {**base["distill"]["runs"], **EXTRA_RUNS}
+    chosen = only.split(",")
+    unknown = [r for r in chosen if r not in runs]
+    if unknown:
+        raise click.ClickException(f"run {unknown[0]} is neither in {params_path}'s distill.runs nor meal_v2_ft")
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "ablation.log"
+    # folder -> (params, its runs)
+    folders = {"profile": (base, {f"{r}_s{s}": {**fill(runs[r], s), "seed": s} for r in chosen for s in seeds})}
+    if "meal_v2_ft" in chosen:  # it fine-tunes each seed's scratch student
+        folders["profile"][1].update({f"scratch_s{s}": {"method": "scratch", "seed": s} for s in seeds})
+    if baseline_code:
+        # the same profile file as that code had it
+        old = yaml.safe_load((Path(baseline_code) / Path(params_path).resolve().relative_to(ROOT)).read_text())
+        old["data"]["val_size"] = val_size
+        folders["baseline"] = (old, {f"{r}_s{s}": {**old["distill"]["runs"][r], "seed": s}
+                                     for r in BASELINE_RUNS for s in seeds})
+    for name, (params, named) in folders.items():
+        params = json.loads(json.dumps(params))
+        params["distill"]["runs"] = named
+        (work / name).mkdir(exist_ok=True)
+        (work / name / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    main_dir = work / "profile"
+    for teacher in base["teachers"]:  # resumable: a finished teacher is skipped
+        click.echo(f"pretrain {teacher}")
+        stage(main_dir, ["stages.pretrain", "--teacher", teacher], log)
+    stage(main_dir, ["stages.plan_views"], log)
+    if baseline_code:  # the teachers and views are shared; the caches too where the align spec is the same
+        data = work / "baseline" / "data"
+        data.mkdir(exist_ok=True)
+        shared = ["teachers", "views.zarr"] + (["cache"] if folders["baseline"][0]["cache"] == base["cache"] else [])
+        for item in shared:
+            if not (data / item).exists():
+                (data / item).symlink_to((main_dir / "data" / item).resolve())
+    for name in folders:
+        if not (work / name / "data" / "cache").is_symlink():
+            for teacher in base["teachers"]:  # resumable: a complete cache is kept
+                click.echo(f"cache {teacher} ({name})")
+                stage(work / name, ["stages.cache_teachers", "--teacher", teacher], log,
+                      baseline_code if name == "baseline" else None)
+
+    def train(item):
+        folder, run = item
+        stage(work / folder, ["stages.distill", "--run", run], log, baseline_code if folder == "baseline" else None)
+        click.echo(f"  {folder}/{run} done")
+
+    first = [("profile", r) for r in folders["profile"][1] if r.startswith("scratch_")]
+    rest = [(f, r) for f in folders for r in folders[f][1] if (f, r) not in first]
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(train, first))
+        list(pool.map(train, rest))
+
+    results = {}
+    for folder, (_, runs) in folders.items():
+        for run in runs:
+            name, seed = run.rsplit("_s", 1)
+            label = f"{name} (before)" if folder == "baseline" else name
+            metrics = json.loads((work / folder / "metrics" / "distill" / f"{run}.json").read_text())
+            results.setdefault(label, {})[int(seed)] = metrics["test_acc"]  # the validation split's, final epoch
+    rows = []
+    for label, by_seed in results.items():
+        accs = [100 * by_seed[s] for s in sorted(by_seed)]
+        rows.append({"run": label, "seeds": sorted(by_seed), "val_top1": accs, "mean": statistics.mean(accs),
+                     "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    split = "validation" if val_size else "test"
+    Path(out).write_text(json.dumps({"params": str(params_path), "val_size": val_size, "split": split, "rows": rows},
+                                    indent=2) + "\n")
+    click.echo(f"| run | {split} top-1 (%), mean ± std | per seed |\n|---|---:|---|")
+    for r in rows:
+        click.echo(f"| {r['run']} | {r['mean']:.2f} ± {r['std']:.2f} | {', '.join(f'{a:.2f}' for a in r['val_top1'])} |")
+
+
+if __name__ == "__main__":
+    main()
