@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # student's; "{seed}" in a value is the run's seed
 DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft"
 EXTRA_RUNS = {"meal_v2_ft": {"method": "meal_v2", "lr": 0.01, "weight_decay": 0.0, "meal_v2": {"d_lr": 0.01},
-                             "student": {"init": "data/student/scratch_s{seed}.pt"}}}
+                             "student": {"init": "data/student/scratch_s{seed}.pt"}},
+              # ANC's faithful data term at lambda 0.1: the old averaged term's scale, everything else faithful
+              "anc_lambda01": {"method": "anc", "anc": {"logit_weight": 0.1}}}
 BASELINE_RUNS = ("meal", "meal_coop", "meal_v2", "anc")  # the --baseline-code params.yaml's own runs
 
 
@@ -69,7 +71,7 @@ def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = Non
               help="Validation images carved from train (0: score on the test split, for a fixed recipe).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--runs", "only", default=DEFAULT_RUNS, show_default=True,
-              help="Runs of the profile's distill.runs, or meal_v2_ft.")
+              help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda01).")
 @click.option("--baseline-code", default=None,
               help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
 @click.option("--jobs", default=2, show_default=True, help="Processes at once (one thread each).")
@@ -82,7 +84,7 @@ def main(params_path, work, val_size, seeds, only, baseline_code, jobs, out):
     chosen = only.split(",")
     unknown = [r for r in chosen if r not in runs]
     if unknown:
-        raise click.ClickException(f"run {unknown[0]} is neither in {params_path}'s distill.runs nor meal_v2_ft")
+        raise click.ClickException(f"run {unknown[0]} is neither in {params_path}'s distill.runs nor in EXTRA_RUNS")
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "ablation.log"
