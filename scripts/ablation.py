@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the profile's runs trained here (kd has no faithful question), plus MEAL V2's whole official recipe: it
 # fine-tunes a pretrained student (each seed's scratch student) at lr 0.01, no weight decay, D's lr = the
 # student's; "{seed}" in a value is the run's seed
-DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft"
+DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft,anc_lambda01"
 EXTRA_RUNS = {"meal_v2_ft": {"method": "meal_v2", "lr": 0.01, "weight_decay": 0.0, "meal_v2": {"d_lr": 0.01},
                              "student": {"init": "data/student/scratch_s{seed}.pt"}},
               # ANC's faithful data term at lambda 0.1: the old averaged term's scale, everything else faithful
