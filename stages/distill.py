@@ -206,7 +206,9 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     finally:
         targets.close()
     if state is not None and state.get("finished"):
-        save(ckpt)  # refresh the metrics file; the checkpoint is unchanged
+        # refresh the metrics file only: rewriting a finished checkpoint would change its bytes, and the sha256
+        # another run's student.init recorded for it
+        write_json(paths.student_metrics(s.run_name), metrics(s, base, ckpt, str(dev)))
     click.echo(f"{s.run_name}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at epoch "
                f"{ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
 

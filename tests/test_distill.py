@@ -284,6 +284,11 @@ def test_student_init_fine_tunes_from_a_checkpoint(tiny_pipeline):
     for k, v in start.items():  # lr 1e-9: the weights are the scratch student's, BatchNorm statistics aside
         if "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(tuned["student"][k], v, rtol=0, atol=1e-6, msg=k)
+    # a finished run rerun keeps its checkpoint's bytes, so the fine-tuned run it initialised still resumes
+    before = paths.student_checkpoint("scratch").read_bytes()
+    assert "already trained" in run("--run", "scratch").output
+    assert paths.student_checkpoint("scratch").read_bytes() == before
+    assert "already trained" in run("--run", "ft").output
     params["distill"]["runs"]["ft"]["student"] = {"init": "data/teachers/t1.pt"}  # a teacher of the same arch
     write_params(params)
     assert run("--run", "ft", "--restart").exit_code == 0
