@@ -11,7 +11,7 @@ outputs; ANC: the last block), each D -> D/2 -> D/4 -> K, of one of two kinds (`
   both columns at 0, so a side whose two columns are both clipped gives D no gradient.
 
 The label convention: "teacher" = 1, "student" = 0. D says "teacher" when its logit is > 0 (`mlp`)
-or when the teacher column exceeds the student column (`official`).
+or when the teacher column exceeds the student column (`official`); a tie is half right in its accuracy.
 pipeline.methods.games plays the game with these losses.
 """
 
@@ -60,9 +60,10 @@ class Discriminator(nn.Module):
         target = torch.stack([1.0 - teacher, teacher], dim=1)  # (N, 2): [1, 0] student, [0, 1] teacher
         return F.binary_cross_entropy_with_logits(scores, target, reduction="none").mean(1)
 
-    def says_teacher(self, scores: torch.Tensor) -> torch.Tensor:
-        """(N,) bool: D's verdict "teacher" per row."""
-        return scores[:, 0] > 0 if self.kind == "mlp" else scores[:, 1] > scores[:, 0]
+    def margin(self, scores: torch.Tensor) -> torch.Tensor:
+        """(N,) D's "teacher" margin per row: > 0 says teacher, < 0 student, 0 is a tie (the official kind's
+        ReLU ties often: both columns clipped to 0)."""
+        return scores[:, 0] if self.kind == "mlp" else scores[:, 1] - scores[:, 0]
 
 
 class Discriminators(nn.Module):
@@ -94,7 +95,9 @@ def discriminator_loss(discs: Discriminators, teacher: list[torch.Tensor], stude
     `teacher`, `student`: one (B, D_g) tensor per discriminator. `adversarial`: ANC's adversarial samples,
     extra student vectors (A, D_g) per discriminator shown to D labelled "teacher", added to its batch.
     The loss is the mean over all 2B (+ A) rows. Returns (loss (G,), accuracy (G,)); the accuracy is on the
-    2B true rows, both sides weighing the same, on the device (no host sync).
+    2B true rows, both sides weighing the same, a tie counting as half right (a coin flip: a dead D reads
+    0.5, one that separates with one column while the other is clipped reads what it separates), on the
+    device (no host sync).
     """
     losses, accs = [], []
     for g, d in enumerate(discs.discs):
@@ -105,8 +108,8 @@ def discriminator_loss(discs: Discriminators, teacher: list[torch.Tensor], stude
         label = torch.ones(n, device=scores.device)
         label[b:2 * b] = 0.0  # the student rows; the adversarial rows, after them, keep "teacher"
         losses.append(d.row_bce(scores, label).mean())
-        verdict = d.says_teacher(scores[:2 * b].detach())
-        accs.append((verdict == (label[:2 * b] > 0.5)).float().mean())
+        signed = d.margin(scores[:2 * b].detach()) * (2.0 * label[:2 * b] - 1.0)  # > 0 right, 0 a tie
+        accs.append(((signed > 0).float() + 0.5 * (signed == 0).float()).mean())
     return torch.stack(losses), torch.stack(accs)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -163,9 +164,34 @@ def test_official_discriminator_is_the_official_1x1_conv_stack():
         scores = official_reference(d, torch.cat([s[g], t[g]]))  # the official order: student rows, then teacher
         target = torch.tensor([[1.0, 0.0]] * 6 + [[0.0, 1.0]] * 6)
         torch.testing.assert_close(loss[g], bce(scores, target))
-        verdict = scores[:, 1] > scores[:, 0]
-        torch.testing.assert_close(acc[g], (verdict == (target[:, 1] > 0)).float().mean())
+        torch.testing.assert_close(acc[g], tie_half_accuracy(scores[:, 1] - scores[:, 0], target[:, 1]))
     assert (official_reference(disc.discs[0], torch.randn(50, 16)) >= 0).all()  # the final ReLU
+
+
+def tie_half_accuracy(margin: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Right where the margin's sign matches the label, half right on a tie (margin exactly 0)."""
+    right = ((margin > 0) & (teacher > 0)) | ((margin < 0) & (teacher == 0))
+    return (right.float() + 0.5 * (margin == 0).float()).mean()
+
+
+def test_a_tied_discriminator_reads_half_right():
+    """The official D often ties (both columns clipped to 0): a dead D reads 0.5; one that separates with its
+    student column alone (teacher rows tied at 0, student rows clearly student) reads 0.75, not 0.5."""
+    disc = Discriminators({"a": 4}, "official")
+    with torch.no_grad():
+        for m in disc.discs[0].linears:
+            m.weight.zero_()
+            m.bias.zero_()
+    t, s = torch.randn(8, 4), torch.randn(8, 4)
+    loss, acc = discriminator_loss(disc, [t], [s])
+    assert acc.item() == 0.5 and loss.item() == pytest.approx(math.log(2))
+    last = disc.discs[0].linears[-1]
+    with torch.no_grad():  # a student column that fires on the student rows only (their inputs are all > 0)
+        disc.discs[0].linears[0].weight.fill_(1.0)
+        disc.discs[0].linears[1].weight.fill_(1.0)
+        last.weight[0].fill_(1.0)
+    _, acc = discriminator_loss(disc, [-t.abs() - 1], [s.abs() + 1])
+    assert acc.item() == 0.75
 
 
 def test_discriminators_are_independent_mlps():
@@ -205,12 +231,12 @@ def test_discriminator_loss_adds_adversarial_samples_as_extra_teacher_rows(kind)
         scores = d(rows)
         if kind == "mlp":
             expected = bce(scores[:, 0], label)
-            verdict = scores[:32, 0] > 0
+            margin = scores[:32, 0]
         else:
             expected = bce(scores, torch.stack([1 - label, label], 1))
-            verdict = scores[:32, 1] > scores[:32, 0]
+            margin = scores[:32, 1] - scores[:32, 0]
         torch.testing.assert_close(loss[g], expected)
-        torch.testing.assert_close(acc[g], (verdict == (label[:32] > 0)).float().mean())
+        torch.testing.assert_close(acc[g], tie_half_accuracy(margin, label[:32]))
 
 
 def test_fooling_loss_is_bce_against_the_teacher_label_through_a_fixed_d():
