@@ -38,10 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # the profile's runs trained here (kd has no faithful question), plus MEAL V2's whole official recipe: it
 # fine-tunes a pretrained student (each seed's scratch student) at lr 0.01, no weight decay, D's lr = the
 # student's; "{seed}" in a value is the run's seed
-DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft,anc_lambda01,scratch_10ep"
+DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft,anc_lambda1,scratch_10ep"
 EXTRA_RUNS = {"meal_v2_ft": {"method": "meal_v2", "lr": 0.01, "weight_decay": 0.0, "meal_v2": {"d_lr": 0.01},
                              "student": {"init": "data/student/scratch_s{seed}.pt"}},
-              # ANC's faithful data term at lambda 0.1: the old averaged term's scale, everything else faithful
+              # ANC's faithful forms at lambda 1 (the paper's L_adv + lambda L_data, unweighted) and 0.1 (the old
+              # averaged term's scale); params.yaml's anc took 0.1 from this comparison
+              "anc_lambda1": {"method": "anc", "anc": {"logit_weight": 1.0}},
               "anc_lambda01": {"method": "anc", "anc": {"logit_weight": 0.1}},
               # meal_v2_ft's student has trained 5 + 5 epochs: scratch for as long is its fair baseline
               "scratch_10ep": {"method": "scratch", "epochs": 10}}
@@ -73,7 +75,7 @@ def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = Non
               help="Validation images carved from train (0: score on the test split, for a fixed recipe).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--runs", "only", default=DEFAULT_RUNS, show_default=True,
-              help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda01, scratch_10ep).")
+              help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda1, anc_lambda01, scratch_10ep).")
 @click.option("--baseline-code", default=None,
               help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
 @click.option("--jobs", default=2, show_default=True, help="Processes at once (one thread each).")
