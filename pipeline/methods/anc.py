@@ -29,7 +29,8 @@ class AncConfig(GameConfig):
     logit_weight: float = 1.0  # lambda: weight of the squared L2 distance between student and teacher logits
     adv_sample_rate: float = 0.1  # adversarial samples per batch, as a fraction of it: extra student rows labelled teacher
     adv_weight: float = 1.0  # ANC's objective is L_adv + lambda L_data: the adversarial term at full weight
-    dropout: float = 0.1  # ANC's noise z: dropout before the student's classifier (replaces student.model.dropout)
+    dropout: float = 0.1  # ANC's noise z: dropout on the student's last block, which D and the classifier read
+    # (replaces student.model.dropout)
 
     def __post_init__(self) -> None:
         self.check_game("distill.anc")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.config import check, check_choice
+from pipeline.discriminators import KINDS as DISCRIMINATOR_KINDS
 
 GAMES = ("alternating", "reversal", "cooperative", "none")
 
@@ -54,7 +55,7 @@ class GameConfig:
         check_choice(self.d_optimizer, ("adam", "sgd"), f"{where}.d_optimizer")
         check(self.d_weight_decay >= 0, f"{where}.d_weight_decay = {self.d_weight_decay} must be >= 0")
         check(self.d_l1 >= 0, f"{where}.d_l1 = {self.d_l1} must be >= 0")
-        check_choice(self.discriminator, ("mlp", "official"), f"{where}.discriminator")
+        check_choice(self.discriminator, DISCRIMINATOR_KINDS, f"{where}.discriminator")
 
 
 class Method:
