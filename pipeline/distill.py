@@ -45,7 +45,8 @@ class StudentConfig:
     arch: str = "student_cnn"  # a name from pipeline.models.ZOO
     model: dict[str, Any] = field(default_factory=lambda: {"width": 1.0, "dropout": 0.0})  # constructor kwargs
     init: str = ""  # a checkpoint to start from (MEAL V2 fine-tunes a pretrained student): a student's
-    # data/student/RUN.pt or a teacher's data/teachers/NAME.pt of this arch and kwargs; "" = random init
+    # data/student/RUN/seed{seed}.pt ("{seed}" becomes the seed trained) or a teacher's
+    # data/teachers/NAME.pt of this arch and kwargs; "" = random init
 
 
 @dataclass
@@ -58,7 +59,12 @@ class DistillConfig(SGDConfig):
     nesterov: bool = False  # Nesterov momentum
     schedule: str = "cosine"  # cosine | onecycle | constant (pipeline.schedules), per optimizer step
     warmup_epochs: float = 0.0  # linear warm-up length (epochs)
-    seed: int = 0  # seeds the student's weights, batch order, teacher draws and dropout
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the run is trained once per seed, one
+    # checkpoint each (data/student/RUN/seedS.pt); evaluate reports the mean and spread over them
+    jobs: int = 0  # seeds trained at once, one process each; 0 = every seed at once on the CPU (threads
+    # split between them), one at a time on a GPU; 1 = one after another in this process
+    seed: int = 0  # the seed one training process runs (the stage sets it from `seeds`): it seeds the
+    # student's weights, batch order, teacher draws and dropout. In params, list seeds under `seeds`.
     eval_batch_size: int = 1024  # images per forward pass at test time
     eval_every: int = 1  # evaluate on the test split every this many epochs (and always after the last)
     log_every: int = 25  # steps between progress-bar updates (the only host syncs of the step loop)
@@ -78,6 +84,10 @@ class DistillConfig(SGDConfig):
         check(self.batch_size >= 1, f"distill.batch_size = {self.batch_size} must be at least 1")
         self.check_sgd("distill", self.epochs)
         check(0 <= self.seed < 2**31, f"distill.seed = {self.seed} must be in [0, 2^31)")
+        check(len(self.seeds) >= 1 and all(isinstance(v, int) and 0 <= v < 2**31 for v in self.seeds),
+              f"distill.seeds = {self.seeds} must be a non-empty list of integers in [0, 2^31)")
+        check(len(set(self.seeds)) == len(self.seeds), f"distill.seeds = {self.seeds} lists a seed twice")
+        check(self.jobs >= 0, f"distill.jobs = {self.jobs} must be >= 0 (0 = every seed at once on the CPU)")
         check(self.eval_batch_size >= 1, f"distill.eval_batch_size = {self.eval_batch_size} must be at least 1")
         check(self.eval_every >= 1, f"distill.eval_every = {self.eval_every} must be at least 1")
         check(self.log_every >= 1, f"distill.log_every = {self.log_every} must be at least 1")

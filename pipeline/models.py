@@ -171,9 +171,9 @@ ZOO: dict[str, Callable[..., nn.Module]] = {
 
 # The student-sized networks: under 100k parameters at width 1.
 STUDENTS = ("lenet4", "student_cnn", "resnet8")
-# The networks that take `dropout` (ANC's student noise): the students and the ResNet-18s, which
-# serve as full-size students on the GPU profile.
-TAKES_DROPOUT = STUDENTS + ("resnet18", "preact_resnet18")
+# The networks that take `dropout` (ANC's student noise): the students, and the ResNet-18s and VGGs, which
+# serve as teacher-sized students (the GPU profile's ResNet-18, the default profile's narrow VGG-11).
+TAKES_DROPOUT = STUDENTS + ("resnet18", "preact_resnet18", "vgg11", "vgg16", "vgg19_bn")
 
 
 def build_model(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:

@@ -38,12 +38,24 @@ def teacher_cache(name: str, fmt: str = "zarr") -> Path:
     return DATA / "cache" / f"{name}.{fmt}"
 
 
-def student_checkpoint(method: str) -> Path:
-    return DATA / "student" / f"{method}.pt"
+def student_dir(run: str) -> Path:
+    """Every seed's student of one distill run (the `distill@<run>` stage's one output)."""
+    return DATA / "student" / run
 
 
-def student_metrics(method: str) -> Path:
-    return METRICS / "distill" / f"{method}.json"
+def student_checkpoint(run: str, seed: int = 0) -> Path:
+    """One seed's student of a distill run: weights, optimizer state and history, resumable."""
+    return student_dir(run) / f"seed{seed}.pt"
+
+
+def student_seed_metrics(run: str, seed: int = 0) -> Path:
+    """One seed's training metrics (per-epoch history), rewritten after every epoch while it trains."""
+    return student_dir(run) / f"seed{seed}.json"
+
+
+def student_metrics(run: str) -> Path:
+    """A distill run's training metrics over its seeds (final-epoch accuracy per seed, mean, std)."""
+    return METRICS / "distill" / f"{run}.json"
 
 
 def evaluate_metrics() -> Path:

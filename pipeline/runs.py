@@ -9,13 +9,13 @@ The `distill` params section may hold a `runs` mapping, run name -> {method: NAM
         scratch:   {method: scratch}
         meal:      {method: meal}
         meal_coop: {method: meal, meal: {adversarial: cooperative}}   # the official code's game
-        meal_v2_ft: {method: meal_v2, student: {init: data/student/scratch.pt}}
+        meal_v2_ft: {method: meal_v2, student: {init: data/student/scratch/seed{seed}.pt}}
 
 A run sees the `distill` section with its own entries deep-merged in (nested mappings merge key by
 key, anything else replaces), so `meal_coop` above keeps every other `distill.meal` option. A run's
 `student` mapping is merged into the `student` section instead (`student_overrides`).
-`python -m stages.distill --run meal_coop` trains it into data/student/meal_coop.pt; dvc.yaml has one
-`distill@<run>` stage per run. Every run is checked at start-up, so a typo in one run fails every
+`python -m stages.distill --run meal_coop` trains it into data/student/meal_coop/seed<S>.pt, one per seed of
+`distill.seeds`; dvc.yaml has one `distill@<run>` stage per run. Every run is checked at start-up, so a typo in one run fails every
 stage at once instead of hours later in the last one.
 """
 
@@ -52,6 +52,13 @@ def run_names(distill_section: dict[str, Any]) -> list[str]:
     return list(runs)
 
 
+def refuse_seed_key(section: dict[str, Any], where: str) -> None:
+    """`seed` is set per training process from `seeds`; a params `seed` would be silently overwritten."""
+    if "seed" in section:
+        raise UserError(f"params {where} sets `seed`, but a run trains every seed of `seeds`: write "
+                        f"seeds: [{section['seed']}] instead")
+
+
 def run_section(distill_section: dict[str, Any], name: str) -> dict[str, Any]:
     """The `distill` section as run `name` sees it: the run's entries deep-merged in, `runs` itself dropped."""
     runs = distill_section.get("runs") or {}
@@ -67,6 +74,7 @@ def run_section(distill_section: dict[str, Any], name: str) -> dict[str, Any]:
         raise UserError(f"params distill.runs.{name} has no `method`: add one of {', '.join(METHODS)}")
     if "runs" in run:
         raise UserError(f"params distill.runs.{name} overrides `runs`: a run cannot hold runs, remove the key")
+    refuse_seed_key(run, f"distill.runs.{name}")
     base = {k: v for k, v in distill_section.items() if k != "runs"}
     return deep_merge(base, run)
 
@@ -93,4 +101,5 @@ def run_config(distill_section: dict[str, Any], name: str, teachers: list[str]) 
 
 def check_runs(distill_section: dict[str, Any], teachers: list[str]) -> dict[str, DistillConfig]:
     """Every run's config, built and checked (the first bad run raises a one-line UserError)."""
+    refuse_seed_key(distill_section, "distill")
     return {name: run_config(distill_section, name, teachers) for name in run_names(distill_section)}

@@ -197,7 +197,8 @@ class VGG(nn.Module):
     at H/4, H/8, H/16).
     """
 
-    def __init__(self, stages: list[list[int]], num_classes: int, in_channels: int, width: float):
+    def __init__(self, stages: list[list[int]], num_classes: int, in_channels: int, width: float,
+                 dropout: float = 0.0):
         super().__init__()
         self.stages = nn.ModuleList()
         cin = in_channels
@@ -207,6 +208,7 @@ class VGG(nn.Module):
                 layers += conv_bn_relu(cin, scaled(c, width))
                 cin = scaled(c, width)
             self.stages.append(nn.Sequential(*layers))
+        self.noise = feature_noise(dropout)  # a student's z (ANC), on the last block
         self.head = Head(cin, num_classes)
         init_weights(self)
 
@@ -215,22 +217,23 @@ class VGG(nn.Module):
         for stage in self.stages:  # stage i: (B, C_i, ceil(H / 2^i), ceil(W / 2^i))
             x = stage(x)
             outs.append(x)
+        outs[-1] = x = self.noise(x)
         return self.head(x), outs[-NUM_BLOCKS:]
 
 
-def vgg11(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
+def vgg11(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0) -> VGG:
     """VGG-11 with BatchNorm (8 convs). Blocks: conv stages 3, 4, 5 (256, 512, 512 channels)."""
-    return VGG(VGG_STAGES["vgg11"], num_classes, in_channels, width)
+    return VGG(VGG_STAGES["vgg11"], num_classes, in_channels, width, dropout)
 
 
-def vgg16(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
+def vgg16(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0) -> VGG:
     """VGG-16 with BatchNorm (13 convs). Blocks: conv stages 3, 4, 5 (256, 512, 512 channels)."""
-    return VGG(VGG_STAGES["vgg16"], num_classes, in_channels, width)
+    return VGG(VGG_STAGES["vgg16"], num_classes, in_channels, width, dropout)
 
 
-def vgg19_bn(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> VGG:
+def vgg19_bn(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0) -> VGG:
     """VGG-19 with BatchNorm (16 convs), a MEAL teacher. Blocks: conv stages 3, 4, 5 (256, 512, 512)."""
-    return VGG(VGG_STAGES["vgg19"], num_classes, in_channels, width)
+    return VGG(VGG_STAGES["vgg19"], num_classes, in_channels, width, dropout)
 
 
 # ---------------------------------------------------------------- DenseNet

@@ -5,10 +5,10 @@ own run of it and against scratch, over several seeds, never on the test split.
     python scripts/ablation.py --baseline-code ../before          # + the rows of the code before the faithful forms
 
 It works in `--work` (default ablation/, ignored by git): teachers pretrained on the training split less
-the validation images, cached, then every run x seed trained through the pipeline's own stages
-(`python -m stages.distill --run NAME`), two processes at a time with one thread each. A run's score is
-its final-epoch accuracy on the validation split (`data.val_size`), which the distill stage evaluates on
-instead of the test split when val_size > 0. Everything resumes: rerun it after a kill.
+the validation images, cached, then every run trained through the pipeline's own stages
+(`python -m stages.distill --run NAME`, which trains each of `--seeds` in its own one-thread process). A run's
+score per seed is its final-epoch accuracy on the validation split (`data.val_size`), which the distill stage
+evaluates on instead of the test split when val_size > 0. Everything resumes: rerun it after a kill.
 
     python scripts/ablation.py --params profiles/anc_fmnist.yaml --val-size 0 --work anc \\
         --runs scratch,anc_none,anc_l1,anc_l2,anc_adv --out bench/results/cpu-anc_fmnist.json
@@ -37,23 +37,18 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 # the profile's runs trained here (kd has no faithful question), plus MEAL V2's whole official recipe: it
 # fine-tunes a pretrained student (each seed's scratch student) at lr 0.01, no weight decay, D's lr = the
-# student's; "{seed}" in a value is the run's seed
-DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft,anc_lambda1,scratch_10ep"
+# student's ("{seed}" in student.init is the seed trained)
+DEFAULT_RUNS = "scratch,meal,meal_coop,meal_v2,anc,meal_v2_ft,anc_lambda1,scratch_2x"
 EXTRA_RUNS = {"meal_v2_ft": {"method": "meal_v2", "lr": 0.01, "weight_decay": 0.0, "meal_v2": {"d_lr": 0.01},
-                             "student": {"init": "data/student/scratch_s{seed}.pt"}},
+                             "student": {"init": "data/student/scratch/seed{seed}.pt"}},
               # ANC's faithful forms at lambda 1 (the paper's L_adv + lambda L_data, unweighted) and 0.1 (the old
               # averaged term's scale); params.yaml's anc took 0.1 from this comparison
               "anc_lambda1": {"method": "anc", "anc": {"logit_weight": 1.0}},
               "anc_lambda01": {"method": "anc", "anc": {"logit_weight": 0.1}},
-              # meal_v2_ft's student has trained 5 + 5 epochs: scratch for as long is its fair baseline
-              "scratch_10ep": {"method": "scratch", "epochs": 10}}
+              # meal_v2_ft's student has trained as long again as scratch: scratch for twice the epochs is its
+              # fair baseline
+              "scratch_2x": {"method": "scratch", "epochs": "2x"}}
 BASELINE_RUNS = ("meal", "meal_coop", "meal_v2", "anc")  # the --baseline-code params.yaml's own runs
-
-
-def fill(value, seed: int):
-    if isinstance(value, dict):
-        return {k: fill(v, seed) for k, v in value.items()}
-    return value.replace("{seed}", str(seed)) if isinstance(value, str) else value
 
 
 def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = None) -> None:
@@ -75,15 +70,15 @@ def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = Non
               help="Validation images carved from train (0: score on the test split, for a fixed recipe).")
 @click.option("--seeds", default="0,1,2", show_default=True)
 @click.option("--runs", "only", default=DEFAULT_RUNS, show_default=True,
-              help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda1, anc_lambda01, scratch_10ep).")
+              help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda1, anc_lambda01, scratch_2x).")
 @click.option("--baseline-code", default=None,
               help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
-@click.option("--jobs", default=2, show_default=True, help="Processes at once (one thread each).")
 @click.option("--out", default=str(ROOT / "bench" / "results" / "cpu-ablation_val.json"), show_default=True)
-def main(params_path, work, val_size, seeds, only, baseline_code, jobs, out):
+def main(params_path, work, val_size, seeds, only, baseline_code, out):
     base = yaml.safe_load(Path(params_path).read_text())
     base["data"]["val_size"] = val_size
     seeds = [int(s) for s in seeds.split(",")]
+    base["distill"].update(seeds=seeds, jobs=0)  # the distill stage trains every seed at once, one thread each
     runs = {**base["distill"]["runs"], **EXTRA_RUNS}
     chosen = only.split(",")
     unknown = [r for r in chosen if r not in runs]
@@ -92,12 +87,16 @@ def main(params_path, work, val_size, seeds, only, baseline_code, jobs, out):
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "ablation.log"
-    # folder -> (params, its runs)
-    folders = {"profile": (base, {f"{r}_s{s}": {**fill(runs[r], s), "seed": s} for r in chosen for s in seeds})}
+    named = {r: dict(runs[r]) for r in chosen}
+    for run in named.values():
+        if run.get("epochs") == "2x":
+            run["epochs"] = 2 * base["distill"]["epochs"]
     if "meal_v2_ft" in chosen:  # it fine-tunes each seed's scratch student
-        folders["profile"][1].update({f"scratch_s{s}": {"method": "scratch", "seed": s} for s in seeds})
+        named = {"scratch": {"method": "scratch"}, **named}
+    # folder -> (params, its runs)
+    folders = {"profile": (base, named)}
     if baseline_code:
-        # the same profile file as that code had it
+        # the same profile file as that code had it; that code trains one `seed` per run
         old = yaml.safe_load((Path(baseline_code) / Path(params_path).resolve().relative_to(ROOT)).read_text())
         old["data"]["val_size"] = val_size
         folders["baseline"] = (old, {f"{r}_s{s}": {**old["distill"]["runs"][r], "seed": s}
@@ -127,24 +126,24 @@ def main(params_path, work, val_size, seeds, only, baseline_code, jobs, out):
                 stage(work / name, ["stages.cache_teachers", "--teacher", teacher], log,
                       baseline_code if name == "baseline" else None)
 
-    def train(item):
-        folder, run = item
+    def train(folder, run):
         stage(work / folder, ["stages.distill", "--run", run], log, baseline_code if folder == "baseline" else None)
         click.echo(f"  {folder}/{run} done")
 
-    first = [("profile", r) for r in folders["profile"][1] if r.startswith("scratch_")]
-    rest = [(f, r) for f in folders for r in folders[f][1] if (f, r) not in first]
-    with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(train, first))
-        list(pool.map(train, rest))
+    for run in folders["profile"][1]:  # scratch first: meal_v2_ft starts from it
+        train("profile", run)
+    if baseline_code:
+        with ThreadPoolExecutor(2) as pool:  # that code trains one seed per process: two at a time
+            list(pool.map(lambda run: train("baseline", run), folders["baseline"][1]))
 
     results = {}
-    for folder, (_, runs) in folders.items():
-        for run in runs:
-            name, seed = run.rsplit("_s", 1)
-            label = f"{name} (before)" if folder == "baseline" else name
-            metrics = json.loads((work / folder / "metrics" / "distill" / f"{run}.json").read_text())
-            results.setdefault(label, {})[int(seed)] = metrics["test_acc"]  # the validation split's, final epoch
+    for run in folders["profile"][1]:
+        metrics = json.loads((work / "profile" / "metrics" / "distill" / f"{run}.json").read_text())
+        results[run] = dict(zip(metrics["seeds"], metrics["test_acc"]))  # the validation split's, final epoch
+    for run in folders.get("baseline", (None, {}))[1]:
+        name, seed = run.rsplit("_s", 1)
+        metrics = json.loads((work / "baseline" / "metrics" / "distill" / f"{run}.json").read_text())
+        results.setdefault(f"{name} (before)", {})[int(seed)] = metrics["test_acc"]
     rows = []
     for label, by_seed in results.items():
         accs = [100 * by_seed[s] for s in sorted(by_seed)]

@@ -5,22 +5,33 @@
     python -m stages.distill --run meal_coop       # a named run of distill.runs (pipeline.runs)
     python -m stages.distill --online              # teachers run live on the same views (baseline, oracle)
 
-Reads data/views.zarr and data/cache/<teacher>.zarr (never a teacher, except with --online) and writes
-data/student/<method>.pt after every epoch and metrics/distill/<method>.json (`<run>` instead of
-`<method>` with --run, and `_online` appended with --online). Killed and rerun, it resumes from the last finished epoch; a checkpoint made with other
-settings is refused unless --restart is given. Every option and params value is checked before any
-data is read.
+Reads data/views.zarr and data/cache/<teacher>.zarr (never a teacher, except with --online) and trains the
+student once per seed of `distill.seeds`: data/student/<run>/seed<S>.pt and its training metrics seed<S>.json,
+rewritten after every epoch, then metrics/distill/<run>.json over the seeds (final-epoch accuracy of each, mean,
+std). <run> is the --run name, or the method's with --method, with `_online` appended with --online. On the
+CPU the seeds train at once, one process each (`distill.jobs`); `--seed S` trains that seed alone, in this
+process. Killed and rerun, every seed resumes from its last finished epoch; a checkpoint made with other
+settings is refused unless --restart is given. Every option and params value is checked before any data is read.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ctypes
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pipeline import paths
 from pipeline.align import AlignConfig
@@ -38,7 +49,8 @@ from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, 
 from pipeline.views import open_view_plan
 
 # settings that change neither the student nor the metrics' meaning: a resume may differ in them
-NOT_IDENTITY = ("log_every", "eval_batch_size", "compile")
+NOT_IDENTITY = ("log_every", "eval_batch_size", "compile", "seeds", "jobs")  # seeds/jobs: which and how many
+# seeds a run trains; one seed's identity has its own `seed`
 
 
 @dataclass
@@ -132,25 +144,113 @@ def open_targets(s: Settings, plan, train, feature_blocks, device):
 @click.command()
 @click.option("--method", default=None, help="meal | meal_v2 | anc | kd | scratch  [default: params distill.method]")
 @click.option("--run", "run", default=None,
-              help="A named run of distill.runs: its overrides apply, it writes data/student/RUN.pt.")
+              help="A named run of distill.runs: its overrides apply, it writes data/student/RUN/seedS.pt.")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--online", is_flag=True, help="Run the teachers live on the same views instead of reading the caches.")
 @click.option("--epochs", type=int, default=None, help="Override distill.epochs.")
-@click.option("--seed", type=int, default=None, help="Override distill.seed.")
+@click.option("--seed", type=int, default=None, help="Train only this seed  [default: every seed of distill.seeds]")
 @click.option("--restart", is_flag=True, help="Discard an existing checkpoint made with other settings and start over.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(method: str | None, run: str | None, params_path: str, device: str, online: bool, epochs: int | None,
          seed: int | None, restart: bool, quiet: bool) -> None:
-    """Train the student with `distill.method` (or a named run) from the cached teacher outputs; resumable."""
+    """Train the student with `distill.method` (or a named run) from the cached teacher outputs, once per seed of
+    `distill.seeds` (several at once in parallel processes on the CPU); resumable."""
     s = read_settings(load_params(params_path), method, epochs, seed, online, run)
     dev = resolve_device(device)
-    setup_cpu()
+    seeds = [seed] if seed is not None else list(s.distill.seeds)
+    jobs = seed_jobs(s.distill.jobs, len(seeds), dev)
+    if jobs > 1:
+        forwarded = ["--params", params_path, "--device", device, *(["--run", run] if run else []),
+                     *(["--method", method] if method else []), *(["--online"] if online else []),
+                     *(["--epochs", str(epochs)] if epochs is not None else []), *(["--restart"] if restart else [])]
+        train_in_processes(s, seeds, jobs, forwarded, quiet)
+    else:
+        setup_cpu()
+        train = load_split(s.data, "train")
+        test = load_split(s.data, "val" if s.data.val_size > 0 else "test")
+        plan_views = open_view_plan(paths.view_plan())
+        check_plan(plan_views, train)
+        for one in seeds:
+            train_seed(s, one, dev, train, test, plan_views, restart, quiet)
+    summary = write_summary(s)
+    if len(summary["test_acc"]) > 1:
+        accs = [100 * a for a in summary["test_acc"]]
+        click.echo(f"{s.run_name}: test accuracy {summary['test_acc_mean'] * 100:.2f} +- "
+                   f"{summary['test_acc_std'] * 100:.2f} % over seeds {summary['seeds']} "
+                   f"({', '.join(f'{a:.2f}' for a in accs)}) -> {paths.student_metrics(s.run_name)}")
 
-    train = load_split(s.data, "train")
-    test = load_split(s.data, "val" if s.data.val_size > 0 else "test")
-    plan_views = open_view_plan(paths.view_plan())
-    check_plan(plan_views, train)
+
+def seed_jobs(jobs: int, num_seeds: int, device: torch.device) -> int:
+    """How many seeds train at once. On this kind of CPU two one-thread processes do about twice the work of
+    one two-thread process (small convolutions scale poorly across threads), so `0` runs every seed at once
+    there; on a GPU the seeds queue (one process already fills it)."""
+    if jobs == 0:
+        jobs = num_seeds if device.type == "cpu" else 1
+    return max(1, min(jobs, num_seeds))
+
+
+def _die_with_parent() -> None:
+    """In a seed's child process: the kernel sends it SIGTERM when the stage dies, even by SIGKILL, so no
+    orphan keeps writing a checkpoint that a rerun resumes (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (AttributeError, OSError):
+        pass
+
+
+def train_in_processes(s: Settings, seeds: list[int], jobs: int, forwarded: list[str], quiet: bool) -> None:
+    """Each seed in its own `python -m stages.distill ... --seed S` process, `jobs` at a time, the CPU's threads
+    split between them. A failed seed stops the others and ends the stage with that seed's last line."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    folder = paths.student_dir(s.run_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    click.echo(f"{s.run_name}: seeds {', '.join(map(str, seeds))} in {min(jobs, len(seeds))} processes at once, "
+               f"{threads} thread(s) each (logs {folder}/seedS.log)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, running = list(seeds), {}
+    bar = tqdm(total=len(seeds) * s.distill.epochs, desc=f"{s.run_name} epochs (all seeds)", disable=quiet)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                one = pending.pop(0)
+                log = (folder / f"seed{one}.log").open("w")
+                command = [sys.executable, "-m", "stages.distill", *forwarded, "--seed", str(one), "--quiet"]
+                running[one] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 preexec_fn=_die_with_parent), log)
+            time.sleep(0.5)
+            for one, (proc, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[one]
+                lines = (folder / f"seed{one}.log").read_text(errors="replace").strip().splitlines()
+                if proc.returncode != 0:
+                    last = lines[-1].removeprefix("Error: ") if lines else "no output"
+                    raise UserError(f"{s.run_name} seed {one} failed (exit {proc.returncode}): {last} "
+                                    f"(whole log: {folder}/seed{one}.log)")
+                tqdm.write(f"seed {one}: {lines[-1] if lines else 'done'}")
+            bar.n = sum(_epochs_done(s.run_name, one) for one in seeds)
+            bar.refresh()
+    finally:
+        for proc, log in running.values():  # a failure or ^C: no seed keeps training on its own
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
+
+
+def _epochs_done(run: str, seed: int) -> int:
+    try:
+        return int(json.loads(paths.student_seed_metrics(run, seed).read_text())["epochs"])
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced
+        return 0
+
+
+def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_views, restart: bool,
+               quiet: bool) -> dict[str, Any]:
+    """Train (or resume, or only re-report) one seed of the run into data/student/RUN/seedS.pt."""
+    cfg = replace(s.distill, seed=seed)
     method = make_method(s.method, s.options, s.teachers)
     targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, method.feature_blocks, dev)
     method = make_method(s.method, s.options, s.teachers, blocks)  # the caches' block names
@@ -158,18 +258,19 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **s.student.model}
     if s.method == "anc":  # ANC's noise is dropout in the student, so the method sets it
         model_kwargs["dropout"] = s.options.dropout
-    torch.manual_seed(s.distill.seed)
+    torch.manual_seed(cfg.seed)
     student = build_model(s.student.arch, **model_kwargs)
-    init_sha = load_student_init(student, s.student, model_kwargs) if s.student.init else None
-    trainer = build_trainer(method, s.distill, student, train.num_classes, align_cfg, dev)
-    distill_dict = {k: v for k, v in to_dict(s.distill).items() if k not in NOT_IDENTITY and k not in
+    init = s.student.init.replace("{seed}", str(seed))
+    init_sha = load_student_init(student, s.student.arch, init, model_kwargs) if init else None
+    trainer = build_trainer(method, cfg, student, train.num_classes, align_cfg, dev)
+    distill_dict = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in
                     ("meal", "meal_v2", "anc", "kd", "scratch", "runs")}
     identity = {
         "method": s.method,
         "online": s.online and s.method != "scratch",
         "distill": distill_dict,
         "options": to_dict(s.options),
-        "student": to_dict(s.student),
+        "student": {**to_dict(s.student), "init": init},
         "student_init_sha256": init_sha,
         "model_kwargs": model_kwargs,
         "data": to_dict(s.data),
@@ -179,24 +280,25 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         "align": to_dict(align_cfg) if s.teachers else None,  # scratch compares no features
     }
 
-    path = paths.student_checkpoint(s.run_name)
+    path = paths.student_checkpoint(s.run_name, seed)
     state = load_resumable(path, identity, restart, "student checkpoint", stored="identity")
     params_count = count_parameters(student)
     resumed = f", resuming after epoch {state['epoch']}" if state else ""
-    click.echo(f"{s.run_name}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on {dev}, "
-               f"{len(train):,} images x {plan_views.num_views} views, teachers {', '.join(s.teachers) or 'none'}, "
-               f"adversarial {method.adversarial}{resumed}")
+    click.echo(f"{s.run_name} seed {seed}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on "
+               f"{dev}, {len(train):,} images x {plan_views.num_views} views, teachers "
+               f"{', '.join(s.teachers) or 'none'}, adversarial {method.adversarial}{resumed}")
     if s.method == "anc" and not s.options.dropout:
         click.echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
-        click.echo(f"{s.run_name}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
+        click.echo(f"{s.run_name} seed {seed}: already trained ({state['epoch']} epochs, test accuracy "
+                   f"{state['test_acc']:.4f})")
 
-    base = {"method": s.method, "run": s.run_name, "arch": s.student.arch, "model_kwargs": model_kwargs,
-            "params": params_count, "identity": identity}
+    base = {"method": s.method, "run": s.run_name, "seed": seed, "arch": s.student.arch,
+            "model_kwargs": model_kwargs, "params": params_count, "identity": identity}
 
     def save(ckpt: dict[str, Any]) -> None:
         save_checkpoint(path, {**base, **ckpt})
-        write_json(paths.student_metrics(s.run_name), metrics(s, base, ckpt, str(dev)))
+        write_json(paths.student_seed_metrics(s.run_name, seed), metrics(s, base, ckpt, str(dev)))
 
     data = TrainSet(train.images.to(dev), train.labels.to(dev), plan_views.aug, plan_views.augment,
                     train.mean, train.std)
@@ -208,21 +310,48 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     if state is not None and state.get("finished"):
         # refresh the metrics file only: rewriting a finished checkpoint would change its bytes, and the sha256
         # another run's student.init recorded for it
-        write_json(paths.student_metrics(s.run_name), metrics(s, base, ckpt, str(dev)))
-    click.echo(f"{s.run_name}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at epoch "
-               f"{ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
+        write_json(paths.student_seed_metrics(s.run_name, seed), metrics(s, base, ckpt, str(dev)))
+    click.echo(f"{s.run_name} seed {seed}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at "
+               f"epoch {ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
+    return ckpt
 
 
-def load_student_init(student: torch.nn.Module, cfg: StudentConfig, model_kwargs: dict[str, Any]) -> str:
-    """`student.init` into `student`: the weights of a student checkpoint (data/student/RUN.pt) or a teacher
+def write_summary(s: Settings) -> dict[str, Any]:
+    """metrics/distill/RUN.json: every listed seed's final-epoch accuracy, their mean and sample std, and each
+    seed's own metrics (history included). Seeds not trained yet are left out and the run is not finished."""
+    per_seed = []
+    for seed in s.distill.seeds:
+        metrics_path = paths.student_seed_metrics(s.run_name, seed)
+        if metrics_path.is_file():
+            per_seed.append(json.loads(metrics_path.read_text()))
+    done = [m for m in per_seed if m["finished"]]
+    accs = [m["test_acc"] for m in done]
+    first = per_seed[0] if per_seed else {}
+    summary = {
+        "method": s.method, "run": s.run_name, "online": s.online and s.method != "scratch",
+        "arch": s.student.arch, "params": first.get("params"), "teachers": s.teachers,
+        "seeds": [m["seed"] for m in done],
+        "finished": len(done) == len(s.distill.seeds),
+        "test_acc": accs,  # final epoch, never the best: the split is the test split (or val with val_size)
+        "test_acc_mean": statistics.mean(accs) if accs else None,
+        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "wall_time_s": round(sum(m["wall_time_s"] for m in per_seed), 3),
+        "per_seed": per_seed,
+    }
+    write_json(paths.student_metrics(s.run_name), summary)
+    return summary
+
+
+def load_student_init(student: torch.nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:
+    """`student.init` into `student`: the weights of a student checkpoint (data/student/RUN/seedS.pt) or a teacher
     checkpoint of the same architecture and kwargs (dropout aside). Returns the file's sha256."""
-    path = Path(cfg.init)
+    path = Path(init)
     ckpt = load_checkpoint(path, "student.init checkpoint", "train that run first, or fix student.init")
     weights = ckpt.get("student", ckpt.get("model"))
     theirs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "dropout"}
     ours = {k: v for k, v in model_kwargs.items() if k != "dropout"}
-    if weights is None or ckpt.get("arch") != cfg.arch or theirs != ours:
-        raise UserError(f"student.init {path} holds {ckpt.get('arch')} {theirs}, not the student {cfg.arch} {ours}: "
+    if weights is None or ckpt.get("arch") != arch or theirs != ours:
+        raise UserError(f"student.init {path} holds {ckpt.get('arch')} {theirs}, not the student {arch} {ours}: "
                         f"point student.init at a checkpoint of this student")
     student.load_state_dict(weights)
     return sha256_file(path)
@@ -233,6 +362,7 @@ def metrics(s: Settings, base: dict[str, Any], ckpt: dict[str, Any], device: str
     return {
         "method": s.method,
         "run": s.run_name,
+        "seed": base["seed"],
         "online": s.online and s.method != "scratch",
         "arch": base["arch"],
         "params": base["params"],

@@ -36,7 +36,7 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     setup_cpu()
 
     train = load_split(data_cfg, "train")
-    test = load_split(data_cfg, "test")
+    test = load_split(data_cfg, "val" if data_cfg.val_size > 0 else "test")  # tuning never sees the test split
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **spec.model}
     torch.manual_seed(cfg.seed)
     model = build_model(spec.arch, **model_kwargs)

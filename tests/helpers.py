@@ -25,7 +25,8 @@ def tiny_distill_params(root, student_dropout: float = 0.0, **distill) -> dict:
         "views": {"num_views": 2, "seed": 0, "augment": {"kind": "crop_flip", "pad": 2, "flip": True}},
         "cache": {"format": "zarr", "align": {"kind": "channel", "length": 8}, "batch_size": 64, "chunk_rows": 32},
         "student": {"arch": "student_cnn", "model": {"width": 0.25, "dropout": student_dropout}},
-        "distill": {"method": "meal", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256, **distill},
+        "distill": {"method": "meal", "epochs": 1, "batch_size": 32, "lr": 0.05, "eval_batch_size": 256, "seeds": [0],
+                    **distill},
     }
 
 

@@ -31,10 +31,10 @@ def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root)
     rows = {r["run"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"scratch", "meal_v2_ft"} and all(r["seeds"] == [0, 1] for r in rows.values())
     work = tmp_path / "w" / "profile"
+    metrics = json.loads((work / "metrics" / "distill" / "scratch.json").read_text())
     for seed in (0, 1):
-        metrics = json.loads((work / "metrics" / "distill" / f"scratch_s{seed}.json").read_text())
-        assert metrics["test_acc"] * 100 == rows["scratch"]["val_top1"][seed]
-        ft = torch.load(work / "data" / "student" / f"meal_v2_ft_s{seed}.pt", weights_only=False)
+        assert metrics["test_acc"][seed] * 100 == rows["scratch"]["val_top1"][seed]
+        ft = torch.load(work / "data" / "student" / "meal_v2_ft" / f"seed{seed}.pt", weights_only=False)
         assert ft["identity"]["data"]["val_size"] == 64 and ft["identity"]["student_init_sha256"]
         assert ft["identity"]["distill"]["seed"] == seed
     assert "| scratch |" in result.output

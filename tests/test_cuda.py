@@ -167,7 +167,7 @@ def test_distill_stage_runs_on_cuda(tiny_pipeline, method, extra):
     result = CliRunner().invoke(distill_stage.main, ["--quiet", "--device", "cuda", "--method", method, *extra])
     assert result.exit_code == 0, result.output
     name = f"{method}_online" if extra else method
-    metrics = json.loads(paths.student_metrics(name).read_text())
+    metrics = json.loads(paths.student_seed_metrics(name, 0).read_text())
     assert metrics["device"] == "cuda" and len(metrics["history"]) == 2
     row = metrics["history"][-1]
     assert np.isfinite(row["loss"]) and 0 <= row["test_acc"] <= 1

@@ -29,7 +29,8 @@ from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
 from stages import distill as distill_stage
 from bench.cache_io import fake_teacher as make_teacher
-from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params, tiny_targets
+from helpers import (TINY_TEACHERS, build_tiny_pipeline, ends_in_one_error_line, one_line_error, tiny_distill_params,
+                     tiny_targets)
 
 TEACHERS = TINY_TEACHERS
 
@@ -143,8 +144,11 @@ def test_every_method_runs_end_to_end(tiny_pipeline, method, extra):
     ckpt = torch.load(paths.student_checkpoint(name), weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["finished"] and ckpt["method"] == method
     assert set(ckpt) >= {"student", "discriminators", "optimizer", "d_optimizer", "identity", "history", "best_acc"}
-    metrics = json.loads(paths.student_metrics(name).read_text())
-    assert len(metrics["history"]) == 2 and 0 <= metrics["test_acc"] <= 1
+    metrics = json.loads(paths.student_seed_metrics(name, 0).read_text())
+    assert len(metrics["history"]) == 2 and 0 <= metrics["test_acc"] <= 1 and metrics["seed"] == 0
+    summary = json.loads(paths.student_metrics(name).read_text())  # over the run's seeds (here one)
+    assert summary["seeds"] == [0] and summary["test_acc"] == [metrics["test_acc"]] and summary["finished"]
+    assert summary["test_acc_mean"] == metrics["test_acc"] and summary["test_acc_std"] == 0.0
     row = metrics["history"][-1]
     assert {"loss", "test_acc", "epoch_time_s", "images_per_s"} <= set(row)
     d_acc = [k for k in row if k.startswith("d_acc_")]
@@ -179,10 +183,10 @@ def test_changed_settings_refuse_without_restart(tiny_pipeline):
     write_params(params)
     assert run().exit_code == 0
     before = paths.student_checkpoint("meal").read_bytes()
-    line = one_line_error(run("--seed", "3"))
+    line = one_line_error(run("--epochs", "2"))
     assert "--restart" in line and "distill" in line
     assert paths.student_checkpoint("meal").read_bytes() == before  # nothing destroyed
-    assert run("--seed", "3", "--restart").exit_code == 0
+    assert run("--epochs", "2", "--restart").exit_code == 0
 
 
 # ---------------------------------------------------------------- one-line refusals
@@ -273,7 +277,7 @@ def test_student_init_fine_tunes_from_a_checkpoint(tiny_pipeline):
     params["distill"]["epochs"] = 1
     params["distill"]["runs"] = {"scratch": {"method": "scratch"},
                                  "ft": {"method": "meal_v2", "lr": 1e-9, "momentum": 0.0,
-                                        "student": {"init": "data/student/scratch.pt"}}}
+                                        "student": {"init": "data/student/scratch/seed{seed}.pt"}}}
     write_params(params)
     assert run("--run", "scratch").exit_code == 0
     result = run("--run", "ft")
@@ -299,3 +303,54 @@ def test_student_init_fine_tunes_from_a_checkpoint(tiny_pipeline):
     params["distill"]["runs"]["ft"]["student"] = {"init": "data/student/none.pt"}
     write_params(params)
     assert "student.init checkpoint data/student/none.pt not found" in one_line_error(run("--run", "ft", "--restart"))
+
+
+# ---------------------------------------------------------------- seeds: one student each, in parallel processes
+
+
+def test_seeds_train_in_parallel_processes_as_they_would_one_after_another(tiny_pipeline):
+    """distill.seeds [0, 1] with jobs 0: two `--seed S` child processes; each seed's student equals the one the
+    same run trains in this process (jobs 1), and the run's summary holds both final-epoch accuracies."""
+    params = tiny_pipeline
+    params["distill"].update(epochs=1, seeds=[0, 1])
+    params["distill"]["runs"] = {"par": {"method": "kd", "jobs": 0}, "seq": {"method": "kd", "jobs": 1}}
+    write_params(params)
+    par = run("--run", "par")
+    assert par.exit_code == 0, par.output
+    assert "in 2 processes at once" in par.output
+    assert run("--run", "seq").exit_code == 0
+    for seed in (0, 1):
+        a = torch.load(paths.student_checkpoint("par", seed), weights_only=False)
+        b = torch.load(paths.student_checkpoint("seq", seed), weights_only=False)
+        assert a["finished"] and a["identity"]["distill"]["seed"] == seed
+        for k, v in b["student"].items():  # one thread each side here; float tolerance for more cores
+            torch.testing.assert_close(a["student"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    first, second = (torch.load(paths.student_checkpoint("par", s), weights_only=False)["student"] for s in (0, 1))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # the seeds do differ
+    summary = json.loads(paths.student_metrics("par").read_text())
+    assert summary["seeds"] == [0, 1] and summary["finished"] and len(summary["per_seed"]) == 2
+    accs = [m["test_acc"] for m in summary["per_seed"]]
+    assert summary["test_acc"] == accs and abs(summary["test_acc_mean"] - sum(accs) / 2) < 1e-12
+
+
+def test_a_failing_seed_process_ends_the_stage_in_one_line(tiny_pipeline):
+    """Seed 1's student.init is missing: its child fails, the stage stops and says why in one line."""
+    params = tiny_pipeline
+    params["distill"].update(epochs=1, seeds=[0, 1])
+    params["distill"]["runs"] = {"scratch": {"method": "scratch", "seeds": [0]},
+                                 "ft": {"method": "kd", "student": {"init": "data/student/scratch/seed{seed}.pt"}}}
+    write_params(params)
+    assert run("--run", "scratch").exit_code == 0
+    line = ends_in_one_error_line(run("--run", "ft"))
+    assert "ft seed 1 failed" in line and "data/student/scratch/seed1.pt not found" in line
+
+
+def test_a_params_seed_key_is_refused_in_one_line(tiny_pipeline):
+    params = tiny_pipeline
+    params["distill"]["seed"] = 3
+    write_params(params)
+    assert "write seeds: [3] instead" in one_line_error(run())
+    del params["distill"]["seed"]
+    params["distill"]["runs"] = {"a": {"method": "kd", "seed": 1}}
+    write_params(params)
+    assert "distill.runs.a sets `seed`" in one_line_error(run("--run", "a"))

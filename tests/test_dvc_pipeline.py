@@ -76,7 +76,7 @@ def test_stage_outputs_are_the_paths_the_code_writes():
     assert list(s["pretrain"]["metrics"][0]) == [str(paths.teacher_metrics(key))]
     assert s["plan_views"]["outs"] == [str(paths.view_plan())]
     assert s["cache_teachers"]["outs"] == [str(paths.teacher_cache(key, "${cache.format}"))]
-    assert s["distill"]["outs"] == [str(paths.student_checkpoint(key))]
+    assert s["distill"]["outs"] == [str(paths.student_dir(key))]  # every seed's checkpoint
     assert list(s["distill"]["metrics"][0]) == [str(paths.student_metrics(key))]
     assert list(s["evaluate"]["metrics"][0]) == [str(paths.evaluate_metrics())]
     assert list(s["evaluate"]["outs"][0]) == [str(paths.summary_report())]
@@ -155,8 +155,9 @@ def test_dvc_repro_end_to_end(tmp_path, fashion_root):
     for t in teachers:
         assert (repo / paths.teacher_checkpoint(t)).is_file()
         assert (repo / paths.teacher_cache(t, params["cache"]["format"])).is_dir()
+    seeds = params["distill"]["seeds"]
     for r in runs:
-        assert (repo / paths.student_checkpoint(r)).is_file()
+        assert all((repo / paths.student_checkpoint(r, seed)).is_file() for seed in seeds)
     assert (repo / paths.view_plan()).is_dir() and (repo / "dvc.lock").is_file()
     payload = json.loads((repo / paths.evaluate_metrics()).read_text())
     assert set(payload["teachers"]) == set(teachers) and set(payload["students"]) == set(runs)

@@ -59,8 +59,8 @@ def test_unknown_arch_is_a_user_error():
 
 
 def test_unknown_kwarg_is_a_user_error():
-    with pytest.raises(UserError, match="'vgg11' does not take argument 'dropout'"):
-        build_model("vgg11", 10, 3, dropout=0.1)
+    with pytest.raises(UserError, match="'nin' does not take argument 'dropout'"):
+        build_model("nin", 10, 3, dropout=0.1)
     with pytest.raises(UserError, match="'student_cnn' does not take argument 'depth'"):
         build_model("student_cnn", 10, 3, depth=3)
 
