@@ -174,7 +174,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         for one in seeds:
             train_seed(s, one, dev, train, test, plan_views, restart, quiet)
     summary = write_summary(s)
-    if len(summary["test_acc"]) > 1:
+    if seed is None and len(summary["test_acc"]) > 1:  # a `--seed` child leaves the run's line to its parent
         accs = [100 * a for a in summary["test_acc"]]
         click.echo(f"{s.run_name}: test accuracy {summary['test_acc_mean'] * 100:.2f} +- "
                    f"{summary['test_acc_std'] * 100:.2f} % over seeds {summary['seeds']} "
@@ -219,17 +219,19 @@ def train_in_processes(s: Settings, seeds: list[int], jobs: int, forwarded: list
                 running[one] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                  preexec_fn=_die_with_parent), log)
             time.sleep(0.5)
-            for one, (proc, log) in list(running.items()):
-                if proc.poll() is None:
-                    continue
+            finished = [one for one, (proc, _) in running.items() if proc.poll() is not None]
+            ends = {}
+            for one in finished:
+                proc, log = running.pop(one)
                 log.close()
-                del running[one]
                 lines = (folder / f"seed{one}.log").read_text(errors="replace").strip().splitlines()
-                if proc.returncode != 0:
-                    last = lines[-1].removeprefix("Error: ") if lines else "no output"
-                    raise UserError(f"{s.run_name} seed {one} failed (exit {proc.returncode}): {last} "
+                ends[one] = (proc.returncode, lines[-1] if lines else "no output")
+            for one, (code, last) in ends.items():  # a failure first: it is the stage's last word
+                if code != 0:
+                    raise UserError(f"{s.run_name} seed {one} failed (exit {code}): {last.removeprefix('Error: ')} "
                                     f"(whole log: {folder}/seed{one}.log)")
-                tqdm.write(f"seed {one}: {lines[-1] if lines else 'done'}")
+            for one, (_, last) in ends.items():
+                tqdm.write(f"seed {one}: {last}")
             bar.n = sum(_epochs_done(s.run_name, one) for one in seeds)
             bar.refresh()
     finally:

@@ -164,6 +164,13 @@ def test_dvc_repro_end_to_end(tmp_path, fashion_root):
     for entry in [*payload["teachers"].values(), payload["ensemble"], *payload["students"].values()]:
         assert 0.0 <= entry["accuracy"] <= 1.0 and entry["params"] > 0 and entry["latency_ms"] > 0
     assert max(t["accuracy"] for t in payload["teachers"].values()) > 0.3  # trained teachers beat chance (0.1)
+    # the acceptance keys: per run the seed statistics and fidelity, per teacher and ensemble top1
+    for name, entry in payload["students"].items():
+        assert {"top1_mean", "top1_std", "seeds", "agreement_mean", "gap_closed_mean"} <= set(entry), name
+        assert [s["seed"] for s in entry["seeds"]] == seeds and entry["top1_std"] >= 0
+        assert abs(entry["top1_mean"] - sum(s["top1"] for s in entry["seeds"]) / len(seeds)) < 1e-9
+    assert payload["students"]["scratch"]["gap_closed_mean"] == 0.0
+    assert all("top1" in entry for entry in [*payload["teachers"].values(), payload["ensemble"]])
     summary = (repo / paths.summary_report()).read_text()
     assert all(f"| {name} |" in summary for name in [*teachers, "ensemble", *runs])
     for name in PLOTS:
