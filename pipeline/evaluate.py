@@ -112,7 +112,12 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, bins: int 
 
 def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent of scores (N, C) (logits, probabilities or their logs), counted in double."""
-    return 100 * (scores.argmax(1) == labels).double().mean().item()
+    return percent(scores.argmax(1) == labels)
+
+
+def percent(hits: torch.Tensor) -> float:
+    """100 x the share of True in `hits` (N,), as hits * 100 / N: 8943 of 10000 is 89.43, not 89.42999999999999."""
+    return int(hits.sum().item()) * 100 / hits.numel()
 
 
 def ensemble_probs(probs: list[torch.Tensor]) -> torch.Tensor:
@@ -135,11 +140,11 @@ def fidelity(log_probs: torch.Tensor, reference: torch.Tensor) -> dict[str, floa
     agreement: percent of images where the two top-1 classes are the same; kl: the mean over images of
     KL(reference || model) = sum_c p_ref (log p_ref - log p_model), in nats (terms with p_ref = 0 add 0).
     """
-    agreement = (log_probs.argmax(1) == reference.argmax(1)).double().mean().item()
+    agreement = percent(log_probs.argmax(1) == reference.argmax(1))
     ref_log, log_probs = reference.double(), log_probs.double()
     ref = ref_log.exp()  # (N, C)
     terms = torch.where(ref > 0, ref * (ref_log - log_probs), torch.zeros_like(ref))  # (N, C)
-    return {"agreement": 100 * agreement, "kl": terms.sum(1).mean().item()}
+    return {"agreement": agreement, "kl": terms.sum(1).mean().item()}
 
 
 def gap_closed(student_top1: float, scratch_top1: float | None, ensemble_top1: float | None) -> float | None:

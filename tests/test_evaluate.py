@@ -186,17 +186,23 @@ def write_student(run: str, seed: int, method: str, train, init_seed: int) -> No
                                                        "finished": True, "history": history})
 
 
+def params_and_teachers(fashion_root) -> tuple[dict, object]:
+    """In the working directory: params.yaml and the untrained teacher checkpoints; (params, training split)."""
+    params = params_for(fashion_root)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train = load_split(build(DataConfig, params["data"], "data"), "train")
+    for i, name in enumerate(TEACHERS):
+        fake_teacher(paths.teacher_checkpoint(name), train, seed=100 + i, name=name)
+    return params, train
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, fashion_root) -> Path:
     """A directory with params.yaml, two teachers and two runs with a student per seed (kd left untrained)."""
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
-        params = params_for(fashion_root)
-        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        train = load_split(build(DataConfig, params["data"], "data"), "train")
-        for i, name in enumerate(TEACHERS):
-            fake_teacher(paths.teacher_checkpoint(name), train, seed=100 + i, name=name)
+        params, train = params_and_teachers(fashion_root)
         for i, (run, method) in enumerate(TRAINED_RUNS.items()):
             for seed in SEEDS:
                 write_student(run, seed, method, train, init_seed=200 + 10 * i + seed)
@@ -398,11 +404,7 @@ def test_stage_reads_what_distill_writes(tmp_path, fashion_root, monkeypatch):
     from stages import plan_views
 
     monkeypatch.chdir(tmp_path)
-    params = params_for(fashion_root)
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    train = load_split(build(DataConfig, params["data"], "data"), "train")
-    for i, name in enumerate(TEACHERS):
-        fake_teacher(paths.teacher_checkpoint(name), train, seed=100 + i, name=name)
+    params, train = params_and_teachers(fashion_root)
     runner = CliRunner()
     assert runner.invoke(plan_views.main, []).exit_code == 0
     trained = runner.invoke(distill_stage.main, ["--run", "scratch", "--quiet", "--device", "cpu"])
