@@ -207,7 +207,7 @@ def train_in_processes(s: Settings, seeds: list[int], jobs: int, forwarded: list
     folder.mkdir(parents=True, exist_ok=True)
     click.echo(f"{s.run_name}: seeds {', '.join(map(str, seeds))} in {min(jobs, len(seeds))} processes at once, "
                f"{threads} thread(s) each (logs {folder}/seedS.log)")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}  # logs readable while it trains
     pending, running = list(seeds), {}
     bar = tqdm(total=len(seeds) * s.distill.epochs, desc=f"{s.run_name} epochs (all seeds)", disable=quiet)
     try:

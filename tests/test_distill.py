@@ -354,3 +354,54 @@ def test_a_params_seed_key_is_refused_in_one_line(tiny_pipeline):
     params["distill"]["runs"] = {"a": {"method": "kd", "seed": 1}}
     write_params(params)
     assert "distill.runs.a sets `seed`" in one_line_error(run("--run", "a"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from Linux /proc")
+def test_killing_the_stage_kills_its_seed_processes_and_each_seed_resumes(tiny_pipeline):
+    """SIGKILL on the stage (no handler runs) still ends its two seed children (PR_SET_PDEATHSIG), so nothing keeps
+    writing the checkpoints; the rerun resumes each seed after its last finished epoch."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    params = tiny_pipeline
+    params["distill"].update(epochs=400, seeds=[0, 1])  # long enough to be killed midway
+    write_params(params)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stage = subprocess.Popen([sys.executable, "-m", "stages.distill", "--method", "kd", "--quiet"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def alive(pid: int) -> bool:  # a killed child may linger as a zombie until something reaps it
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == stage.pid:
+                found.append(int(stat.parent.name))
+        return found
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(paths.student_seed_metrics("kd", s).is_file() for s in (0, 1)):
+        time.sleep(0.2)
+    kids = children()
+    assert len(kids) == 2 and all(paths.student_seed_metrics("kd", s).is_file() for s in (0, 1))
+    stage.send_signal(signal.SIGKILL)
+    stage.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline and any(alive(pid) for pid in kids):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in kids)
+    done = {s: torch.load(paths.student_checkpoint("kd", s), weights_only=False)["epoch"] for s in (0, 1)}
+    assert all(0 < e < 400 for e in done.values())
+    resumed = run("--method", "kd", "--seed", "0")
+    assert resumed.exit_code == 0 and f"resuming after epoch {done[0]}" in resumed.output, resumed.output
