@@ -232,6 +232,7 @@ def train_in_processes(s: Settings, seeds: list[int], jobs: int, forwarded: list
                                     f"(whole log: {folder}/seed{one}.log)")
             for one, (_, last) in ends.items():
                 tqdm.write(f"seed {one}: {last}")
+                sys.stdout.flush()  # before any later error line, which click writes (and flushes) at once
             bar.n = sum(_epochs_done(s.run_name, one) for one in seeds)
             bar.refresh()
     finally:
