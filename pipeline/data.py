@@ -144,6 +144,12 @@ def _bytes(t: torch.Tensor) -> memoryview:
 # ---------------------------------------------------------------- splits
 
 
+def scoring_split(cfg: DataConfig) -> str:
+    """The split a training stage scores its model on: `val` when one is carved from train (tuning never sees
+    the test split), else `test`."""
+    return "val" if cfg.val_size > 0 else "test"
+
+
 def load_split(cfg: DataConfig, split: str) -> ImageData:
     """The `split` (train | val | test) of the dataset `cfg` describes.
 

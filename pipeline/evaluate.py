@@ -111,7 +111,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, bins: int 
 
 
 def top1(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy in percent of scores (N, C) (logits, probabilities or their logs), counted in double."""
+    """Top-1 accuracy in percent of scores (N, C) (logits, probabilities or their logs)."""
     return percent(scores.argmax(1) == labels)
 
 
@@ -134,12 +134,15 @@ def ensemble_log_probs(log_probs: list[torch.Tensor]) -> torch.Tensor:
 # ---------------------------------------------------------------- fidelity to the ensemble
 
 
-def fidelity(log_probs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+def fidelity(log_probs: torch.Tensor, reference: torch.Tensor | None) -> dict[str, float | None]:
     """How closely a model follows a reference (the true ensemble), both given as log-probabilities (N, C).
 
     agreement: percent of images where the two top-1 classes are the same; kl: the mean over images of
     KL(reference || model) = sum_c p_ref (log p_ref - log p_model), in nats (terms with p_ref = 0 add 0).
+    Both None without a reference (fewer than two distill teachers: no ensemble).
     """
+    if reference is None:
+        return {"agreement": None, "kl": None}
     agreement = percent(log_probs.argmax(1) == reference.argmax(1))
     ref_log, log_probs = reference.double(), log_probs.double()
     ref = ref_log.exp()  # (N, C)
@@ -341,8 +344,7 @@ def evaluate_models(
             f"ece {metrics['ece']:.4f}")
     for row in rows:  # a teacher's own fidelity to the ensemble: what a student's is measured against
         if row.kind == "teacher":
-            row.metrics.update(fidelity(teacher_log_probs[row.name], reference) if reference is not None
-                               else {"agreement": None, "kl": None})
+            row.metrics.update(fidelity(teacher_log_probs[row.name], reference))
     del teacher_log_probs, member_log_probs
 
     for run, checkpoints in students.items():
@@ -350,7 +352,7 @@ def evaluate_models(
         for seed, path in checkpoints.items():
             model, ckpt = load_student(path, device)
             log_probs, metrics = predict(model)
-            metrics.update(fidelity(log_probs, reference) if reference is not None else {"agreement": None, "kl": None})
+            metrics.update(fidelity(log_probs, reference))
             seeds.append({"seed": seed, **metrics})
             if cost is None:  # the seeds share the architecture: measured once, on the first
                 cost, arch, method = model_cost(model, image_shape, cfg), ckpt["arch"], ckpt.get("method")

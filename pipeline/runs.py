@@ -15,8 +15,8 @@ A run sees the `distill` section with its own entries deep-merged in (nested map
 key, anything else replaces), so `meal_coop` above keeps every other `distill.meal` option. A run's
 `student` mapping is merged into the `student` section instead (`student_overrides`).
 `python -m stages.distill --run meal_coop` trains it into data/student/meal_coop/seed<S>.pt, one per seed of
-`distill.seeds`; dvc.yaml has one `distill@<run>` stage per run. Every run is checked at start-up, so a typo in one run fails every
-stage at once instead of hours later in the last one.
+`distill.seeds`; dvc.yaml has one `distill@<run>` stage per run. Every run is checked at start-up, so a typo
+in one run fails every stage at once instead of hours later in the last one.
 """
 
 from __future__ import annotations

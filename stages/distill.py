@@ -39,7 +39,7 @@ from pipeline.cache import CacheConfig, open_cache, validate_caches
 from pipeline.checkpoints import (check_fits_data, load_checkpoint, load_resumable, load_teacher, save_checkpoint,
                                   sha256_file, write_json)
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
-from pipeline.data import DataConfig, load_split
+from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, distill
 from pipeline.methods import distill_teachers, make_method, method_configs
@@ -168,7 +168,7 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
     else:
         setup_cpu()
         train = load_split(s.data, "train")
-        test = load_split(s.data, "val" if s.data.val_size > 0 else "test")
+        test = load_split(s.data, scoring_split(s.data))
         plan_views = open_view_plan(paths.view_plan())
         check_plan(plan_views, train)
         for one in seeds:

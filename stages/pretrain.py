@@ -15,7 +15,7 @@ import torch
 from pipeline import paths
 from pipeline.checkpoints import load_resumable, save_checkpoint, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
-from pipeline.data import DataConfig, load_split
+from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.models import build_model, count_parameters
 from pipeline.pretraining import pretrain, teacher_spec
@@ -36,7 +36,7 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     setup_cpu()
 
     train = load_split(data_cfg, "train")
-    test = load_split(data_cfg, "val" if data_cfg.val_size > 0 else "test")  # tuning never sees the test split
+    test = load_split(data_cfg, scoring_split(data_cfg))
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **spec.model}
     torch.manual_seed(cfg.seed)
     model = build_model(spec.arch, **model_kwargs)
