@@ -77,3 +77,25 @@ def ends_in_one_error_line(result, exit_code: int = 2) -> str:
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert lines[-1].startswith("Error:") and sum(line.startswith("Error:") for line in lines) == 1, result.output
     return lines[-1]
+
+
+# ---------------------------------------------------------------- several processes (torchrun, gloo)
+
+
+def torchrun_command(nproc: int, module: str, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc_per_node N -m MODULE ARGS` for the current interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "-m", module, *args]
+
+
+def torchrun(nproc: int, module: str, *args: str, timeout: float = 300):
+    """Run MODULE under torchrun in the working directory, N CPU processes with gloo, one thread each;
+    returns the CompletedProcess (stdout and stderr together, as text)."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(torchrun_command(nproc, module, *args), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
