@@ -158,10 +158,11 @@ class TeacherCache:
 
     # ------------------------------------------------------------ reading
 
-    def view_slab(self, view: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def view_slab(self, view: int, names: Iterable[str] | None = None,
+                  rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """View `view` of every sample: {"logits": (N, C), "<block>": (N, L), ...}, float16 in RAM.
 
-        `names` limits the read to some of them (e.g. ["logits"]).
+        `names` limits the read to some of them (e.g. ["logits"]); `rows` (sorted sample indexes) to some samples.
         """
         if not 0 <= view < self.num_views:
             raise IndexError(f"view {view} out of range: {self.path} has {self.num_views} views")
@@ -171,7 +172,8 @@ class TeacherCache:
             if name != "logits" and name not in self.blocks:
                 raise KeyError(f"{self.path} has no array {name!r}; it has logits, {', '.join(self.blocks)}")
             try:
-                out[name] = read_view(self._store, self.layout, "logits" if name == "logits" else f"features/{name}", view)
+                array = "logits" if name == "logits" else f"features/{name}"
+                out[name] = read_view(self._store, self.layout, array, view, rows)
             except ChunkError as err:  # checksummed chunks: a damaged one is named, with how to rebuild it
                 raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True)} "
                                 f"to rebuild the damaged chunks") from None

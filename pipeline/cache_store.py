@@ -102,12 +102,18 @@ def read_rows(store, layout: Layout, name: str, k: int, view: int | None = None)
     return value
 
 
-def read_view(store, layout: Layout, name: str, view: int) -> np.ndarray:
-    """View `view` of array `name` for every sample, (N, W), read and verified chunk by chunk."""
-    out = np.empty((layout.num_samples, layout.widths()[name]), dtype=np.float16)
+def read_view(store, layout: Layout, name: str, view: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """View `view` of array `name`, read and verified chunk by chunk: every sample (N, W), or only the sorted
+    sample indexes `rows` (n, W) (a rank's rows: each chunk is read, only its rows are kept in memory)."""
+    wanted = np.arange(layout.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(wanted), layout.widths()[name]), dtype=np.float16)
+    bounds = np.searchsorted(wanted, [layout.rows(k)[0] for k in range(layout.n_chunks)] + [layout.num_samples])
     for k in range(layout.n_chunks):
-        start, stop = layout.rows(k)
-        out[start:stop] = read_rows(store, layout, name, k, view)
+        lo, hi = bounds[k], bounds[k + 1]
+        if lo == hi:
+            continue  # none of the wanted rows in this chunk
+        values = read_rows(store, layout, name, k, view)
+        out[lo:hi] = values if rows is None else values[wanted[lo:hi] - layout.rows(k)[0]]
     return out
 
 

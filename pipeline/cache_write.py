@@ -19,6 +19,7 @@ only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import queue
@@ -34,10 +35,12 @@ import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CACHE_FORMAT, CacheConfig, rerun_hint
-from pipeline.cache_store import Layout, create_store, damaged_chunks, open_store, remove_path, swap_in, writer_lock
+from pipeline.cache_store import (Layout, create_store, damaged_chunks, format_of, open_store, remove_path, swap_in,
+                                  writer_lock)
 from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
 from pipeline.config import UserError, to_dict
 from pipeline.device import memory_format
+from pipeline.dist import World, barrier, broadcast
 from pipeline.views import ViewPlan
 
 # attrs that say what a cache's numbers are; a store differing in any of them is another cache
@@ -71,6 +74,7 @@ def cache_teacher(
     log: Callable[[str], None] | None = None,
     teacher: str | None = None,
     repair: bool = False,
+    world: World = World(),
 ) -> dict[str, Any]:
     """Fill the cache `out` (.zarr or .h5) for the teacher at `checkpoint`; returns a summary dict.
 
@@ -81,6 +85,8 @@ def cache_teacher(
     one line once every check passed and the work starts. `repair`: verify every chunk of an existing
     store first and rebuild those whose checksum (or content) fails, keeping the rest.
     One writer per store: a second `cache_teacher` on the same `out` ends at once (`writer_lock`).
+    Under torchrun (`world`) the job is that writer: rank 0 holds the lock and prepares the store, rank r
+    writes pending chunks r, r + W, ..., rank 0 marks the store complete after a barrier (zarr only).
     """
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
     if not checkpoint.is_file():
@@ -123,31 +129,59 @@ def cache_teacher(
                     rows, cfg.codec, cfg.checksum)
     attrs.update(layout.to_attrs())
 
-    with writer_lock(out):  # taken before the store is created, resumed, repaired or swapped
-        store, staging = _prepare_store(out, attrs, layout, overwrite, repair)
+    if world.distributed and format_of(out) == "h5":
+        raise UserError(f"cache {out}: an HDF5 store cannot be written by {world.size} processes (h5py has no safe "
+                        f"parallel writer without MPI, and gathering every chunk to one rank would make that rank the "
+                        f"bottleneck): write --format zarr, or run python -m stages.cache_teachers with one process")
+    echo = log if world.main else None
+    with contextlib.ExitStack() as held:
+        # rank 0 alone holds the lock and prepares the store; its failure reaches the others, which would
+        # otherwise wait for it in a collective
+        prepared: tuple | str
         try:
-            layout = dataclasses.replace(layout, **_layout_of(store.attrs))  # a resumed store keeps its own layout
-            damaged = _clear_damaged(store, layout) if repair else []
-            done = store.done()
-            pending = [k for k in range(layout.n_chunks) if not done[k]]
-            if log is not None:
-                chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
-                state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
-                         else "already complete" if not pending else chunks)
-                if repair:
-                    state += f", {len(damaged)} damaged chunk(s) to rebuild" if damaged else ", every chunk verified"
-                log(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
-                    f"{layout.num_views} views on {device}, {state}")
-            if pending:
-                _run_chunks(model, store, layout, pending, plan, data, cfg, device, progress, on_chunk, teacher)
+            if world.main:
+                held.enter_context(writer_lock(out))  # taken before the store is created, resumed, repaired or swapped
+                store, staging = _prepare_store(out, attrs, layout, overwrite, repair)
+                held.callback(store.close)
+                layout = dataclasses.replace(layout, **_layout_of(store.attrs))  # a resumed store keeps its layout
+                damaged = _clear_damaged(store, layout) if repair else []
+                done = store.done()
+                prepared = (str(store.path), _layout_of(store.attrs),
+                            [k for k in range(layout.n_chunks) if not done[k]], damaged)
+        except UserError as err:
+            broadcast(err.message, world)
+            raise
+        prepared = broadcast(prepared if world.main else None, world)
+        if isinstance(prepared, str):
+            raise UserError(prepared)
+        target, stored_layout, pending, damaged = prepared
+        if not world.main:
+            layout = dataclasses.replace(layout, **stored_layout)
+            store = _open_writable(Path(target))
+            held.callback(store.close)
+        if echo is not None:
+            chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
+            state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
+                     else "already complete" if not pending else chunks)
+            if repair:
+                state += f", {len(damaged)} damaged chunk(s) to rebuild" if damaged else ", every chunk verified"
+            ranks = f" x {world.size} processes" if world.distributed else ""
+            echo(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
+                 f"{layout.num_views} views on {device}{ranks}, {state}")
+        mine = pending[world.rank::world.size]  # rank r owns whole chunks: no zarr chunk has two writers
+        if mine:
+            _run_chunks(model, store, layout, mine, plan, data, cfg, device, progress and world.main, on_chunk,
+                        teacher, elsewhere=set(pending) - set(mine))
+        barrier(world)  # every rank's chunks are marked done
+        if world.main:
             if not store.done().all():  # cannot happen unless the store was changed under us
                 raise UserError(f"cache {out} still has unwritten chunks: rerun {rerun_hint(teacher, store.format)}")
             if not store.attrs.get("complete"):
                 store.update_attrs({"complete": True})
-        finally:
             store.close()
-        if staging is not None:
-            swap_in(staging, out)
+            if staging is not None:
+                swap_in(staging, out)
+        barrier(world)  # the store is complete (and in place) when any rank returns
     return {"teacher": teacher, "path": str(out), "chunks_written": len(pending), "chunks": layout.n_chunks,
             "num_samples": layout.num_samples, "num_views": layout.num_views, "repaired": damaged}
 
@@ -303,7 +337,9 @@ def _json(value: Any) -> Any:
 
 
 def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan, data, cfg: CacheConfig,
-                device: torch.device, progress: bool, on_chunk, teacher: str) -> None:
+                device: torch.device, progress: bool, on_chunk, teacher: str,
+                elsewhere: set[int] = frozenset()) -> None:
+    """Write the `pending` chunks; `elsewhere`: those other ranks write (left out of the progress bar)."""
     align_cfg = cfg.align_config
     names = list(layout.widths())  # logits, features/block1, ...
     widths = layout.widths()
@@ -326,9 +362,11 @@ def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan
                 x = apply_views(images[rows], aug[rows, views], aug_cfg)  # (b, C, H, W) uint8
                 yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
-    total = layout.num_samples * v_count
-    finished = sum((b - a) * v_count for a, b in map(layout.rows, set(range(layout.n_chunks)) - set(pending)))
-    bar = tqdm(total=total, initial=finished, unit="view", desc=f"cache {teacher}", disable=not progress,
+    views_of = lambda chunks: sum((b - a) * v_count for a, b in map(layout.rows, chunks))  # noqa: E731
+    total = views_of(set(range(layout.n_chunks)) - set(elsewhere))
+    finished = views_of(set(range(layout.n_chunks)) - set(pending) - set(elsewhere))
+    desc = f"cache {teacher}" + (" (rank 0)" if elsewhere else "")
+    bar = tqdm(total=total, initial=finished, unit="view", desc=desc, disable=not progress,
                smoothing=0.05)
     writer = _Writer(store, cfg.queue_chunks, on_chunk)
     inputs = background(batches(), cfg.prefetch_batches)

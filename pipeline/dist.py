@@ -18,10 +18,8 @@ The rules every distributed loop here follows (docs/design.md section 7):
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
-import signal
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -90,7 +88,6 @@ def start(cfg: DistConfig, device: torch.device) -> tuple[World, torch.device]:
     world = world_from_env()
     if not world.distributed:
         return world, device
-    _die_with_agent()
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
             raise UserError(f"local rank {world.local_rank} has no GPU ({torch.cuda.device_count()} visible): "
@@ -106,18 +103,6 @@ def start(cfg: DistConfig, device: torch.device) -> tuple[World, torch.device]:
 def stop(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _die_with_agent() -> None:
-    """The kernel kills this rank when torchrun's agent dies, even by SIGKILL (Linux PR_SET_PDEATHSIG): no
-    orphan rank keeps writing, or waits out the timeout in a collective whose peers are gone."""
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
-    except (AttributeError, OSError):
-        return
-    if os.getppid() != parent:  # the agent died before the call: nobody is left to be killed by
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,9 @@
     train_step()         the student's forward, the method's terms, the game's terms, backward, steps
     evaluate()           test accuracy of the student (pipeline.pretraining.evaluate)
 
+Under torchrun (pipeline.dist) each rank trains its shard of every global batch, weighted so that the
+averaged gradients are the global batch's; rank 0 alone evaluates and saves.
+
 The step never syncs with the host: losses and discriminator accuracies are summed on the device and
 read once per `log_every` steps (progress bar) and once per epoch (metrics). Randomness is a function
 of (seed, epoch) only (batch order, teacher draws, dropout), so a resumed run repeats the epochs it
@@ -32,6 +35,7 @@ from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, apply_views, normalize
 from pipeline.config import UserError, check, check_choice
 from pipeline.device import autocast, memory_format, mean_keep_layout
+from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, shard_weight, sync_batchnorm, wrap_ddp
 from pipeline.discriminators import Discriminators
 from pipeline.methods import METHODS, Method, StudentOut, Targets
 from pipeline.methods.games import Game, make_game
@@ -151,6 +155,7 @@ class Trainer:
     device: torch.device
     forward: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor] | None]]  # StudentVectors, maybe compiled
     terms: Callable[..., dict[str, torch.Tensor]]  # method_terms for this method, maybe compiled
+    world: World = field(default_factory=World)  # this rank's place in a torchrun job (World(): one process)
 
     @property
     def d_opt(self) -> torch.optim.Optimizer | None:
@@ -159,32 +164,38 @@ class Trainer:
 
 
 def build_trainer(method: Method, cfg: DistillConfig, student: nn.Module, num_classes: int, align_cfg: AlignConfig,
-                  device: torch.device) -> Trainer:
-    """Discriminators for the method, its game and the optimizers, on `device` (seed torch before calling)."""
+                  device: torch.device, world: World = World(), sync_bn: bool = False) -> Trainer:
+    """Discriminators for the method, its game and the optimizers, on `device` (seed torch before calling).
+    Under torchrun the student trains in DDP (its BatchNorms over the global batch with `sync_bn`) and the
+    game averages the discriminators' gradients over the ranks."""
+    if sync_bn:
+        student = sync_batchnorm(student, world, device)
     student.to(device=device, memory_format=memory_format(device))
     dims = method.discriminators(num_classes, align_cfg.lengths(len(method.block_names)))  # name -> input size
     discs = Discriminators(dims, method.game.discriminator).to(device) if dims else None
-    game = make_game(method.game, discs, method.disc_weights()) if discs is not None else None
+    game = make_game(method.game, discs, method.disc_weights(), world) if discs is not None else None
     groups = param_groups(student, cfg.weight_decay) + (game.student_groups(cfg.lr) if game else [])
     opt = make_sgd(groups, cfg)
     # The one speed choice of the step: the layout-keeping mean for an eager student (docs/design.md
     # section 5); compiled, the plain mean, which the compiler fuses and lays out itself.
     mean = plain_mean if cfg.compile else mean_keep_layout
     set_pooling(student, mean)
-    forward = StudentVectors(student, method.feature_blocks, align_cfg, mean)
+    forward = StudentVectors(wrap_ddp(student, world, device), method.feature_blocks, align_cfg, mean)
     terms = partial(method_terms, method)
     if cfg.compile:
         forward, terms = torch.compile(forward), torch.compile(terms)
-    return Trainer(method, cfg, student, discs, game, opt, device, forward, terms)
+    return Trainer(method, cfg, student, discs, game, opt, device, forward, terms, world)
 
 
 # ---------------------------------------------------------------- one step
 
 
-def train_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None) -> tuple[list[str], torch.Tensor]:
+def train_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, tgt: Targets | None,
+               weight: float = 1.0) -> tuple[list[str], torch.Tensor]:
     """One optimizer step of the student (and of the discriminators). Returns the stats' names and their
     values (S,) float32 on the device (no host sync): the loss, its terms, the batch accuracy and, with a
-    game, each discriminator's loss, accuracy and adversarial term."""
+    game, each discriminator's loss, accuracy and adversarial term. `weight`: this rank's shard weight
+    (pipeline.dist.shard_weight; 1 with one process), on what is differentiated, not on the stats."""
     method, game = tr.method, tr.game
     with autocast(tr.device):
         logits, vectors = tr.forward(x)  # (B, C), [(B, L_g)] aligned vectors or None
@@ -194,11 +205,13 @@ def train_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, tgt: Targets | Non
     objective = sum(terms.values())
     if game is not None:  # outside autocast: D's arithmetic is tiny, float32 throughout
         s, t = [v.float() for v in s], [v.float() for v in t]
-        played = game.play(s, t, method.adversarial_rows(len(y)))  # D's own turn, where it has one
+        played = game.play(s, t, method.adversarial_rows(len(y)), weight)  # D's own turn, where it has one
         terms["adv"] = played.adv.sum()
         objective = objective + played.objective
     tr.opt.zero_grad(set_to_none=True)
-    objective.backward()
+    (objective * weight if weight != 1.0 else objective).backward()  # DDP averages the student's gradients
+    if game is not None:
+        game.after_backward()  # the discriminators' gradients, averaged where the student's step uses them
     tr.opt.step()
     if game is not None:
         game.step()
@@ -221,6 +234,11 @@ def steps_per_epoch(n: int, cfg: DistillConfig) -> int:
     return math.ceil(n / cfg.batch_size)
 
 
+def epoch_order(cfg: DistillConfig, epoch: int, n: int) -> torch.Tensor:
+    """The epoch's permutation of the N samples (CPU): a function of (seed, epoch) alone, whatever the world."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # (N,)
+
+
 def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tuple[list[str], torch.Tensor, int]]:
     """The steps of one pass over the training split showing view `epoch mod V`, one per iteration.
 
@@ -234,20 +252,21 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     n, steps = len(data), steps_per_epoch(len(data), cfg)
     total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     view = epoch % data.num_views
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)).to(dev)  # (N,)
+    order = epoch_order(cfg, epoch, n).to(dev)  # (N,)
     rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
     fmt = memory_format(dev)
     for i in range(steps):
         set_lr(tr.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
-        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,)
+        rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,) the global batch
+        idx = shard(rows, tr.world)  # (b,) this rank's share (all of it with one process)
         x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
         x = x.contiguous(memory_format=fmt)  # (B, C, H, W) float32, the view the teachers saw
         y = data.labels[idx]
         picked = method.pick(rng)
         tgt = targets(idx, x, picked) if picked else None
-        names, values = train_step(tr, x, y, tgt)
+        names, values = train_step(tr, x, y, tgt, shard_weight(len(idx), len(rows), tr.world))
         b = len(idx)
         yield names, values * b, b
 
@@ -267,6 +286,9 @@ def train_one_epoch(tr: Trainer, epoch: int, data: TrainSet, targets, progress: 
         if progress and ((i + 1) % tr.cfg.log_every == 0 or i + 1 == steps):
             bar.set_postfix(_short(_means(keys, sums, seen)), refresh=False)  # the one host sync per interval
     bar.close()
+    if tr.world.distributed and sums is not None:  # the epoch's stats over every rank's rows
+        total = all_reduce_sum(torch.cat([sums, sums.new_tensor([seen])]), tr.world)
+        sums, seen = total[:-1], int(total[-1].item())
     return _means(keys, sums, seen)
 
 
@@ -328,10 +350,12 @@ def distill(
     """The epoch loop. `state`: a checkpoint to resume from (or None); `save(ckpt)` persists one.
 
     Epoch e trains on view e mod V: the slab of that view is loaded (already prefetched during the
-    previous epoch) and the next epoch's slab is read in the background while this one trains.
-    Returns the final checkpoint dict.
+    previous epoch) and the next epoch's slab is read in the background while this one trains; under
+    torchrun, only the rows this rank trains. Rank 0 alone evaluates and saves; every rank returns the
+    final checkpoint dict, complete on rank 0.
     """
-    cfg = tr.cfg
+    cfg, world = tr.cfg, tr.world
+    progress = progress and world.main
     history: list[dict[str, Any]] = []
     start, best_acc, best_epoch, wall = 0, -1.0, 0, 0.0
     if state is not None:
@@ -342,11 +366,11 @@ def distill(
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         nxt = (epoch + 1) % data.num_views if epoch + 1 < cfg.epochs else None
-        targets.start_epoch(epoch % data.num_views, nxt)
+        targets.start_epoch(epoch % data.num_views, nxt, *_rank_rows(tr, epoch, len(data), nxt is not None))
         stats = train_one_epoch(tr, epoch, data, targets, progress)
         train_time = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "view": epoch % data.num_views, **stats}
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        if world.main and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             ev = evaluate(tr, test)
             row.update(test_acc=ev["accuracy"], test_nll=ev["nll"])
             if ev["accuracy"] > best_acc:
@@ -362,5 +386,16 @@ def distill(
             tqdm.write(f"{tr.method.name} epoch {epoch + 1}/{cfg.epochs}  {shown}  {elapsed:.1f}s")
         ckpt.update(state_dict(tr), epoch=epoch + 1, finished=epoch + 1 == cfg.epochs, history=history,
                     best_acc=best_acc, best_epoch=best_epoch, test_acc=row.get("test_acc"), wall_time_s=wall)
-        save(ckpt)
+        if world.main:
+            save(ckpt)
+        barrier(world)  # the epoch's checkpoint is on disk before any rank starts the next epoch
     return ckpt
+
+
+def _rank_rows(tr: Trainer, epoch: int, n: int, has_next: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The sorted samples this rank trains in `epoch` and the next, so that it loads only those slab rows;
+    (None, None) with one process (every row)."""
+    if not tr.world.distributed:
+        return None, None
+    rows = [epoch_rows(epoch_order(tr.cfg, e, n), tr.cfg.batch_size, tr.world).numpy() for e in (epoch, epoch + 1)]
+    return rows[0], rows[1] if has_next else None

@@ -2,7 +2,8 @@
 
 The epoch loop lives in `pretrain()`, visible top to bottom; `train_one_epoch` and `evaluate` are
 plain functions. A checkpoint (a plain dict) is written after every epoch, so a killed run resumes from
-its last finished epoch instead of starting over.
+its last finished epoch instead of starting over. Under torchrun (pipeline.dist) each rank trains its shard
+of every global batch in DDP, and rank 0 alone evaluates and saves.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.augment import AugmentConfig, apply_views, normalize, plan_views
 from pipeline.config import UserError, build, check, to_dict
 from pipeline.data import ImageData
 from pipeline.device import autocast, memory_format
+from pipeline.dist import World, all_reduce_sum, barrier, shard, shard_weight, sync_batchnorm, wrap_ddp
 from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr
 from pipeline.schedules import lr_at
 
@@ -82,10 +84,12 @@ def train_one_epoch(
     epoch: int,
     device: torch.device,
     progress: bool = True,
+    world: World = World(),
 ) -> dict[str, float]:
     """One pass over `images` (N, C, H, W) uint8 already on `device`; returns mean loss and accuracy.
 
     The epoch's augmentation is view `epoch` of the seeded plan (pipeline.augment), so it is replayable.
+    `model` may be DDP-wrapped: then this rank trains its shard of each global batch (pipeline.dist).
     """
     model.train()
     aug = cfg.augment_config
@@ -103,7 +107,8 @@ def train_one_epoch(
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
     for i in bar:
         set_lr(optimizer, lr_at(epoch * steps_per_epoch + i, total_steps, cfg.lr, warmup, cfg.schedule))
-        idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (b,)
+        rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,) the global batch
+        idx = shard(rows, world)  # (b,) this rank's share (all of it with one process)
         x = normalize(apply_views(images[idx], views[idx], aug), data.mean, data.std)  # (b, C, H, W)
         x = x.contiguous(memory_format=fmt)
         y = labels[idx]
@@ -111,13 +116,15 @@ def train_one_epoch(
             logits, _ = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        weight = shard_weight(len(idx), len(rows), world)
+        (loss * weight if weight != 1.0 else loss).backward()  # DDP averages the gradients over the ranks
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         if progress and i % 50 == 0:  # one host sync per 50 steps, not per step
-            bar.set_postfix(loss=f"{loss_sum.item() / ((i + 1) * cfg.batch_size):.3f}")
-    return {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n}
+            bar.set_postfix(loss=f"{loss_sum.item() * world.size / ((i + 1) * cfg.batch_size):.3f}")
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]), world)  # over every rank's rows
+    return {"train_loss": totals[0].item() / n, "train_acc": totals[1].item() / n}
 
 
 @torch.no_grad()
@@ -156,13 +163,19 @@ def pretrain(
     state: dict[str, Any] | None,
     save: Callable[[dict[str, Any]], None],
     progress: bool = True,
+    world: World = World(),
+    sync_bn: bool = False,
 ) -> dict[str, Any]:
     """The epoch loop. `state` is a checkpoint to resume from (or None); `save` persists a checkpoint dict.
 
-    Returns the final checkpoint dict (also passed to `save`).
+    Returns the final checkpoint dict (also passed to `save`; complete on rank 0 only under torchrun, where
+    the others neither evaluate nor save). `sync_bn`: BatchNorm over the global batch (pipeline.dist).
     """
+    if sync_bn:
+        model = sync_batchnorm(model, world, device)
     model.to(device=device, memory_format=memory_format(device))
     optimizer = make_sgd(param_groups(model, cfg.weight_decay), cfg)
+    progress = progress and world.main
     history: list[dict[str, float]] = []
     start_epoch, wall = 0, 0.0
     if state is not None:
@@ -172,11 +185,12 @@ def pretrain(
     images = train.images.to(device)  # (N, C, H, W) uint8, resident for the whole run
     labels = train.labels.to(device)
     ckpt: dict[str, Any] = dict(state or {})
+    trained = wrap_ddp(model, world, device)  # the model itself with one process
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, optimizer, train, images, labels, cfg, epoch, device, progress)
+        stats = train_one_epoch(trained, optimizer, train, images, labels, cfg, epoch, device, progress, world)
         last = epoch + 1 == cfg.epochs
-        tested = last or (epoch + 1) % cfg.eval_every == 0
+        tested = world.main and (last or (epoch + 1) % cfg.eval_every == 0)
         test_stats = evaluate(model, test, device, cfg.eval_batch_size) if tested else {}
         elapsed = time.perf_counter() - t0
         wall += elapsed
@@ -190,5 +204,7 @@ def pretrain(
         ckpt.update(model={k: v.cpu() for k, v in model.state_dict().items()}, optimizer=optimizer.state_dict(),
                     epoch=epoch + 1, history=history, wall_time_s=wall, test_acc=test_stats.get("accuracy"),
                     finished=last, config=to_dict(cfg))
-        save(ckpt)
+        if world.main:
+            save(ckpt)
+        barrier(world)  # the epoch's checkpoint is on disk before any rank starts the next epoch
     return ckpt

@@ -30,13 +30,14 @@ from pipeline.methods import Targets
 
 
 class SlabSource(Protocol):
-    """Per-teacher view slabs: `read(v)` -> one dict per teacher of {"logits": (N, C), "<block>": (N, L)} fp16."""
+    """Per-teacher view slabs: `read(v, names, rows)` -> one dict per teacher of {"logits": (n, C), "<block>":
+    (n, L)} fp16, for every sample (rows None, n = N) or the sorted sample indexes `rows` (a rank's share)."""
 
     teachers: list[str]
     blocks: list[str]
     num_views: int
 
-    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]: ...
+    def read(self, view: int, names: Sequence[str], rows: np.ndarray | None = None) -> list[dict[str, np.ndarray]]: ...
 
 
 class CacheSlabs:
@@ -49,10 +50,10 @@ class CacheSlabs:
         self.blocks = list(first.blocks)
         self.num_views = int(first.num_views)
 
-    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
+    def read(self, view: int, names: Sequence[str], rows: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
         out = []
         for cache in self.caches.values():
-            out.append(cache.view_slab(view, names))  # {"logits": (N, C), "<block>": (N, L)} fp16
+            out.append(cache.view_slab(view, names, rows))  # {"logits": (n, C), "<block>": (n, L)} fp16
         return out
 
 
@@ -63,8 +64,9 @@ class ArraySlabs:
         self.teachers, self.arrays, self.blocks = list(teachers), arrays, list(blocks)
         self.num_views = int(arrays[0]["logits"].shape[1])
 
-    def read(self, view: int, names: Sequence[str]) -> list[dict[str, np.ndarray]]:
-        return [{k: np.ascontiguousarray(a[k][:, view]).astype(np.float16) for k in names} for a in self.arrays]
+    def read(self, view: int, names: Sequence[str], rows: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+        pick = slice(None) if rows is None else rows
+        return [{k: np.ascontiguousarray(a[k][pick, view]).astype(np.float16) for k in names} for a in self.arrays]
 
 
 @dataclass
@@ -76,10 +78,12 @@ class Slab:
     """
 
     view: int
-    rows: torch.Tensor  # (K, N, C + sum L_g): logits, then the G feature blocks' vectors
+    rows: torch.Tensor  # (K, n, C + sum L_g): logits, then the G feature blocks' vectors
     classes: int  # C
     feature_blocks: tuple[int, ...]  # the G block indexes, in row order
     lengths: tuple[int, ...]  # L_g, each feature block's vector length, in row order
+    local: torch.Tensor | None = None  # (N,) int64: sample index -> its row here (-1: not held), when the slab
+    # holds a rank's rows only; None when row i is sample i
 
     @property
     def logits(self) -> torch.Tensor:
@@ -107,30 +111,45 @@ class SlabLoader:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slab-prefetch")
         self.pending: dict[int, Future] = {}
         self.current: Slab | None = None
+        self.current_key = None
 
-    def _read(self, view: int) -> tuple[torch.Tensor, list[int]]:
-        """Runs in the background thread: disk read + decode, stacked over teachers into rows (K, N, C + sum L)
+    def _read(self, view: int, rows: np.ndarray | None) -> tuple[torch.Tensor, list[int]]:
+        """Runs in the background thread: disk read + decode, stacked over teachers into rows (K, n, C + sum L)
         (pinned on CUDA); also returns the widths [C, L_1, ...]."""
-        per_teacher = self.source.read(view, self.names)
+        per_teacher = self.source.read(view, self.names, rows)
         rows = np.stack([np.concatenate([t[k] for k in self.names], axis=1) for t in per_teacher])
         host = torch.from_numpy(rows.astype(np.float16, copy=False))
         if self.device.type == "cuda":
             host = host.pin_memory()
         return host, [int(per_teacher[0][k].shape[1]) for k in self.names]
 
-    def prefetch(self, view: int) -> None:
-        if view not in self.pending and (self.current is None or self.current.view != view):
-            self.pending[view] = self.pool.submit(self._read, view)
+    @staticmethod
+    def _key(view: int, rows: np.ndarray | None):
+        """A slab's name: its view, and which rows when it holds a rank's share."""
+        return view if rows is None else (view, hash(rows.tobytes()))
 
-    def get(self, view: int) -> Slab:
-        """The slab of `view` on the device (waits for its prefetch if one is under way)."""
-        if self.current is not None and self.current.view == view:
+    def prefetch(self, view: int, rows: np.ndarray | None = None) -> None:
+        """Start reading `view` (only the sorted sample indexes `rows`, if given) in the background."""
+        key = self._key(view, rows)
+        if key not in self.pending and (self.current is None or self.current_key != key):
+            self.pending[key] = self.pool.submit(self._read, view, rows)
+
+    def get(self, view: int, rows: np.ndarray | None = None) -> Slab:
+        """The slab of `view` (of `rows`) on the device (waits for its prefetch if one is under way)."""
+        key = self._key(view, rows)
+        if self.current is not None and self.current_key == key:
             return self.current
-        self.prefetch(view)
-        host, widths = self.pending.pop(view).result()
+        self.prefetch(view, rows)
+        host, widths = self.pending.pop(key).result()
         self.current = None  # drop the old slab before keeping the new one
+        local = None
+        if rows is not None:  # sample index -> row of this rank's slab
+            local = torch.full((int(rows[-1]) + 1,), -1, dtype=torch.int64)  # a rank's batches index only its rows
+            local[torch.from_numpy(rows)] = torch.arange(len(rows))
+            local = local.to(self.device)
         self.current = Slab(view, host.to(self.device, non_blocking=True), widths[0], self.feature_blocks,
-                            tuple(widths[1:]))
+                            tuple(widths[1:]), local)
+        self.current_key = key
         return self.current
 
     def close(self) -> None:
@@ -140,7 +159,7 @@ class SlabLoader:
 class NoTargets:
     """The target source of a method that reads no teacher (scratch): it is never asked for targets."""
 
-    def start_epoch(self, view: int, next_view: int | None) -> None:
+    def start_epoch(self, view: int, next_view: int | None, rows=None, next_rows=None) -> None:
         pass
 
     def close(self) -> None:
@@ -154,14 +173,18 @@ class CachedTargets:
         self.loader = loader
         self.slab: Slab | None = None
 
-    def start_epoch(self, view: int, next_view: int | None) -> None:
-        self.slab = self.loader.get(view)
+    def start_epoch(self, view: int, next_view: int | None, rows: np.ndarray | None = None,
+                    next_rows: np.ndarray | None = None) -> None:
+        """`rows`, `next_rows`: the sorted samples this rank trains in this epoch and the next (None: all)."""
+        self.slab = self.loader.get(view, rows)
         if next_view is not None:
-            self.loader.prefetch(next_view)
+            self.loader.prefetch(next_view, next_rows)
 
     def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
         """`idx` (B,) sample indexes on the device; `x` unused (the cache already saw these pixels)."""
         s = self.slab
+        if s.local is not None:
+            idx = s.local[idx]  # (B,) rows of this rank's slab
         if len(picked) == s.rows.shape[0]:
             rows = s.rows[:, idx]  # (K, B, C + sum L)
         elif len(picked) == 1:
@@ -186,7 +209,7 @@ class OnlineTargets:
         # online targets are the cache's oracle rather than a slightly different computation.
         self.use_autocast = use_autocast and device.type == "cuda"
 
-    def start_epoch(self, view: int, next_view: int | None) -> None:
+    def start_epoch(self, view: int, next_view: int | None, rows=None, next_rows=None) -> None:
         pass
 
     @torch.no_grad()

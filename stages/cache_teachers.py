@@ -9,6 +9,12 @@ logits (N, V, C) and the aligned block features (N, V, L) (pipeline.cache). Kill
 resumes from the first chunk not yet written; a cache made from another checkpoint, view plan or
 align spec is refused unless --overwrite is given (the old one is replaced only once the new one is
 complete). Every chunk is checksummed; one process writes a store at a time (`<store>.lock`).
+
+    torchrun --nproc_per_node N -m stages.cache_teachers --teacher resnet18    # N ranks share the chunks
+
+Under torchrun the job is the one writer: rank 0 holds the lock, rank r writes pending chunks r, r + N, ...,
+rank 0 marks the store complete; killed, it resumes with any number of processes. Zarr only: an h5 store
+under several processes is refused (h5py has no parallel writer without MPI).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.cache import rerun_hint
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
+from pipeline.dist import DistConfig, collective_errors, start, stop
 from pipeline.views import open_view_plan
 
 
@@ -44,24 +51,35 @@ def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, ove
     data_cfg = build(DataConfig, section(params, "data"), "data")
     overrides = {k: v for k, v in (("format", fmt), ("batch_size", batch_size)) if v is not None}
     cfg = build(CacheConfig, {**section(params, "cache"), **overrides}, "cache")
+    dist_cfg = build(DistConfig, section(params, "dist"), "dist")
     out = paths.teacher_cache(teacher, cfg.format)
-    if verify:
-        bad = verify_cache(out)
-        if bad:
-            listed = "; ".join(f"chunk {k}: {', '.join(names)}" for k, names in sorted(bad.items()))
-            raise UserError(f"cache {out} has {len(bad)} damaged chunk(s) ({listed}): run "
-                            f"{rerun_hint(teacher, cfg.format, repair=True)} to rebuild them")
-        click.echo(f"{teacher}: every written chunk of {out} verified")
-        return
-    dev = resolve_device(device)
-    setup_cpu()
-    plan = open_view_plan(paths.view_plan())
-    train = load_split(data_cfg, "train")
-    summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,
-                            progress=not quiet, log=click.echo, teacher=teacher, repair=repair)
-    click.echo(f"{summary['teacher']}: {summary['chunks_written']} of {summary['chunks']} chunks written, "
-               f"cache complete -> {out}")
+    world, dev = start(dist_cfg, resolve_device(device))
+    try:
+        with collective_errors(world):
+            if verify:
+                if world.main:  # reading needs no help
+                    verify_store(teacher, out, cfg.format)
+                return
+            setup_cpu()
+            plan = open_view_plan(paths.view_plan())
+            train = load_split(data_cfg, "train")
+            summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,
+                                    progress=not quiet, log=click.echo, teacher=teacher, repair=repair, world=world)
+    finally:
+        stop(world)
+    if world.main:
+        click.echo(f"{summary['teacher']}: {summary['chunks_written']} of {summary['chunks']} chunks written, "
+                   f"cache complete -> {out}")
 
+
+def verify_store(teacher: str, out, fmt: str) -> None:
+    """--verify: every written chunk against its checksum; one line either way."""
+    bad = verify_cache(out)
+    if bad:
+        listed = "; ".join(f"chunk {k}: {', '.join(names)}" for k, names in sorted(bad.items()))
+        raise UserError(f"cache {out} has {len(bad)} damaged chunk(s) ({listed}): run "
+                        f"{rerun_hint(teacher, fmt, repair=True)} to rebuild them")
+    click.echo(f"{teacher}: every written chunk of {out} verified")
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,12 @@ std). <run> is the --run name, or the method's with --method, with `_online` app
 CPU the seeds train at once, one process each (`distill.jobs`); `--seed S` trains that seed alone, in this
 process. Killed and rerun, every seed resumes from its last finished epoch; a checkpoint made with other
 settings is refused unless --restart is given. Every option and params value is checked before any data is read.
+
+    torchrun --nproc_per_node N -m stages.distill --run kd    # N ranks (pipeline.dist); dvc.yaml: pipeline.launch
+
+Under torchrun the seeds train one after another, each over all the ranks: every rank trains its shard of
+every global batch of `distill.batch_size` images, rank 0 evaluates and writes; a run resumes with any
+number of processes.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pipeline.checkpoints import (check_fits_data, load_checkpoint, load_resumab
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
+from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, distill
 from pipeline.methods import distill_teachers, make_method, method_configs
 from pipeline.models import build_model, count_parameters
@@ -156,10 +163,25 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
          seed: int | None, restart: bool, quiet: bool) -> None:
     """Train the student with `distill.method` (or a named run) from the cached teacher outputs, once per seed of
     `distill.seeds` (several at once in parallel processes on the CPU); resumable."""
-    s = read_settings(load_params(params_path), method, epochs, seed, online, run)
-    dev = resolve_device(device)
+    params = load_params(params_path)
+    s = read_settings(params, method, epochs, seed, online, run)
+    dist_cfg = build(DistConfig, section(params, "dist"), "dist")
+    world, dev = start(dist_cfg, resolve_device(device))
+    try:
+        with collective_errors(world):
+            train_run(s, world, dev, dist_cfg, seed, params_path, device, run, method, online, epochs, restart,
+                      quiet)
+    finally:
+        stop(world)
+
+
+def train_run(s: Settings, world: World, dev: torch.device, dist_cfg: DistConfig, seed: int | None,
+              params_path: str, device: str, run: str | None, method: str | None, online: bool, epochs: int | None,
+              restart: bool, quiet: bool) -> None:
+    """Every seed asked for, in child processes, in this one, or (under torchrun) over all the ranks; then the
+    run's summary (rank 0)."""
     seeds = [seed] if seed is not None else list(s.distill.seeds)
-    jobs = seed_jobs(s.distill.jobs, len(seeds), dev)
+    jobs = 1 if world.distributed else seed_jobs(s.distill.jobs, len(seeds), dev)
     if jobs > 1:
         forwarded = ["--params", params_path, "--device", device, *(["--run", run] if run else []),
                      *(["--method", method] if method else []), *(["--online"] if online else []),
@@ -171,8 +193,11 @@ def main(method: str | None, run: str | None, params_path: str, device: str, onl
         test = load_split(s.data, scoring_split(s.data))
         plan_views = open_view_plan(paths.view_plan())
         check_plan(plan_views, train)
+        check_shards(len(train), s.distill.batch_size, world, "distill")
         for one in seeds:
-            train_seed(s, one, dev, train, test, plan_views, restart, quiet)
+            train_seed(s, one, dev, train, test, plan_views, restart, quiet, world, dist_cfg.sync_bn)
+    if not world.main:
+        return
     summary = write_summary(s)
     if seed is None and len(summary["test_acc"]) > 1:  # a `--seed` child leaves the run's line to its parent
         accs = [100 * a for a in summary["test_acc"]]
@@ -251,8 +276,9 @@ def _epochs_done(run: str, seed: int) -> int:
 
 
 def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_views, restart: bool,
-               quiet: bool) -> dict[str, Any]:
-    """Train (or resume, or only re-report) one seed of the run into data/student/RUN/seedS.pt."""
+               quiet: bool, world: World = World(), sync_bn: bool = False) -> dict[str, Any]:
+    """Train (or resume, or only re-report) one seed of the run into data/student/RUN/seedS.pt (rank 0 writes)."""
+    echo = click.echo if world.main else (lambda *_: None)
     cfg = replace(s.distill, seed=seed)
     method = make_method(s.method, s.options, s.teachers)
     targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, method.feature_blocks, dev)
@@ -265,7 +291,7 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_view
     student = build_model(s.student.arch, **model_kwargs)
     init = s.student.init.replace("{seed}", str(seed))
     init_sha = load_student_init(student, s.student.arch, init, model_kwargs) if init else None
-    trainer = build_trainer(method, cfg, student, train.num_classes, align_cfg, dev)
+    trainer = build_trainer(method, cfg, student, train.num_classes, align_cfg, dev, world, sync_bn)
     distill_dict = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in
                     ("meal", "meal_v2", "anc", "kd", "scratch", "runs")}
     identity = {
@@ -287,13 +313,13 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_view
     state = load_resumable(path, identity, restart, "student checkpoint", stored="identity")
     params_count = count_parameters(student)
     resumed = f", resuming after epoch {state['epoch']}" if state else ""
-    click.echo(f"{s.run_name} seed {seed}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on "
+    echo(f"{s.run_name} seed {seed}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on "
                f"{dev}, {len(train):,} images x {plan_views.num_views} views, teachers "
                f"{', '.join(s.teachers) or 'none'}, adversarial {method.adversarial}{resumed}")
     if s.method == "anc" and not s.options.dropout:
-        click.echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
+        echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
-        click.echo(f"{s.run_name} seed {seed}: already trained ({state['epoch']} epochs, test accuracy "
+        echo(f"{s.run_name} seed {seed}: already trained ({state['epoch']} epochs, test accuracy "
                    f"{state['test_acc']:.4f})")
 
     base = {"method": s.method, "run": s.run_name, "seed": seed, "arch": s.student.arch,
@@ -310,12 +336,13 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_view
         ckpt = distill(trainer, data, test, targets, state, save, progress=not quiet)
     finally:
         targets.close()
-    if state is not None and state.get("finished"):
+    if world.main and state is not None and state.get("finished"):
         # refresh the metrics file only: rewriting a finished checkpoint would change its bytes, and the sha256
         # another run's student.init recorded for it
         write_json(paths.student_seed_metrics(s.run_name, seed), metrics(s, base, ckpt, str(dev)))
-    click.echo(f"{s.run_name} seed {seed}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} at "
-               f"epoch {ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
+    if world.main:  # the other ranks hold no evaluation
+        click.echo(f"{s.run_name} seed {seed}: test accuracy {ckpt['test_acc']:.4f} (best {ckpt['best_acc']:.4f} "
+                   f"at epoch {ckpt['best_epoch']}) after {ckpt['epoch']} epochs, {ckpt['wall_time_s']:.0f}s -> {path}")
     return ckpt
 
 

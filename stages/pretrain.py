@@ -5,6 +5,11 @@
 Writes data/teachers/<name>.pt (a plain dict: weights, arch and kwargs, config, dataset fingerprint,
 epoch, test accuracy) after every epoch, and metrics/pretrain/<name>.json at the end. Killed and rerun,
 it resumes from the last finished epoch.
+
+    torchrun --nproc_per_node N -m stages.pretrain --teacher resnet18    # N ranks (pipeline.dist)
+
+Under torchrun every rank trains its shard of each global batch of `pretrain.batch_size` images; rank 0
+evaluates and writes; a run resumes with any number of processes.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pipeline.checkpoints import load_resumable, save_checkpoint, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
+from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.models import build_model, count_parameters
 from pipeline.pretraining import pretrain, teacher_spec
 
@@ -32,9 +38,20 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     params = load_params(params_path)
     data_cfg = build(DataConfig, section(params, "data"), "data")
     spec, cfg = teacher_spec(params, teacher)
-    dev = resolve_device(device)
-    setup_cpu()
+    dist_cfg = build(DistConfig, section(params, "dist"), "dist")
+    world, dev = start(dist_cfg, resolve_device(device))
+    try:
+        with collective_errors(world):
+            train_teacher(teacher, spec, cfg, data_cfg, dev, restart, quiet, world, dist_cfg.sync_bn)
+    finally:
+        stop(world)
 
+
+def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.device, restart: bool, quiet: bool,
+                  world: World, sync_bn: bool) -> None:
+    """Train (or resume) the teacher into data/teachers/NAME.pt; rank 0 writes and reports."""
+    setup_cpu()
+    echo = click.echo if world.main else (lambda *_: None)
     train = load_split(data_cfg, "train")
     test = load_split(data_cfg, scoring_split(data_cfg))
     model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **spec.model}
@@ -51,14 +68,17 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
 
     path = paths.teacher_checkpoint(teacher)
     state = load_resumable(path, identity, restart, "teacher checkpoint")  # identity keys stored top-level
+    check_shards(len(train), cfg.batch_size, world, "pretrain")
     if state is not None and state.get("finished"):
-        click.echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
-    click.echo(f"{teacher}: {spec.arch} {spec.model} with {count_parameters(model):,} parameters on {dev}, "
+        echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
+    echo(f"{teacher}: {spec.arch} {spec.model} with {count_parameters(model):,} parameters on {dev}, "
                f"{len(train):,} training images" + (f", resuming after epoch {state['epoch']}" if state else ""))
 
     base = {**identity, "params": count_parameters(model)}
     ckpt = pretrain(model, train, test, cfg, dev, state and {**base, **state},
-                    lambda c: save_checkpoint(path, {**base, **c}), progress=not quiet)
+                    lambda c: save_checkpoint(path, {**base, **c}), not quiet, world, sync_bn)
+    if not world.main:  # the other ranks hold no evaluation
+        return
     write_json(paths.teacher_metrics(teacher), {
         "teacher": teacher,
         "arch": spec.arch,

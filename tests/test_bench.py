@@ -71,3 +71,21 @@ def test_bench_bad_input_is_one_error_line(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("Error: params file /nonexistent/params.yaml not found") and "\n" not in err
+
+
+def test_bench_scaleout_paper_figures_follow_from_the_counted_parameters(tmp_path):
+    from bench.scaleout import main
+    from pipeline.models import build_model, count_parameters
+
+    est = main(["--params", str(ROOT / "profiles" / "gpu.yaml"), "--world", "1", "2", "8", "--out",
+                str(tmp_path / "s.json")])
+    assert est["bytes_per_pair_per_teacher"] == (10 + 3 * 64) * 2  # C logits + 3 blocks of L = 64, fp16
+    assert est["store_GB_per_teacher"] == pytest.approx(50_000 * 16 * 404 / 1e9)
+    assert est["student_params"] == count_parameters(build_model("resnet18", 10, 3))
+    one, two, eight = est["rows"]
+    assert one["distill_allreduce_MB_per_step"] == 0  # one process sends nothing
+    grads = 4 * (est["student_params"] + max(r["discriminator_params"] for r in est["runs"].values()))
+    assert two["distill_allreduce_MB_per_step"] == pytest.approx(grads / 1e6)  # ring: 2 (W - 1) / W = 1 at W = 2
+    assert eight["distill_allreduce_MB_per_step"] == pytest.approx(1.75 * grads / 1e6)
+    assert eight["distill_slab_MB_per_epoch"] == pytest.approx(one["distill_slab_MB_per_epoch"] / 8)
+    assert json.loads((tmp_path / "s.json").read_text())["command"].startswith("python -m bench.scaleout")

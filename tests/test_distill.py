@@ -76,8 +76,8 @@ class Recorder:
     def __init__(self, inner):
         self.inner, self.seen = inner, []
 
-    def start_epoch(self, view, next_view):
-        self.inner.start_epoch(view, next_view)
+    def start_epoch(self, *args, **kwargs):
+        self.inner.start_epoch(*args, **kwargs)
 
     def __call__(self, idx, x, picked):
         tgt = self.inner(idx, x, picked)

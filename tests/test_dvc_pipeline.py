@@ -23,6 +23,8 @@ from pipeline import paths
 from pipeline.report import PLOTS
 
 REPO = Path(__file__).resolve().parents[1]
+from pipeline.launch import STAGES as LAUNCHED
+
 SOURCES = ("pipeline", "stages", "dvc.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
 
 
@@ -60,9 +62,12 @@ def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
 
 def test_every_stage_lists_the_code_it_imports():
     for name, body in stage_defs().items():
-        module = body["cmd"].split()[2]  # python -m stages.NAME ...
+        words = body["cmd"].split()  # python -m stages.NAME ... | python -m pipeline.launch stages.NAME ...
+        launched = words[2] == "pipeline.launch"
+        module = words[3] if launched else words[2]
         assert module == f"stages.{name}", body["cmd"]
-        needed = pipeline_imports(module)
+        assert launched == (module in LAUNCHED), f"{name} runs distributed through pipeline.launch, or not at all"
+        needed = pipeline_imports(module) | (pipeline_imports("pipeline.launch") if launched else set())
         missing = sorted(needed - set(body["deps"]))
         assert not missing, f"dvc.yaml stage {name} misses deps {missing}"
         listed_code = {d for d in body["deps"] if d.endswith(".py")}

@@ -9,6 +9,7 @@ import pytest
 from pipeline.cache import CacheConfig
 from pipeline.config import build, load_params, section
 from pipeline.data import DataConfig
+from pipeline.dist import DistConfig
 from pipeline.runs import run_names
 from pipeline.pretraining import teacher_spec
 from pipeline.views import ViewsConfig
@@ -27,6 +28,8 @@ def test_profile_builds_every_config(path):
         teacher_spec(params, name)
     build(ViewsConfig, section(params, "views"), "views")
     build(CacheConfig, section(params, "cache"), "cache")
+    assert {"nproc_per_node", "sync_bn"} <= set(section(params, "dist")), "dvc.yaml reads dist.nproc_per_node, dist.sync_bn"
+    build(DistConfig, section(params, "dist"), "dist")
     runs = run_names(section(params, "distill"))
     assert "scratch" in runs  # every profile compares against the student trained from scratch
     if path.name in ("params.yaml", "gpu.yaml", "tiny.yaml"):  # the method comparisons; the others are recipes

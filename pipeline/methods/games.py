@@ -3,7 +3,12 @@
 - `student_groups()`: parameter groups the game adds to the student's SGD (cooperative: D's);
 - `play(student, teacher, rows)`, called after the student's forward: D's own turn where it has one,
   then what the game adds to the student's objective (`Played`);
+- `after_backward()`, called after the student's backward: under torchrun, D's gradients averaged over
+  the ranks where the student's step uses them (cooperative);
 - `step()`, called after the student's backward and step: D's optimizer step where it comes last.
+
+Under torchrun every D step follows a mean of D's gradients over the ranks (`sync`), as DDP does for the
+student, and `weight` (the rank's shard weight) scales what each rank differentiates.
 
 The modes (`adversarial` in a method's options; docs/design.md section 4):
 - `alternating`, the MEAL paper's: D first steps on its loss against the student's vectors as they
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.device import fused_optimizer
+from pipeline.dist import World, average_gradients
 from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss
 from pipeline.losses import grad_reverse
 from pipeline.methods.base import GameConfig
@@ -40,8 +46,8 @@ class Played:
 class Game:
     """`weights` (G,): each discriminator's weight in the student's objective (MEAL's eta), times adv_weight."""
 
-    def __init__(self, cfg: GameConfig, discs: Discriminators, weights: list[float]):
-        self.cfg, self.discs = cfg, discs
+    def __init__(self, cfg: GameConfig, discs: Discriminators, weights: list[float], world: World = World()):
+        self.cfg, self.discs, self.world = cfg, discs, world
         self.weight_values = [cfg.adv_weight * w for w in weights]  # on the host: the reversal layer's scales
         self.weights = torch.tensor(self.weight_values, device=next(discs.parameters()).device)  # (G,)
         self.opt = self.make_optimizer()
@@ -63,10 +69,19 @@ class Game:
     def student_groups(self, student_lr: float) -> list[dict]:
         return []
 
-    def play(self, student: list[torch.Tensor], teacher: list[torch.Tensor], rows: int) -> Played:
+    def play(self, student: list[torch.Tensor], teacher: list[torch.Tensor], rows: int,
+             weight: float = 1.0) -> Played:
         """`student`, `teacher`: one (B, D_g) float32 tensor per discriminator; `rows`: how many adversarial
-        samples (ANC) to add, the first `rows` student vectors of the shuffled batch, labelled teacher."""
+        samples (ANC) to add, the first `rows` student vectors of the shuffled batch, labelled teacher;
+        `weight`: the rank's shard weight on D's own backward (the student's is weighted by the caller)."""
         raise NotImplementedError
+
+    def sync(self) -> None:
+        """D's gradients averaged over the ranks (nothing with one process)."""
+        average_gradients(self.discs.parameters(), self.world)
+
+    def after_backward(self) -> None:
+        pass
 
     def step(self) -> None:
         pass
@@ -79,18 +94,20 @@ def adversarial_samples(student: list[torch.Tensor], rows: int) -> list[torch.Te
 
 
 class Alternating(Game):
-    def play(self, student, teacher, rows):
+    def play(self, student, teacher, rows, weight=1.0):
         detached = [s.detach() for s in student]
         d_loss, acc = discriminator_loss(self.discs, teacher, detached, adversarial_samples(student, rows))  # (G,)
         self.opt.zero_grad(set_to_none=True)
-        (d_loss.sum() + self.penalty()).backward()
+        objective = d_loss.sum() + self.penalty()
+        (objective * weight if weight != 1.0 else objective).backward()
+        self.sync()
         self.opt.step()  # D's turn, before the student's
         adv = self.weights * fooling_loss(self.discs, student)  # (G,), through the updated D held fixed
         return Played(adv, adv.sum(), d_loss.detach(), acc)
 
 
 class Reversal(Game):
-    def play(self, student, teacher, rows):
+    def play(self, student, teacher, rows, weight=1.0):
         # D descends its loss, the student ascends weights[g] * it
         reversed_ = [grad_reverse(s, w) for s, w in zip(student, self.weight_values)]
         d_loss, acc = discriminator_loss(self.discs, teacher, reversed_, adversarial_samples(student, rows))
@@ -99,6 +116,7 @@ class Reversal(Game):
         return Played(-self.weights * d_loss.detach(), d_loss.sum() + self.penalty(), d_loss.detach(), acc)
 
     def step(self):
+        self.sync()
         self.opt.step()
 
 
@@ -117,17 +135,21 @@ class Cooperative(Game):
         return [{"params": list(self.discs.parameters()), "lr": g.d_lr, "weight_decay": g.d_weight_decay,
                  "lr_scale": g.d_lr / student_lr}]
 
-    def play(self, student, teacher, rows):
+    def play(self, student, teacher, rows, weight=1.0):
         d_loss, acc = discriminator_loss(self.discs, teacher, student, adversarial_samples(student, rows))
         adv = self.weights * d_loss  # the student helps D
         return Played(adv, adv.sum() + self.penalty(), d_loss.detach(), acc)
+
+    def after_backward(self):
+        self.sync()  # D steps inside the student's optimizer
 
 
 GAMES = {"alternating": Alternating, "reversal": Reversal, "cooperative": Cooperative}
 
 
-def make_game(cfg: GameConfig | None, discs: Discriminators | None, weights: list[float] | None = None) -> Game | None:
+def make_game(cfg: GameConfig | None, discs: Discriminators | None, weights: list[float] | None = None,
+              world: World = World()) -> Game | None:
     """The game of `cfg` (None: no game) over `discs`, discriminator g weighing `weights[g]` (default 1)."""
     if cfg is None:
         return None
-    return GAMES[cfg.adversarial](cfg, discs, [1.0] * len(discs) if weights is None else list(weights))
+    return GAMES[cfg.adversarial](cfg, discs, [1.0] * len(discs) if weights is None else list(weights), world)
