@@ -9,6 +9,8 @@
 #   3. ResNet-18 student from a 4-teacher cache (gpu profile), eager with --breakdown;   ~1-2 min
 #   4. the same with the student torch.compile'd (the gpu profile's setting);          ~2-3 min
 #   5. the official 5-teacher zoo: cached against online MEAL;                          ~1-2 min
+#   6. torchrun (issue 19): the 2-GPU NCCL twins of tests/test_distributed.py (tests/test_cuda.py; they
+#      need two GPUs and are skipped, with the reason in dist.txt, on one);              ~1 min
 # Everything lands in $OUT (the tool brings it back): env.txt, tests.txt, bench.txt and one JSON per
 # benchmark, to be copied into bench/results/ and committed.
 # A dry run on a machine without a GPU (the flow, not the figures):
@@ -57,3 +59,15 @@ bench default 120 params.yaml
 bench 4teachers-eager 180 profiles/gpu.yaml --teachers 4 --no-compile --breakdown
 bench 4teachers-compiled 240 profiles/gpu.yaml --teachers 4 --compile
 bench 5teachers-eager 150 profiles/gpu.yaml --no-compile
+
+# 6. torchrun: the NCCL twins of tests/test_distributed.py (skipped, and said so, on a one-GPU machine)
+left=$((BUDGET - (SECONDS - start)))
+if (( left >= 60 )); then
+  {
+    echo "== GPUs: $(python3 -c 'import torch; print(torch.cuda.device_count())')"
+    timeout $(( left < 180 ? left : 180 )) python3 -m pytest -q -p no:cacheprovider -rs \
+      "tests/test_cuda.py::test_two_gpus_under_torchrun_match_one_gpu"
+  } 2>&1 | tee "$OUT/dist.txt"
+else
+  echo "== torchrun checks skipped: ${left}s of the ${BUDGET}s budget left" | tee "$OUT/dist.txt"
+fi

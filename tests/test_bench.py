@@ -89,3 +89,18 @@ def test_bench_scaleout_paper_figures_follow_from_the_counted_parameters(tmp_pat
     assert eight["distill_allreduce_MB_per_step"] == pytest.approx(1.75 * grads / 1e6)
     assert eight["distill_slab_MB_per_epoch"] == pytest.approx(one["distill_slab_MB_per_epoch"] / 8)
     assert json.loads((tmp_path / "s.json").read_text())["command"].startswith("python -m bench.scaleout")
+
+
+def test_readme_scaleout_figures_are_the_benchs():
+    from bench.scaleout import estimate
+
+    est = estimate(str(ROOT / "profiles" / "gpu.yaml"), [2, 8])
+    two, eight = est["rows"]
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Scale-out"):readme.index("## The zoo")]
+    for figure in (f"{est['store_GB_per_teacher']:.2f} GB per teacher", f"{est['stores_GB_total']:.2f} GB for the five",
+                   f"{est['student_params']:,} parameters", f"{two['distill_allreduce_MB_per_step']:.1f} MB at W = 2",
+                   f"{eight['distill_allreduce_MB_per_step']:.1f} MB at W = 8",
+                   f"{eight['distill_allreduce_GB_per_epoch']:.1f} GB per rank per epoch",
+                   f"{eight['pretrain_allreduce_MB_per_step']['dpn92']:.0f} MB per rank and step at W = 8"):
+        assert figure in section, figure

@@ -26,60 +26,49 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
-from click.testing import CliRunner
 
 from pipeline import paths
 from pipeline.cache import open_cache
 from pipeline.config import UserError
 from pipeline.dist import (AllReduceBatchNorm, World, check_shards, epoch_rows, shard, shard_weight,
                            sync_batchnorm)
-from stages import cache_teachers as cache_stage
-from stages import distill as distill_stage
-from stages import pretrain as pretrain_stage
 from helpers import build_tiny_pipeline, tiny_distill_params, torchrun, torchrun_command
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 BATCH = 25
-# when the kills land: a 2-rank job's start (torchrun, imports, rendezvous, teacher) takes ~7 s on 2 cores,
-# then 512 samples x 8 views in 32 chunks take ~3 s more
-KILL_AFTER_S = (2.0, 11.0)
+# when the kills that land in a 2-rank job's start land: torchrun, imports, rendezvous and the teacher take
+# ~7 s on 2 cores (the others wait for the job's first chunk and then a random moment)
+KILL_AFTER_S = (0.5, 7.0)
 
 
 def read_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
+def built(root: Path, params: dict) -> Path:
+    """`root` holding the tiny pipeline of `params`: teachers, view plan, caches written by one process."""
+    with contextlib.chdir(root):
+        build_tiny_pipeline(params)
+    return root
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, fashion_root) -> Path:
     """A tiny pipeline (2 teachers cached by one process) with sync BatchNorm on: copied by each test."""
-    root = tmp_path_factory.mktemp("dist_base")
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        params = tiny_distill_params(fashion_root, batch_size=BATCH, epochs=2)
-        params["dist"] = {"sync_bn": True, "timeout_s": 60}
-        params["teachers"]["t1"]["pretrain"] = {"epochs": 2, "batch_size": BATCH, "lr": 0.05}
-        params["cache"]["chunk_rows"] = 8  # 12 chunks: enough for the ranks to share and the kills to land in
-        build_tiny_pipeline(params)
-    finally:
-        os.chdir(here)
-    return root
+    params = tiny_distill_params(fashion_root, batch_size=BATCH, epochs=2)
+    params["dist"] = {"sync_bn": True, "timeout_s": 60}
+    params["teachers"]["t1"]["pretrain"] = {"epochs": 2, "batch_size": BATCH, "lr": 0.05}
+    params["cache"]["chunk_rows"] = 8  # 12 chunks for the ranks to share
+    return built(tmp_path_factory.mktemp("dist_base"), params)
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory, fashion_root) -> Path:
     """One teacher's store big enough (512 samples x 8 views, 32 chunks) for kills to land while it is written."""
-    root = tmp_path_factory.mktemp("dist_big")
-    here = os.getcwd()
-    os.chdir(root)
-    try:
-        params = tiny_distill_params(fashion_root)
-        params["data"]["limit"], params["views"]["num_views"], params["cache"]["chunk_rows"] = 512, 8, 16
-        params["teachers"] = {"t1": params["teachers"]["t1"]}
-        build_tiny_pipeline(params)
-    finally:
-        os.chdir(here)
-    return root
+    params = tiny_distill_params(fashion_root)
+    params["data"]["limit"], params["views"]["num_views"], params["cache"]["chunk_rows"] = 512, 8, 16
+    params["teachers"] = {"t1": params["teachers"]["t1"]}
+    return built(tmp_path_factory.mktemp("dist_big"), params)
 
 
 @pytest.fixture
@@ -217,6 +206,26 @@ def test_launch_runs_the_plain_command_with_one_process_and_torchrun_with_more(w
         launch.launch(["stages.evaluate"])
 
 
+def test_a_rank_loads_only_its_rows_of_the_slab_and_gets_the_same_targets(work):
+    from pipeline.slabs import CachedTargets, CacheSlabs, SlabLoader
+
+    caches = {t: open_cache(paths.teacher_cache(t)) for t in ("t1", "t2")}
+    full = CachedTargets(SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu")))
+    mine = CachedTargets(SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu")))
+    order = torch.randperm(96, generator=torch.Generator().manual_seed(3))
+    rank = World(1, 2)
+    rows = epoch_rows(order, BATCH, rank).numpy()
+    full.start_epoch(1, None)
+    mine.start_epoch(1, None, rows)
+    assert mine.slab.rows.shape[1] == len(rows) == 46 and full.slab.rows.shape[1] == 96  # rank 1: 12+12+12+10
+    for start in range(0, 96, BATCH):
+        idx = shard(order[start:start + BATCH], rank)
+        for picked in ([0, 1], [1]):
+            a, b = full(idx, None, picked), mine(idx, None, picked)
+            assert torch.equal(a.logits, b.logits) and all(map(torch.equal, a.blocks, b.blocks))
+    full.close(), mine.close()
+
+
 # ---------------------------------------------------------------- the cache under 2 ranks
 
 
@@ -239,6 +248,11 @@ def test_two_ranks_write_the_one_process_store_and_refuse_h5(work):
     assert "an HDF5 store cannot be written by 2 processes" in h5.stdout and "--format zarr" in h5.stdout
     assert lines[-1].startswith("Error: stages.cache_teachers rank") and "exited with status 2" in lines[-1]
     assert not paths.teacher_cache("t1", "h5").exists()
+
+
+def _markers(store: Path) -> int:
+    """How many chunks' `done` markers a zarr store has written (one file each)."""
+    return len(list((store / "done" / "c").glob("*"))) if store.exists() else 0
 
 
 def _rank_pids(agent: int) -> list[int]:
@@ -268,9 +282,16 @@ def test_two_rank_cache_killed_at_random_moments_converges_to_the_one_process_st
     cmd = torchrun_command(2, "stages.cache_teachers", "--teacher", "t1", "--device", "cpu", "--quiet")
     kills, landed, partial = 8, 0, 0
     for i in range(kills):
+        before = _markers(store)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
-        time.sleep(rng.uniform(*KILL_AFTER_S))
+        if i % 4 == 0:  # somewhere in the start: launcher, imports, rendezvous, the store's preparation
+            time.sleep(rng.uniform(*KILL_AFTER_S))
+        else:  # while chunks are being written: once this run has marked one, a random moment later
+            deadline = time.time() + 120
+            while _markers(store) <= before and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.4))
         ranks = _rank_pids(proc.pid)
         landed += proc.poll() is None
         for pid in [proc.pid, *ranks] if i % 2 == 0 else [proc.pid]:  # the whole job, or the agent alone:
@@ -286,7 +307,8 @@ def test_two_rank_cache_killed_at_random_moments_converges_to_the_one_process_st
             partial += 0 < done.sum() < len(done)
             if done.all():
                 shutil.rmtree(store)  # finished before the kill: start over, so the next kills land in work
-    assert landed >= kills // 2 and partial >= 1, f"{landed} of {kills} kills landed in a run, {partial} mid-write"
+    print(f"cache kills: {landed} of {kills} landed in a run, {partial} left a partial store")  # pytest -s
+    assert landed >= kills // 2 and partial >= kills // 2, f"{landed} of {kills} kills landed in a run, {partial} mid-write"
     # the rest with another world size: one process finishes what the two ranks left
     done = plain("stages.cache_teachers", "--teacher", "t1", "--device", "cpu", "--quiet")
     assert done.returncode == 0, done.stdout
