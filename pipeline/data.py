@@ -60,6 +60,22 @@ MEAN_STD: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 
 
+@dataclass(frozen=True)
+class DataShape:
+    """What a model's constructor reads of a dataset (pipeline.models.constructor_kwargs), known from the
+    params before any image is read: its channels and normalisation; the class count is a stand-in."""
+
+    num_classes: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def shape_of(cfg: "DataConfig", num_classes: int = 10) -> DataShape:
+    mean, std = MEAN_STD[cfg.name]
+    return DataShape(num_classes, len(mean), mean, std)
+
+
 def cache_dir() -> Path:
     """Where datasets are downloaded when no root is given: $XDG_CACHE_HOME/meal-distill (~/.cache/...)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

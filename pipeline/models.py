@@ -17,6 +17,7 @@ two tiny students); the CIFAR teachers of MEAL live in `pipeline.zoo_cifar`.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable
 
@@ -25,12 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import UserError
+from pipeline.external import External, default_input, is_external
 from pipeline.zoo_cifar import (
     NUM_BLOCKS, BasicBlock, Head, ResNet, conv_bn_relu, densenet_cifar, dpn92, feature_noise, init_weights,
     preact_resnet18, resnet18, scaled, vgg11, vgg16, vgg19_bn,
 )
 
-__all__ = ["NUM_BLOCKS", "ZOO", "STUDENTS", "TAKES_DROPOUT", "build_model", "count_parameters", "block_dims", "parameter_table"]
+__all__ = ["NUM_BLOCKS", "ZOO", "STUDENTS", "TAKES_DROPOUT", "build_model", "constructor_kwargs", "count_parameters", "block_dims",
+           "parameter_table"]
 
 
 # ---------------------------------------------------------------- LeNet-4 and NiN (the ANC pair)
@@ -178,9 +181,13 @@ TAKES_DROPOUT = STUDENTS + ("resnet18", "preact_resnet18", "vgg11", "vgg16", "vg
 
 def build_model(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     """`ZOO[arch](num_classes=..., in_channels=..., **kwargs)`, with one-line UserErrors for bad input."""
-    if arch not in ZOO:
-        raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(ZOO)}")
-    constructor = ZOO[arch]
+    if is_external(arch):  # torchvision:NAME, timm:NAME (pipeline.external)
+        constructor = functools.partial(External, arch)
+    elif arch not in ZOO:
+        raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(ZOO)}, or torchvision:NAME, "
+                        f"timm:NAME")
+    else:
+        constructor = ZOO[arch]
     # Check the keywords against the signature rather than catching TypeError from the call, so
     # that a genuine TypeError inside a constructor is not misreported as a bad argument.
     accepted = inspect.signature(constructor).parameters
@@ -195,6 +202,21 @@ def build_model(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.M
     if num_classes < 1 or in_channels < 1:
         raise UserError(f"'{arch}' needs num_classes >= 1 and in_channels >= 1, got {num_classes}, {in_channels}")
     return constructor(num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def constructor_kwargs(arch: str, model: dict, data) -> dict:
+    """Constructor kwargs of `arch` for the ImageData `data`: its classes and channels, the params' `model`
+    arguments and, for a torchvision or timm model, its input resolved to numbers (input_size, mean, std; the
+    data's normalisation, which the input adapter undoes). Checkpoints and cache identities record them whole,
+    so a cache made for another input size or normalisation is another cache."""
+    kwargs = {"num_classes": data.num_classes, "in_channels": data.in_channels, **model}
+    if not is_external(arch):
+        return kwargs
+    mean, std = default_input(arch)
+    if arch.startswith("timm:") and data.in_channels == 1 and len(mean) == 3:  # timm's grey stem: one channel
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return {"input_size": 0, "mean": list(mean), "std": list(std), **kwargs,
+            "data_mean": list(data.mean), "data_std": list(data.std)}
 
 
 def count_parameters(model: nn.Module) -> int:

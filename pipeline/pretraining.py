@@ -58,9 +58,12 @@ class PretrainConfig(SGDConfig):
 
 @dataclass
 class TeacherSpec:
-    arch: str = "resnet18"  # a name from pipeline.models.ZOO
-    model: dict[str, Any] = field(default_factory=dict)  # constructor kwargs, e.g. {width: 0.5}
+    arch: str = "resnet18"  # a name from pipeline.models.ZOO, or torchvision:NAME / timm:NAME
+    model: dict[str, Any] = field(default_factory=dict)  # constructor kwargs, e.g. {width: 0.5}; torchvision and
+    # timm models: blocks (module names), input_size (pixels, 0 = the data's), mean and std
     pretrain: dict[str, Any] = field(default_factory=dict)  # overrides of the shared `pretrain` section
+    weights: str = ""  # a local weights file (torch state dict or .safetensors): the teacher is imported by the
+    # pretrain stage, not trained; "" = train it here
 
 
 def teacher_spec(params: dict[str, Any], name: str) -> tuple[TeacherSpec, PretrainConfig]:

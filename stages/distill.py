@@ -45,12 +45,12 @@ from pipeline.cache import CacheConfig, open_cache, validate_caches
 from pipeline.checkpoints import (check_fits_data, load_checkpoint, load_resumable, load_teacher, save_checkpoint,
                                   sha256_file, write_json)
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section, to_dict
-from pipeline.data import DataConfig, load_split, scoring_split
+from pipeline.data import DataConfig, load_split, scoring_split, shape_of
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, distill
 from pipeline.methods import distill_teachers, make_method, method_configs
-from pipeline.models import build_model, count_parameters
+from pipeline.models import build_model, constructor_kwargs, count_parameters
 from pipeline.runs import check_runs, deep_merge, run_section, student_overrides
 from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import open_view_plan
@@ -109,7 +109,7 @@ def read_settings(params: dict[str, Any], method: str | None, epochs: int | None
     options = method_configs(cfg, teachers)[cfg.method]  # builds (and checks) every method's options
     cache_cfg = build(CacheConfig, section(params, "cache"), "cache")
     with torch.device("meta"):  # checks arch and kwargs without allocating anything
-        build_model(student.arch, 10, 1, **student.model)
+        build_model(student.arch, **constructor_kwargs(student.arch, student.model, shape_of(data_cfg)))
     return Settings(data_cfg, student, cfg, options, cache_cfg, teachers if cfg.method != "scratch" else [], online,
                     run)
 
@@ -284,7 +284,7 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_view
     targets, align_cfg, blocks, hashes = open_targets(s, plan_views, train, method.feature_blocks, dev)
     method = make_method(s.method, s.options, s.teachers, blocks)  # the caches' block names
 
-    model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **s.student.model}
+    model_kwargs = constructor_kwargs(s.student.arch, s.student.model, train)
     if s.method == "anc":  # ANC's noise is dropout in the student, so the method sets it
         model_kwargs["dropout"] = s.options.dropout
     torch.manual_seed(cfg.seed)

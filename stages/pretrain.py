@@ -8,23 +8,32 @@ it resumes from the last finished epoch.
 
     torchrun --nproc_per_node N -m stages.pretrain --teacher resnet18    # N ranks (pipeline.dist)
 
+A teacher with `weights:` (a torchvision, timm or zoo model trained elsewhere) is imported instead of trained:
+its weights file is checked against its architecture (one line naming the keys that do not fit), its test
+accuracy measured, and the same data/teachers/<name>.pt written, so the cache and evaluate stages treat it
+like any other teacher. Rerun, it re-imports only when the file's bytes or the teacher's entry changed.
+
 Under torchrun every rank trains its shard of each global batch of `pretrain.batch_size` images; rank 0
 evaluates and writes; a run resumes with any number of processes.
 """
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import click
 import torch
 
 from pipeline import paths
-from pipeline.checkpoints import load_resumable, save_checkpoint, write_json
+from pipeline.checkpoints import load_checkpoint, load_resumable, save_checkpoint, sha256_file, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
-from pipeline.models import build_model, count_parameters
-from pipeline.pretraining import pretrain, teacher_spec
+from pipeline.external import load_weights
+from pipeline.models import build_model, constructor_kwargs, count_parameters
+from pipeline.pretraining import evaluate, pretrain, teacher_spec
 
 
 @click.command()
@@ -42,7 +51,11 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
     world, dev = start(dist_cfg, resolve_device(device))
     try:
         with collective_errors(world):
-            train_teacher(teacher, spec, cfg, data_cfg, dev, restart, quiet, world, dist_cfg.sync_bn)
+            if spec.weights:
+                if world.main:  # reading a file needs no help
+                    import_teacher(teacher, spec, cfg, data_cfg, dev)
+            else:
+                train_teacher(teacher, spec, cfg, data_cfg, dev, restart, quiet, world, dist_cfg.sync_bn)
     finally:
         stop(world)
 
@@ -54,7 +67,7 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
     echo = click.echo if world.main else (lambda *_: None)
     train = load_split(data_cfg, "train")
     test = load_split(data_cfg, scoring_split(data_cfg))
-    model_kwargs = {"num_classes": train.num_classes, "in_channels": train.in_channels, **spec.model}
+    model_kwargs = constructor_kwargs(spec.arch, spec.model, train)
     torch.manual_seed(cfg.seed)
     model = build_model(spec.arch, **model_kwargs)
     identity = {
@@ -90,6 +103,42 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
     })
     click.echo(f"{teacher}: test accuracy {ckpt['test_acc']:.4f} after {ckpt['epoch']} epochs, "
                f"{ckpt['wall_time_s']:.0f}s of training -> {path}")
+
+
+def import_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.device) -> None:
+    """A teacher trained elsewhere into data/teachers/NAME.pt: its weights checked, its test accuracy measured."""
+    setup_cpu()
+    train = load_split(data_cfg, "train")
+    test = load_split(data_cfg, scoring_split(data_cfg))
+    model_kwargs = constructor_kwargs(spec.arch, spec.model, train)
+    identity = {
+        "teacher": teacher,
+        "arch": spec.arch,
+        "model_kwargs": model_kwargs,
+        "weights": spec.weights,
+        "weights_sha256": sha256_file(spec.weights) if Path(spec.weights).is_file() else None,
+        "data": to_dict(data_cfg),
+        "dataset_fingerprint": train.fingerprint,
+    }
+    path = paths.teacher_checkpoint(teacher)
+    if path.is_file():
+        state = load_checkpoint(path, "teacher checkpoint")
+        if all(state.get(k) == v for k, v in identity.items()):  # rewriting would change the sha256 caches recorded
+            click.echo(f"{teacher}: already imported from {spec.weights} (test accuracy {state['test_acc']:.4f})")
+            return
+    model = build_model(spec.arch, **model_kwargs)
+    load_weights(model, spec.weights, spec.arch)
+    t0 = time.perf_counter()
+    acc = evaluate(model.to(dev), test, dev, cfg.eval_batch_size)["accuracy"]
+    params = count_parameters(model)
+    save_checkpoint(path, {**identity, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "params": params,
+                           "epoch": 0, "finished": True, "test_acc": acc, "history": [], "imported": True,
+                           "wall_time_s": time.perf_counter() - t0})
+    write_json(paths.teacher_metrics(teacher), {"teacher": teacher, "arch": spec.arch, "params": params,
+                                                "test_acc": acc, "epochs": 0, "imported_from": spec.weights,
+                                                "wall_time_s": 0.0, "history": []})
+    click.echo(f"{teacher}: {spec.arch} ({params:,} parameters) imported from {spec.weights}, test accuracy "
+               f"{acc:.4f} -> {path}")
 
 
 if __name__ == "__main__":
