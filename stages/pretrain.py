@@ -26,7 +26,7 @@ import click
 import torch
 
 from pipeline import paths
-from pipeline.checkpoints import load_checkpoint, load_resumable, save_checkpoint, sha256_file, write_json
+from pipeline.checkpoints import check_fits_data, load_checkpoint, load_resumable, save_checkpoint, sha256_file, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
@@ -120,6 +120,8 @@ def import_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.dev
         "data": to_dict(data_cfg),
         "dataset_fingerprint": train.fingerprint,
     }
+    check_fits_data("teacher", teacher, train.fingerprint, model_kwargs, train,
+                    f"set teachers.{teacher}.model.num_classes to {train.num_classes}, or remove it")
     path = paths.teacher_checkpoint(teacher)
     if path.is_file():
         state = load_checkpoint(path, "teacher checkpoint")

@@ -99,3 +99,13 @@ def torchrun(nproc: int, module: str, *args: str, timeout: float = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(torchrun_command(nproc, module, *args), env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout)
+
+
+def private_copy(built, tmp_path, monkeypatch):
+    """A copy of the module-wide folder `built` as the working directory, for a test to change at will."""
+    import shutil
+
+    work = tmp_path / "work"
+    shutil.copytree(built, work)
+    monkeypatch.chdir(work)
+    return work

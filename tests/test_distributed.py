@@ -32,7 +32,7 @@ from pipeline.cache import open_cache
 from pipeline.config import UserError
 from pipeline.dist import (AllReduceBatchNorm, World, check_shards, epoch_rows, shard, shard_weight,
                            sync_batchnorm)
-from helpers import build_tiny_pipeline, tiny_distill_params, torchrun, torchrun_command
+from helpers import build_tiny_pipeline, private_copy, tiny_distill_params, torchrun, torchrun_command
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 BATCH = 25
@@ -74,10 +74,7 @@ def big(tmp_path_factory, fashion_root) -> Path:
 @pytest.fixture
 def work(base, tmp_path, monkeypatch) -> Path:
     """A fresh copy of the tiny pipeline as the working directory."""
-    d = tmp_path / "w"
-    shutil.copytree(base, d)
-    monkeypatch.chdir(d)
-    return d
+    return private_copy(base, tmp_path, monkeypatch)
 
 
 def plain(module: str, *args: str) -> subprocess.CompletedProcess:
@@ -272,8 +269,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_two_rank_cache_killed_at_random_moments_converges_to_the_one_process_store(big, tmp_path, monkeypatch):
-    shutil.copytree(big, tmp_path / "w")
-    monkeypatch.chdir(tmp_path / "w")
+    private_copy(big, tmp_path, monkeypatch)
     store = paths.teacher_cache("t1")
     want = store_arrays(store)
     shutil.rmtree(store)

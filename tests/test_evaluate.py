@@ -37,7 +37,7 @@ from pipeline.pretraining import predict_logits
 from pipeline.report import PLOTS, results_table
 from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
-from helpers import TINY_TEACHERS, one_line_error, tiny_distill_params
+from helpers import TINY_TEACHERS, one_line_error, private_copy, tiny_distill_params
 
 TEACHERS = TINY_TEACHERS
 TRAINED_RUNS = {"scratch": "scratch", "meal_coop": "meal"}  # run -> method
@@ -212,10 +212,7 @@ def built(tmp_path_factory, fashion_root) -> Path:
 @pytest.fixture
 def workdir(built, tmp_path, monkeypatch) -> Path:
     """A private copy of the built directory as the working directory."""
-    work = tmp_path / "work"
-    shutil.copytree(built, work)
-    monkeypatch.chdir(work)
-    return work
+    return private_copy(built, tmp_path, monkeypatch)
 
 
 def evaluate(*args: str):

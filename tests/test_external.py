@@ -9,7 +9,7 @@ pixels and a timm MobileNetV3-Small-050.
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from pipeline.external import External, read_state_dict
 from pipeline.models import build_model, constructor_kwargs
 from pipeline.views import open_view_plan
 from stages import cache_teachers, distill, plan_views, pretrain
-from helpers import one_line_error
+from helpers import one_line_error, private_copy
 
 timm = pytest.importorskip("timm")
 CLASSES, TRAIN, TEST = 3, 16, 6
@@ -91,11 +91,7 @@ def built(tmp_path_factory) -> Path:
                     "eval_every": 1},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    here = Path.cwd()
-    import os
-
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         for t in ("tv", "tm"):
             result = invoke(pretrain, "--teacher", t)
             assert result.exit_code == 0 and "imported from" in result.output, result.output
@@ -103,17 +99,12 @@ def built(tmp_path_factory) -> Path:
         for t in ("tv", "tm"):
             result = invoke(cache_teachers, "--teacher", t)
             assert result.exit_code == 0, result.output
-    finally:
-        os.chdir(here)
     return root
 
 
 @pytest.fixture
 def work(built, tmp_path, monkeypatch) -> Path:
-    d = tmp_path / "w"
-    shutil.copytree(built, d)
-    monkeypatch.chdir(d)
-    return d
+    return private_copy(built, tmp_path, monkeypatch)
 
 
 # ---------------------------------------------------------------- models and weights
@@ -202,6 +193,10 @@ def test_weights_that_do_not_fit_and_a_wrong_block_end_in_one_line(work):
     _with(lambda p: p["teachers"]["tv"].update(weights="r18_7.pt"))
     line = one_line_error(invoke(pretrain, "--teacher", "tv"))
     assert "mis-shaped keys (2): fc.weight, fc.bias (fc.weight: file (7, 512), model (3, 512))" in line
+    _with(lambda p: p["teachers"]["tv"]["model"].update(num_classes=7))  # the file's classes, not the data's
+    line = one_line_error(invoke(pretrain, "--teacher", "tv"))
+    assert "is for 7 classes" in line and "set teachers.tv.model.num_classes to 3, or remove it" in line
+    _with(lambda p: p["teachers"]["tv"]["model"].pop("num_classes"))
     _with(lambda p: p["teachers"]["tv"].update(weights="nope.pt"))
     assert "weights file nope.pt not found" in one_line_error(invoke(pretrain, "--teacher", "tv"))
 
@@ -234,3 +229,18 @@ def test_input_defaults_are_resolved_into_the_recorded_kwargs():
     model = build_model("torchvision:resnet18", **kw)  # a grey image is repeated to the network's 3 channels
     assert isinstance(model, External) and model(torch.randn(2, 1, 32, 32))[0].shape == (2, 3)
     assert constructor_kwargs("resnet18", {"width": 0.5}, Data) == {"num_classes": 3, "in_channels": 1, "width": 0.5}
+
+
+def test_evaluate_reports_imported_teachers_and_an_external_student(work):
+    import json
+
+    from stages import evaluate
+
+    for method in ("scratch", "kd"):
+        assert invoke(distill, "--method", method).exit_code == 0
+    _with(lambda p: p["distill"].update(runs={"scratch": {"method": "scratch"}, "kd": {"method": "kd"}}))
+    result = CliRunner().invoke(evaluate.main, ["--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(paths.evaluate_metrics().read_text())
+    text = json.dumps(metrics)
+    assert "torchvision:resnet18" in text and "timm:resnet10t" in text and "torchvision:mobilenet_v3_small" in text
