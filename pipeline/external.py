@@ -87,15 +87,20 @@ def default_input(arch: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return IMAGENET
 
 
-def block_choices(net: nn.Module, library: str) -> list[str]:
-    """The module names `blocks` may name, in forward order (for the error of a wrong one)."""
+def block_choices(net: nn.Module, library: str, nodes: Sequence[str]) -> list[str]:
+    """The module names `blocks` may name, in forward order (for the error of a wrong one); `nodes`: the
+    torchvision network's FX node names (unused for timm, whose names are its `feature_info` modules)."""
     if library == "timm":
         return [f["module"] for f in net.feature_info]
-    from torchvision.models.feature_extraction import get_graph_node_names
-
-    nodes = get_graph_node_names(net, tracer_kwargs=TRACER)[1]
     modules = [name for name, _ in net.named_modules() if name and name.count(".") <= 1]
     return [m for m in modules if any(n == m or n.startswith(m + ".") for n in nodes)]
+
+
+def graph_nodes(net: nn.Module) -> tuple[list[str], list[str]]:
+    """(train, eval) FX node names of a torchvision network: the names its blocks may take."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    return get_graph_node_names(net, tracer_kwargs=TRACER)
 
 
 class External(nn.Module):
@@ -112,9 +117,17 @@ class External(nn.Module):
                             f"{NUM_BLOCKS} are cached and distilled, paired from the end with the other model's)")
         net = network(arch, num_classes, in_channels)
         self.blocks, self.input_size = list(blocks), int(input_size)
-        choices = block_choices(net, self.library)
+        # the network as built, before any noise is wrapped in: the names the blocks must be among
+        train_nodes, eval_nodes = graph_nodes(net) if self.library == "torchvision" else ([], [])
+        known = ([f["module"] for f in net.feature_info] if self.library == "timm" else
+                 [b for b in self.blocks if any(n == b or n.startswith(b + ".") for n in eval_nodes)])
+        unknown = [b for b in self.blocks if b not in known]
+        if unknown:
+            what = "feature module" if self.library == "timm" else "module"
+            raise UserError(f"{arch} has no {what} {unknown[0]!r}; blocks may be: "
+                            f"{', '.join(block_choices(net, self.library, eval_nodes))}")
         if dropout > 0:  # ANC's noise z on the last block's output, which the classifier then reads too
-            _wrap(net, self.blocks[-1], Noise(dropout), arch, choices)
+            _wrap(net, self.blocks[-1], Noise(dropout), arch)
         mean, std = (mean, std) if mean is not None and std is not None else default_input(arch)
         channels = 3 if self.library == "torchvision" else in_channels
         if self.library == "torchvision" and in_channels not in (1, 3):
@@ -129,13 +142,10 @@ class External(nn.Module):
         self.register_buffer("scale", (data_std / std_t).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", ((data_mean - mean_t) / std_t).view(1, -1, 1, 1), persistent=False)
         if self.library == "timm":
-            unknown = [b for b in self.blocks if b not in choices]
-            if unknown:
-                raise UserError(f"{arch} has no feature module {unknown[0]!r}; blocks may be: {', '.join(choices)}")
-            self.indices = [choices.index(b) for b in self.blocks[-NUM_BLOCKS:]]
+            self.indices = [known.index(b) for b in self.blocks[-NUM_BLOCKS:]]
             self.net = net
         else:
-            self.net = _extractor(arch, net, self.blocks[-NUM_BLOCKS:], choices)
+            self.net = _extractor(net, self.blocks[-NUM_BLOCKS:], train_nodes[-1], eval_nodes[-1])
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
         """The data-normalised view (B, C, H, W) as the network's input (B, C', S, S)."""
@@ -170,31 +180,27 @@ class Noise(nn.Module):
 TRACER = {"leaf_modules": [Noise]}  # FX keeps the noise whole (its branch on the input's rank is not traceable)
 
 
-def _wrap(net: nn.Module, name: str, after: nn.Module, arch: str, choices: list[str]) -> None:
+def _wrap(net: nn.Module, name: str, after: nn.Module, arch: str) -> None:
     """Replace the module `name` of `net` by Sequential(it, after): its output, as the rest of the network and
     the block extraction see it, is then `after`'s (a student's keys under it gain a `.0`)."""
     parent_name, _, child = name.rpartition(".")
     try:
         parent = net.get_submodule(parent_name) if parent_name else net
         module = getattr(parent, child)
-    except AttributeError:
-        raise UserError(f"{arch} has no module {name!r}; blocks may be: {', '.join(choices)}") from None
+    except AttributeError:  # an FX node of a function (`flatten`), not a module
+        raise UserError(f"{arch}: the last block {name!r} is not a module, so ANC's noise cannot follow it: name a "
+                        f"module as the last block") from None
     setattr(parent, child, nn.Sequential(module, after))
 
 
-def _extractor(arch: str, net: nn.Module, blocks: list[str], choices: list[str]) -> nn.Module:
-    """torchvision's feature extractor returning the classifier's output and the named blocks' outputs."""
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+def _extractor(net: nn.Module, blocks: list[str], train_out: str, eval_out: str) -> nn.Module:
+    """torchvision's feature extractor returning the named blocks' outputs and the classifier's (the graph's last
+    node in train and in eval mode: `train_out`, `eval_out`)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
 
-    train_nodes, eval_nodes = get_graph_node_names(net, tracer_kwargs=TRACER)
-    for b in blocks:
-        if not any(n == b or n.startswith(b + ".") for n in eval_nodes):
-            raise UserError(f"{arch} has no module {b!r}; blocks may be: {', '.join(choices)}")
     nodes = {b: f"block{i}" for i, b in enumerate(blocks)}
-    nodes[eval_nodes[-1]] = "logits"  # the classifier's output: the graph's last node
-    return create_feature_extractor(net, train_return_nodes={**{b: f"block{i}" for i, b in enumerate(blocks)},
-                                                             train_nodes[-1]: "logits"}, eval_return_nodes=nodes,
-                                    tracer_kwargs=TRACER)
+    return create_feature_extractor(net, train_return_nodes={**nodes, train_out: "logits"},
+                                    eval_return_nodes={**nodes, eval_out: "logits"}, tracer_kwargs=TRACER)
 
 
 # ---------------------------------------------------------------- weights from files

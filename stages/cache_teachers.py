@@ -81,5 +81,6 @@ def verify_store(teacher: str, out, fmt: str) -> None:
                         f"{rerun_hint(teacher, fmt, repair=True)} to rebuild them")
     click.echo(f"{teacher}: every written chunk of {out} verified")
 
+
 if __name__ == "__main__":
     main()

@@ -314,13 +314,13 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan_view
     params_count = count_parameters(student)
     resumed = f", resuming after epoch {state['epoch']}" if state else ""
     echo(f"{s.run_name} seed {seed}: {s.student.arch} {s.student.model} ({params_count:,} parameters) on "
-               f"{dev}, {len(train):,} images x {plan_views.num_views} views, teachers "
-               f"{', '.join(s.teachers) or 'none'}, adversarial {method.adversarial}{resumed}")
+         f"{dev}, {len(train):,} images x {plan_views.num_views} views, teachers "
+         f"{', '.join(s.teachers) or 'none'}, adversarial {method.adversarial}{resumed}")
     if s.method == "anc" and not s.options.dropout:
         echo("anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z is dropout)")
     if state is not None and state.get("finished"):
         echo(f"{s.run_name} seed {seed}: already trained ({state['epoch']} epochs, test accuracy "
-                   f"{state['test_acc']:.4f})")
+             f"{state['test_acc']:.4f})")
 
     base = {"method": s.method, "run": s.run_name, "seed": seed, "arch": s.student.arch,
             "model_kwargs": model_kwargs, "params": params_count, "identity": identity}

@@ -26,7 +26,7 @@ import click
 import torch
 
 from pipeline import paths
-from pipeline.checkpoints import check_fits_data, load_checkpoint, load_resumable, save_checkpoint, sha256_file, write_json
+from pipeline.checkpoints import check_fits_data, load_resumable, save_checkpoint, sha256_file, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
@@ -85,7 +85,7 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
     if state is not None and state.get("finished"):
         echo(f"{teacher}: already trained ({state['epoch']} epochs, test accuracy {state['test_acc']:.4f})")
     echo(f"{teacher}: {spec.arch} {spec.model} with {count_parameters(model):,} parameters on {dev}, "
-               f"{len(train):,} training images" + (f", resuming after epoch {state['epoch']}" if state else ""))
+         f"{len(train):,} training images" + (f", resuming after epoch {state['epoch']}" if state else ""))
 
     base = {**identity, "params": count_parameters(model)}
     ckpt = pretrain(model, train, test, cfg, dev, state and {**base, **state},
@@ -123,22 +123,23 @@ def import_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.dev
     check_fits_data("teacher", teacher, train.fingerprint, model_kwargs, train,
                     f"set teachers.{teacher}.model.num_classes to {train.num_classes}, or remove it")
     path = paths.teacher_checkpoint(teacher)
-    if path.is_file():
-        state = load_checkpoint(path, "teacher checkpoint")
-        if all(state.get(k) == v for k, v in identity.items()):  # rewriting would change the sha256 caches recorded
-            click.echo(f"{teacher}: already imported from {spec.weights} (test accuracy {state['test_acc']:.4f})")
-            return
+    # the same file and entry: keep the checkpoint (rewriting it would change the sha256 its caches recorded);
+    # anything else is replaced, as nothing trained is lost
+    state = load_resumable(path, identity, True, "teacher checkpoint")
+    if state is not None:
+        click.echo(f"{teacher}: already imported from {spec.weights} (test accuracy {state['test_acc']:.4f})")
+        return
+    t0 = time.perf_counter()
     model = build_model(spec.arch, **model_kwargs)
     load_weights(model, spec.weights, spec.arch)
-    t0 = time.perf_counter()
     acc = evaluate(model.to(dev), test, dev, cfg.eval_batch_size)["accuracy"]
-    params = count_parameters(model)
+    params, wall = count_parameters(model), time.perf_counter() - t0
     save_checkpoint(path, {**identity, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "params": params,
                            "epoch": 0, "finished": True, "test_acc": acc, "history": [], "imported": True,
-                           "wall_time_s": time.perf_counter() - t0})
+                           "wall_time_s": wall})
     write_json(paths.teacher_metrics(teacher), {"teacher": teacher, "arch": spec.arch, "params": params,
                                                 "test_acc": acc, "epochs": 0, "imported_from": spec.weights,
-                                                "wall_time_s": 0.0, "history": []})
+                                                "wall_time_s": round(wall, 2), "history": []})
     click.echo(f"{teacher}: {spec.arch} ({params:,} parameters) imported from {spec.weights}, test accuracy "
                f"{acc:.4f} -> {path}")
 

@@ -203,6 +203,10 @@ def test_weights_that_do_not_fit_and_a_wrong_block_end_in_one_line(work):
     _with(lambda p: p["teachers"]["tv"]["model"].update(blocks=["layer2", "layer3", "layer9"]))
     line = one_line_error(invoke(pretrain, "--teacher", "tv"))
     assert "torchvision:resnet18 has no module 'layer9'; blocks may be: conv1, bn1" in line and "layer4" in line
+    _with(lambda p: p["teachers"]["tv"]["model"].update(blocks=["layer0", "layer2", "layer3", "layer4"]))
+    assert "has no module 'layer0'" in one_line_error(invoke(pretrain, "--teacher", "tv"))  # beyond the last three too
+    _with(lambda p: p["student"]["model"].update(blocks=["features.3", "features.8", "flatten"]))
+    assert "the last block 'flatten' is not a module" in one_line_error(invoke(distill, "--method", "anc"))
     _with(lambda p: p["student"]["model"].update(blocks=["features.3", "stages.8", "features.12"]))
     line = one_line_error(invoke(distill, "--method", "kd"))
     assert "has no module 'stages.8'; blocks may be: features, features.0" in line
