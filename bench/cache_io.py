@@ -7,7 +7,7 @@
 Everything is measured side by side in one run and printed as a table, also written to
 bench/results/<device>-cache_io.json with the device, library versions and the command.
 
-A. Stage overhead: the whole cache stage (pipeline.cache_write.cache_teacher: checkpoint load, view
+A. Stage overhead: the whole cache stage (pipeline.cache.write.cache_teacher: checkpoint load, view
    replay, forward, alignment pooling, fp16, chunked writes on a writer thread) against the bare
    teacher forward over the same views with the same batch size: the inputs made before the clock
    starts and the outputs dropped (also shown: replay + forward run one after the other). Goal <= 1.15x.
@@ -20,7 +20,7 @@ B. Slab reads at Fashion-MNIST scale (N=60000, V=8, C=10, 3 blocks x L=32, the C
 C. Checksum cost: every chunk carries a checksum (zarr v3 crc32c codec, HDF5 Fletcher32), verified on
    every read (CacheConfig.checksum). The whole cache stage of A with `checksum: true` against
    `checksum: false`, and one view slab of every array at B's scale from a checksummed store against
-   an unchecksummed one (both through pipeline.cache_store.read_view, chunk by chunk, with its NaN
+   an unchecksummed one (both through pipeline.cache.store.read_view, chunk by chunk, with its NaN
    check), both formats. Ratios are taken within each repeat, the order of the pair flipped every
    repeat; the median is reported. Goal: checksummed within 1.05x of unchecksummed.
 D. --sweep: slab read and write speed, and size, for chunk rows x codec, both formats.
@@ -42,8 +42,8 @@ import torch
 from bench.common import header, run_main, sync, write_result
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache_store import FORMAT_CODECS, Layout, create_store, open_store, read_view
-from pipeline.cache_write import cache_teacher
+from pipeline.cache.store import FORMAT_CODECS, Layout, create_store, open_store, read_view
+from pipeline.cache.write import cache_teacher
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.data import ImageData
 from pipeline.device import memory_format, resolve_device, setup_cpu
@@ -228,7 +228,7 @@ def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8,
     small = open_cache(source)
     arrays = {"logits": np.asarray(small.array("logits")[...])}
     arrays.update({f"features/{b}": np.asarray(small.array(b)[...]) for b in small.blocks})
-    rows = -(-n // -(-n // cfg.chunk_rows))  # balanced as pipeline.cache_write does
+    rows = -(-n // -(-n // cfg.chunk_rows))  # balanced as pipeline.cache.write does
     attrs = {**small.attrs, "num_samples": n, "num_views": v, "chunk_rows": rows, "codec": cfg.codec}
     lengths = tuple(small.dims[b] for b in small.blocks)
     layout = Layout(n, v, small.num_classes, tuple(small.blocks), lengths, rows, cfg.codec, cfg.checksum)
@@ -256,7 +256,7 @@ def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8,
 def checksum_reads(checked: dict[str, Path], unchecked: dict[str, Path], repeats: int) -> dict[str, dict]:
     """One view slab of every array, checksummed store against unchecksummed, per format (pairs in order).
 
-    Both go through TeacherCache.view_slab, i.e. pipeline.cache_store.read_view chunk by chunk with its
+    Both go through TeacherCache.view_slab, i.e. pipeline.cache.store.read_view chunk by chunk with its
     NaN check; only the checksum differs. Interleaved repeats, the pair's order flipped every repeat."""
     out = {}
     for (label, path), nock in zip(checked.items(), unchecked.values()):

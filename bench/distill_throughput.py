@@ -8,7 +8,7 @@
 Three trainings of the params' student on the same synthetic images, views, batch size and steps:
   (a) scratch: the student alone (cross-entropy), the speed every method is held to;
   (b) cached: the params' method (MEAL by default): student plus discriminators, targets gathered from
-      view slabs that real zarr teacher caches (pipeline.cache_write) hold, loaded and prefetched as
+      view slabs that real zarr teacher caches (pipeline.cache.write) hold, loaded and prefetched as
       `stages.distill` does;
   (c) online: the same method with the same teachers run live on every batch (`stages.distill --online`).
 The trainings run in lock-step: one real step of each (pipeline.distill.epoch_steps, the loop
@@ -44,14 +44,14 @@ from bench.cache_io import fake_teacher, synthetic_data
 from bench.common import header, run_main, sync, write_result
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache_write import cache_teacher
+from pipeline.cache.write import cache_teacher
 from pipeline.checkpoints import load_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, epoch_steps, steps_per_epoch
 from pipeline.methods import make_method, method_configs
 from pipeline.models import NUM_BLOCKS, build_model, count_parameters
 from pipeline.device import resolve_device, setup_cpu
-from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.cache.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import ViewsConfig, make_view_plan
 
 # input shape and classes of each dataset the params may name (imagefolder: data.image_size, 3 channels)

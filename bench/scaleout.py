@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from pipeline.config import build, load_params, section
 from pipeline.data import DataConfig
-from pipeline.discriminators import Discriminators
+from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import make_method
 from pipeline.models import build_model, count_parameters
 from pipeline.runs import run_names

@@ -36,12 +36,11 @@ from pipeline.augment import AugmentConfig, apply_views, normalize
 from pipeline.config import UserError, check, check_choice
 from pipeline.device import autocast, memory_format, mean_keep_layout
 from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, shard_weight, sync_batchnorm, wrap_ddp
-from pipeline.discriminators import Discriminators
+from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import METHODS, Method, StudentOut, Targets
 from pipeline.methods.games import Game, make_game
-from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr
-from pipeline.schedules import lr_at
-from pipeline.zoo_cifar import set_pooling
+from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
+from pipeline.models.cifar import set_pooling
 
 
 @dataclass
@@ -61,7 +60,7 @@ class DistillConfig(SGDConfig):
     batch_size: int = 128  # images per optimizer step
     lr: float = 0.1  # peak student learning rate (SGD)
     nesterov: bool = False  # Nesterov momentum
-    schedule: str = "cosine"  # cosine | onecycle | constant (pipeline.schedules), per optimizer step
+    schedule: str = "cosine"  # cosine | onecycle | constant (pipeline.optim), per optimizer step
     warmup_epochs: float = 0.0  # linear warm-up length (epochs)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the run is trained once per seed, one
     # checkpoint each (data/student/RUN/seedS.pt); evaluate reports the mean and spread over them
@@ -243,7 +242,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     """The steps of one pass over the training split showing view `epoch mod V`, one per iteration.
 
     Yields (stat names, their batch-weighted values (S,) on the device, batch size) after each step.
-    `targets(idx, x, picked) -> Targets` is a pipeline.slabs target source whose `start_epoch` has
+    `targets(idx, x, picked) -> Targets` is a pipeline.cache.slabs target source whose `start_epoch` has
     been called for this epoch's view. A generator, so that train_one_epoch and the throughput
     benchmark (which steps several trainers in lock-step) run the very same step loop.
     """

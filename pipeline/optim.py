@@ -4,12 +4,14 @@
     param_groups() weight decay on conv/linear weights only
     make_sgd()     the optimizer both trainings step
     set_lr()       the schedule's rate into every group that follows it
+    lr_at()        the schedule: the rate as a pure function of the step (no scheduler objects, no hidden state)
 
-The rate itself is a pure function of the step (pipeline.schedules); `set_lr` writes it before each step.
+`set_lr(opt, lr_at(step, ...))` writes the rate before each step.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,6 @@ import torch.nn as nn
 
 from pipeline.config import check, check_choice
 from pipeline.device import fused_optimizer
-from pipeline.schedules import SCHEDULES
 
 
 @dataclass(kw_only=True)  # keyword-only, so a subclass may give some fields defaults and add its own after
@@ -27,7 +28,7 @@ class SGDConfig:
     momentum: float = 0.9  # SGD momentum
     nesterov: bool  # Nesterov momentum (when momentum > 0)
     weight_decay: float = 5e-4  # L2 penalty on conv/linear weights (not on BatchNorm/bias)
-    schedule: str  # cosine | onecycle | constant (pipeline.schedules), per optimizer step
+    schedule: str  # cosine | onecycle | constant (pipeline.optim), per optimizer step
     warmup_epochs: float  # linear warm-up length (epochs)
 
     def check_sgd(self, where: str, epochs: int) -> None:
@@ -59,3 +60,29 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     discriminators: d_lr / lr, so they follow the student's schedule at their own peak rate)."""
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ---------------------------------------------------------------- the schedules
+
+
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int = 0, kind: str = "cosine") -> float:
+    """Learning rate at optimizer step `step` (0-based) of `total_steps`.
+
+    - `cosine`: linear warm-up from 0 over `warmup_steps`, then cosine decay to 0 at `total_steps`.
+    - `onecycle`: linear up to base_lr over `warmup_steps`, then linear down to 0 (airbench-style).
+    - `constant`: base_lr after warm-up.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if kind == "constant":
+        return base_lr
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    if kind == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if kind == "onecycle":
+        return base_lr * (1.0 - progress)
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
+SCHEDULES = ("cosine", "onecycle", "constant")

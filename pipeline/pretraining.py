@@ -23,8 +23,7 @@ from pipeline.config import UserError, build, check, to_dict
 from pipeline.data import ImageData
 from pipeline.device import autocast, memory_format
 from pipeline.dist import World, all_reduce_sum, barrier, shard, shard_weight, sync_batchnorm, wrap_ddp
-from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr
-from pipeline.schedules import lr_at
+from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
 
 
 @dataclass(kw_only=True)
@@ -32,7 +31,7 @@ class PretrainConfig(SGDConfig):
     # SGDConfig's fields lead, in its order; redeclared here are those whose defaults are pretraining's own
     lr: float = 0.2  # peak learning rate (SGD)
     nesterov: bool = True  # Nesterov momentum (when momentum > 0)
-    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.schedules), per optimizer step
+    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.optim), per optimizer step
     warmup_epochs: float = 1.0  # linear warm-up length (epochs)
     epochs: int = 10  # passes over the training split
     batch_size: int = 256  # images per optimizer step

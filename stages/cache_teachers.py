@@ -23,7 +23,7 @@ import click
 
 from pipeline import paths
 from pipeline.cache import CacheConfig
-from pipeline.cache_write import cache_teacher, verify_cache
+from pipeline.cache.write import cache_teacher, verify_cache
 from pipeline.config import UserError
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.cache import rerun_hint

@@ -52,7 +52,7 @@ from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_train
 from pipeline.methods import distill_teachers, make_method, method_configs
 from pipeline.models import build_model, constructor_kwargs, count_parameters
 from pipeline.runs import check_runs, deep_merge, run_section, student_overrides
-from pipeline.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.cache.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import open_view_plan
 
 # settings that change neither the student nor the metrics' meaning: a resume may differ in them

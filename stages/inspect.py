@@ -15,7 +15,7 @@ import click
 from pipeline import paths
 from pipeline.cache import CacheConfig
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
-from pipeline.inspect import format_summary, plot_summary, soft_labels, summary
+from pipeline.cache.frame import format_summary, plot_summary, soft_labels, summary
 
 
 @click.command()

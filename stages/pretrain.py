@@ -31,7 +31,7 @@ from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
-from pipeline.external import load_weights
+from pipeline.models.external import load_weights
 from pipeline.models import build_model, constructor_kwargs, count_parameters
 from pipeline.pretraining import evaluate, pretrain, teacher_spec
 

@@ -59,7 +59,7 @@ def tiny_targets(method, align_cfg, device, online: bool):
     from pipeline import paths
     from pipeline.cache import open_cache
     from pipeline.checkpoints import load_teacher
-    from pipeline.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
+    from pipeline.cache.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
 
     teachers = list(TINY_TEACHERS)
     if online:

@@ -17,11 +17,12 @@ import zarr
 from click.testing import CliRunner
 
 from bench.cache_io import fake_teacher, synthetic_data
-from pipeline import cache_store, paths
+from pipeline import paths
+from pipeline.cache import store as cache_store
 from pipeline.align import AlignConfig, align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, TeacherCache, open_cache, validate_caches
-from pipeline.cache_write import cache_teacher
+from pipeline.cache.write import cache_teacher
 from pipeline.checkpoints import load_teacher
 from pipeline.config import UserError, build
 from pipeline.views import ViewsConfig, make_view_plan

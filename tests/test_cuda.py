@@ -22,13 +22,13 @@ from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache_write import cache_teacher
+from pipeline.cache.write import cache_teacher
 from pipeline.config import build
 from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, epoch_steps
 from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
-from pipeline.slabs import NoTargets
+from pipeline.cache.slabs import NoTargets
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
 from stages import distill as distill_stage
 from test_methods import assert_trains_alike, trained_steps

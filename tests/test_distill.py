@@ -24,7 +24,7 @@ from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, train_one_epoch
 from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
-from pipeline.slabs import CacheSlabs, SlabLoader
+from pipeline.cache.slabs import CacheSlabs, SlabLoader
 from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
 from stages import distill as distill_stage
@@ -246,7 +246,7 @@ def test_view_plan_of_other_data_is_refused(tiny_pipeline):
 def test_slab_loader_reads_whole_views_and_prefetches(tiny_pipeline):
     import numpy as np
 
-    from pipeline.slabs import ArraySlabs
+    from pipeline.cache.slabs import ArraySlabs
 
     caches = {t: open_cache(paths.teacher_cache(t)) for t in TEACHERS}
     loader = SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu"))

@@ -204,7 +204,7 @@ def test_launch_runs_the_plain_command_with_one_process_and_torchrun_with_more(w
 
 
 def test_a_rank_loads_only_its_rows_of_the_slab_and_gets_the_same_targets(work):
-    from pipeline.slabs import CachedTargets, CacheSlabs, SlabLoader
+    from pipeline.cache.slabs import CachedTargets, CacheSlabs, SlabLoader
 
     caches = {t: open_cache(paths.teacher_cache(t)) for t in ("t1", "t2")}
     full = CachedTargets(SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu")))
@@ -292,7 +292,7 @@ def test_two_rank_cache_killed_at_random_moments_converges_to_the_one_process_st
         landed += proc.poll() is None
         for pid in [proc.pid, *ranks] if i % 2 == 0 else [proc.pid]:  # the whole job, or the agent alone:
             with contextlib.suppress(ProcessLookupError):  # its ranks (sessions of their own) must not outlive it
-                os.kill(pid, signal.SIGKILL)  # (pipeline/agent.py)
+                os.kill(pid, signal.SIGKILL)  # (pipeline.launch.die_with_agent)
         proc.wait()
         deadline = time.time() + 10
         while any(map(_alive, ranks)) and time.time() < deadline:

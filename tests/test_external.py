@@ -26,7 +26,7 @@ from pipeline.cache import open_cache
 from pipeline.checkpoints import load_teacher
 from pipeline.config import UserError, build
 from pipeline.data import DataConfig, load_split
-from pipeline.external import External, read_state_dict
+from pipeline.models.external import External, read_state_dict
 from pipeline.models import build_model, constructor_kwargs
 from pipeline.views import open_view_plan
 from stages import cache_teachers, distill, plan_views, pretrain

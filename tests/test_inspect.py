@@ -11,9 +11,9 @@ from click.testing import CliRunner
 
 from bench.cache_io import fake_teacher, synthetic_data
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache_write import cache_teacher
+from pipeline.cache.write import cache_teacher
 from pipeline.config import UserError
-from pipeline.inspect import format_summary, summary
+from pipeline.cache.frame import format_summary, summary
 from pipeline.views import ViewsConfig, make_view_plan, write_view_plan
 from stages import inspect as inspect_stage
 
@@ -84,7 +84,7 @@ def test_values_agree_with_a_direct_computation(caches, temperature):
 
 
 def test_accuracy_over_the_views_matches_argmax_of_the_logits(caches):
-    from pipeline.inspect import soft_labels
+    from pipeline.cache.frame import soft_labels
 
     df = soft_labels(caches["paths"], plan=caches["plan_path"])
     assert list(df.columns) == BASE_COLUMNS + ["ensemble_pred", "agrees_with_ensemble"]
@@ -114,7 +114,7 @@ def test_accuracy_over_the_views_matches_argmax_of_the_logits(caches):
 
 
 def test_refusals(caches, tmp_path):
-    from pipeline.inspect import soft_labels
+    from pipeline.cache.frame import soft_labels
 
     other = make_view_plan(ViewsConfig(num_views=V, seed=9), synthetic_data(N, seed=2))
     with pytest.raises(UserError, match="another view plan"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import grad_reverse, kd_loss, kl_divergence, similarity, soft_cross_entropy, soften
+from pipeline.methods.losses import grad_reverse, kd_loss, kl_divergence, similarity, soft_cross_entropy, soften
 
 
 @pytest.mark.parametrize("kind", ["l1", "l2", "kl"])

@@ -10,9 +10,9 @@ import torch
 
 from pipeline.align import AlignConfig, align
 from pipeline.config import UserError, build
-from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss, teacher_probability
+from pipeline.methods.discriminators import Discriminators, discriminator_loss, fooling_loss, teacher_probability
 from pipeline.distill import DistillConfig, build_trainer, load_state, state_dict, train_step
-from pipeline.losses import grad_reverse, soften
+from pipeline.methods.losses import grad_reverse, soften
 from pipeline.methods import StudentOut, Targets, distill_teachers, make_method, method_configs
 from pipeline.methods.games import Alternating, Cooperative, Reversal
 from pipeline.models import build_model

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import pipeline.pretraining
 from pipeline import paths
 from pipeline.checkpoints import load_teacher
-from pipeline.schedules import lr_at
+from pipeline.optim import lr_at
 from stages import pretrain as pretrain_stage
 from helpers import one_line_error
 

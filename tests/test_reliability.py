@@ -25,9 +25,10 @@ import torch
 from click.testing import CliRunner
 
 import pipeline.distill
-from pipeline import cache_store, paths
+from pipeline import paths
+from pipeline.cache import store as cache_store
 from pipeline.cache import open_cache, validate_caches
-from pipeline.cache_store import writer_lock
+from pipeline.cache.store import writer_lock
 from pipeline.config import UserError
 from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
@@ -274,7 +275,7 @@ def test_a_second_writer_ends_at_once_naming_the_first(tiny_pipeline):
 
 def _holder(lock_path: Path) -> subprocess.Popen:
     """A process that takes `lock_path`'s store lock and sleeps, once it holds it."""
-    code = ("import sys, time; from pathlib import Path; from pipeline.cache_store import writer_lock\n"
+    code = ("import sys, time; from pathlib import Path; from pipeline.cache.store import writer_lock\n"
             "with writer_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(120)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, str(lock_path)], stdout=subprocess.PIPE, text=True,
                             cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.config import check, check_choice
-from pipeline.discriminators import KINDS as DISCRIMINATOR_KINDS
+from pipeline.methods.discriminators import KINDS as DISCRIMINATOR_KINDS
 
 GAMES = ("alternating", "reversal", "cooperative", "none")
 

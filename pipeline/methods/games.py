@@ -30,8 +30,8 @@ import torch
 
 from pipeline.device import fused_optimizer
 from pipeline.dist import World, average_gradients
-from pipeline.discriminators import Discriminators, discriminator_loss, fooling_loss
-from pipeline.losses import grad_reverse
+from pipeline.methods.discriminators import Discriminators, discriminator_loss, fooling_loss
+from pipeline.methods.losses import grad_reverse
 from pipeline.methods.base import GameConfig
 
 

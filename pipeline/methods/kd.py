@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import check
-from pipeline.losses import kd_loss, soften
+from pipeline.methods.losses import kd_loss, soften
 from pipeline.methods.base import Method, named_teacher
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from pipeline.config import check, check_choice
-from pipeline.losses import SIMILARITIES, similarity
+from pipeline.methods.losses import SIMILARITIES, similarity
 from pipeline.methods.base import GameConfig, Method
 from pipeline.models import NUM_BLOCKS
 

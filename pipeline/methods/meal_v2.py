@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.config import check, check_choice
-from pipeline.losses import soft_cross_entropy, soften
+from pipeline.methods.losses import soft_cross_entropy, soften
 from pipeline.methods.base import GameConfig, Method, Targets
 
 

@@ -1,6 +1,6 @@
 """Looking at teacher caches in pandas: soft labels per (sample, view, teacher), a summary, PNG plots.
 
-    from pipeline.cache import soft_labels          # (re-exported from here)
+    from pipeline.cache.read import soft_labels          # (re-exported from here)
     df = soft_labels(["data/cache/resnet18.zarr", "data/cache/vgg16.zarr"], temperature=4)
     df.groupby("label").entropy.mean()
     summary(df)["agreement"]
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.cache import TeacherCache, open_cache
+from pipeline.cache.read import TeacherCache, open_cache
 from pipeline.config import UserError
 from pipeline.views import ViewPlan, open_view_plan
 

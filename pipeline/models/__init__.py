@@ -10,7 +10,7 @@ multiplier); students also take `dropout`, the noise ANC calls z: applied to the
 so the classifier and whoever reads that block (ANC's discriminator) see the same noisy feature. Every model accepts inputs of 28x28 and larger with any channel count.
 
 This file holds the small networks (the LeNet-4 / NiN pair of Adversarial Network Compression and
-two tiny students); the CIFAR teachers of MEAL live in `pipeline.zoo_cifar`.
+two tiny students); the CIFAR teachers of MEAL live in `pipeline.models.cifar`.
 
     python -m pipeline.models     # print the parameter table the README embeds
 """
@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import UserError
-from pipeline.external import External, default_input, is_external
-from pipeline.zoo_cifar import (
+from pipeline.models.external import External, default_input, is_external
+from pipeline.models.cifar import (
     NUM_BLOCKS, BasicBlock, Head, ResNet, conv_bn_relu, densenet_cifar, dpn92, feature_noise, init_weights,
     preact_resnet18, resnet18, scaled, vgg11, vgg16, vgg19_bn,
 )
@@ -156,7 +156,7 @@ def resnet8(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, 
 # ---------------------------------------------------------------- the zoo
 
 ZOO: dict[str, Callable[..., nn.Module]] = {
-    # MEAL's CIFAR teachers (pipeline.zoo_cifar)
+    # MEAL's CIFAR teachers (pipeline.models.cifar)
     "resnet18": resnet18,
     "preact_resnet18": preact_resnet18,
     "vgg11": vgg11,
@@ -181,7 +181,7 @@ TAKES_DROPOUT = STUDENTS + ("resnet18", "preact_resnet18", "vgg11", "vgg16", "vg
 
 def build_model(arch: str, num_classes: int, in_channels: int, **kwargs) -> nn.Module:
     """`ZOO[arch](num_classes=..., in_channels=..., **kwargs)`, with one-line UserErrors for bad input."""
-    if is_external(arch):  # torchvision:NAME, timm:NAME (pipeline.external)
+    if is_external(arch):  # torchvision:NAME, timm:NAME (pipeline.models.external)
         constructor = functools.partial(External, arch)
     elif arch not in ZOO:
         raise UserError(f"unknown architecture '{arch}'; choose one of: {', '.join(ZOO)}, or torchvision:NAME, "

@@ -2,7 +2,7 @@
 
     cache_teacher(checkpoint, out, plan, data, cfg, device)
 
-The work is cut into chunks of `cfg.chunk_rows` samples x all views (pipeline.cache_store). Three
+The work is cut into chunks of `cfg.chunk_rows` samples x all views (pipeline.cache.store). Three
 stages overlap, joined by bounded queues, so the teacher forward never waits on the disk:
 
     prefetch thread   view replay (apply_views + normalize) of the next input batches
@@ -34,8 +34,8 @@ from tqdm import tqdm
 import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
-from pipeline.cache import CACHE_FORMAT, CacheConfig, rerun_hint
-from pipeline.cache_store import (Layout, create_store, damaged_chunks, format_of, open_store, remove_path, swap_in,
+from pipeline.cache.read import CACHE_FORMAT, CacheConfig, rerun_hint
+from pipeline.cache.store import (Layout, create_store, damaged_chunks, format_of, open_store, remove_path, swap_in,
                                   writer_lock)
 from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
 from pipeline.config import UserError, to_dict
@@ -199,7 +199,7 @@ def _clear_damaged(store, layout: Layout) -> list[int]:
 
 def verify_cache(out: str | Path) -> dict[int, list[str]]:
     """Every damaged chunk of the store at `out` -> the arrays at fault ({} when every chunk verifies)."""
-    from pipeline.cache_store import layout_from_attrs
+    from pipeline.cache.store import layout_from_attrs
 
     out = Path(out)
     store = _try_open(out)

@@ -3,7 +3,7 @@
     logits             (N, V, C)  float16   dims (sample, view, class)
     features/<block>   (N, V, L)  float16   dims (sample, view, feature)
     done               (n_chunks,) uint8    dims (chunk,)   1 once chunk k's rows are written
-    attrs              identity and layout (see pipeline.cache_write.identity_attrs), `complete`
+    attrs              identity and layout (see pipeline.cache.write.identity_attrs), `complete`
 
 Chunk k covers sample rows [k * R, (k + 1) * R) of every array, all views; on disk each array is
 chunked (R, 1, width), so one view slab `[:, v]` (the per-epoch read) touches N / R contiguous chunks
@@ -391,7 +391,7 @@ def swap_in(new: Path, final: Path) -> None:
     """Replace `final` (file or folder, may be absent) by the finished `new`, never losing both.
 
     The old one is renamed aside to `<final>.old` first and deleted only after `new` took its place;
-    `pipeline.cache_write.recover_swap` finishes the job if a run dies in between.
+    `pipeline.cache.write.recover_swap` finishes the job if a run dies in between.
     """
     old = final.with_name(final.name + ".old")
     remove_path(old)

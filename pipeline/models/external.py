@@ -34,7 +34,7 @@ from pipeline.config import UserError
 
 LIBRARIES = ("torchvision", "timm")
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # torchvision's classification references
-NUM_BLOCKS = 3  # = pipeline.zoo_cifar.NUM_BLOCKS (imported there would be circular: models imports this)
+NUM_BLOCKS = 3  # = pipeline.models.cifar.NUM_BLOCKS (imported there would be circular: models imports this)
 
 
 def is_external(arch: str) -> bool:

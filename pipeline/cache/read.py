@@ -3,15 +3,15 @@
 A cache (`data/cache/<teacher>.zarr` or `.h5`, docs/design.md section 3) holds one teacher's raw fp16
 logits (N, V, C) and aligned block features (N, V, L) for every (sample, view) of the view plan,
 with the identity of everything that made them in its attrs. It is written by
-`pipeline.cache_write.cache_teacher` (`python -m stages.cache_teachers`); its layout lives in
-`pipeline.cache_store`.
+`pipeline.cache.write.cache_teacher` (`python -m stages.cache_teachers`); its layout lives in
+`pipeline.cache.store`.
 
 Training reads one view slab per epoch, never per-minibatch fancy indexing:
 
     cache = open_cache("data/cache/resnet18.zarr")
     slab = cache.view_slab(epoch % cache.num_views)   # {"logits": (N, C) fp16, "block1": (N, L) fp16, ...}
 
-For notebooks, `from pipeline.cache import soft_labels` gives a pandas DataFrame (pipeline.inspect).
+For notebooks, `from pipeline.cache.read import soft_labels` gives a pandas DataFrame (pipeline.cache.frame).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.align import AlignConfig
-from pipeline.cache_store import FORMAT_CODECS, FORMATS, ChunkError, format_of, layout_from_attrs, open_store, read_view
+from pipeline.cache.store import FORMAT_CODECS, FORMATS, ChunkError, format_of, layout_from_attrs, open_store, read_view
 from pipeline.config import UserError, build, check, check_choice
 
 CACHE_FORMAT = 2  # bump when the layout or the meaning of an attr changes (2: checksummed chunks)
@@ -249,13 +249,3 @@ def validate_caches(
                                 f"rebuild them with the same params ({fix})")
         cache.check_complete()
     return opened
-
-
-def __getattr__(name: str):
-    # `from pipeline.cache import soft_labels` (docs/design.md section 1), imported lazily because
-    # pipeline.inspect itself reads caches through this module.
-    if name == "soft_labels":
-        from pipeline.inspect import soft_labels
-
-        return soft_labels
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
