@@ -30,7 +30,7 @@ from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import make_method
 from pipeline.models import build_model, count_parameters
 from pipeline.runs import run_names
-from stages.distill import read_settings
+from pipeline.runs import read_settings
 
 # training images of each dataset (before data.val_size is carved out), and its classes and channels
 DATASETS = {"cifar10": (50_000, 10, 3), "cifar100": (50_000, 100, 3), "svhn": (73_257, 10, 3),

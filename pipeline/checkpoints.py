@@ -6,9 +6,13 @@ behind, so resuming always finds either the previous epoch's file or the new one
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +25,52 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a resume
     after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120]
+        raise UserError(f"cannot write {path} ({reason}): free some space or fix the permissions of {path.parent}, "
+                        f"then rerun (finished work is kept)") from None
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: str | Path, what: str):
+    """Hold the one-writer lock file `lock` for the block: an exclusive `fcntl.flock`, which the kernel drops when
+    its process dies, so a killed writer never blocks a rerun. A second writer ends at once in one line naming
+    `what` and the process that holds it. The holder's note is best effort: on a full disk the lock still works.
+    """
+    lock = Path(lock)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot take the lock {lock} for {what} ({exc.strerror or exc}): free some space or fix "
+                        f"the permissions of {lock.parent}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise UserError(f"{what} is being written by {holder}: wait for it to finish, or stop it and "
+                            f"rerun") from None
+        with contextlib.suppress(OSError):  # the note says who holds it; without space the lock works alone
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                f.seek(0)
+                f.truncate()  # the file stays (unlinking it could let two writers lock two inodes)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

@@ -54,17 +54,22 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
 def build(cls: type[T], values: dict[str, Any] | None, where: str) -> T:
     """`cls(**values)` with one-line errors for unknown keys and wrongly typed values.
 
-    `where` names the params section for the message (e.g. "pretrain"). Values are checked against the
+    `where` names the params section for the message (e.g. "pretrain"). A class with a `gather(values)`
+    classmethod first moves its open-ended keys into a field of their own (DistillConfig: the method sections).
+    Values are checked against the
     field annotations (int, float, str, bool, optional, list and dict of those); ints are accepted for
     floats. The dataclass's own `__post_init__` checks ranges and choices.
     """
     values = dict(values or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra: list[str] = []
+    if hasattr(cls, "gather"):  # a section with open-ended keys (distill: one per registered method) gathers them
+        values, extra = cls.gather(values)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise UserError(
             f"unknown key(s) {', '.join(unknown)} in params section '{where}'; "
-            f"known keys: {', '.join(fields)}"
+            f"known keys: {', '.join([*fields, *extra])}"
         )
     hints = typing.get_type_hints(cls)
     for key, value in values.items():

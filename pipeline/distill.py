@@ -5,6 +5,7 @@
     epoch_steps()        that pass as a generator of steps (the benchmark steps several trainers in lock-step)
     train_step()         the student's forward, the method's terms, the game's terms, backward, steps
     evaluate()           test accuracy of the student (pipeline.pretraining.evaluate)
+    open_targets()       where a run's targets come from: the caches' slabs, the teachers live, or none
 
 Under torchrun (pipeline.dist) each rank trains its shard of every global batch, weighted so that the
 averaged gradients are the global batch's; rank 0 alone evaluates and saves.
@@ -22,6 +23,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -29,15 +31,18 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline import pretraining
+from pipeline import paths, pretraining
 from pipeline.align import AlignConfig, align
 from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, apply_views, normalize
-from pipeline.config import UserError, check, check_choice
+from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader, open_cache,
+                            validate_caches)
+from pipeline.checkpoints import check_fits_data, load_checkpoint, load_teacher, sha256_file
+from pipeline.config import UserError, build, check, check_choice
 from pipeline.device import autocast, memory_format, mean_keep_layout
 from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, shard_weight, sync_batchnorm, wrap_ddp
 from pipeline.methods.discriminators import Discriminators
-from pipeline.methods import METHODS, Method, StudentOut, Targets
+from pipeline.methods import METHODS, Method, StudentOut, Targets, load_plugins
 from pipeline.methods.games import Game, make_game
 from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
 from pipeline.models.cifar import set_pooling
@@ -54,7 +59,7 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig(SGDConfig):
-    method: str = "meal"  # meal | meal_v2 | anc | kd | scratch (--method overrides)
+    method: str = "meal"  # a registered method: meal | meal_v2 | anc | kd | scratch, or a plugin's (--method overrides)
     teachers: list[str] = field(default_factory=list)  # teachers to distill from; [] = every entry of `teachers`
     epochs: int = 20  # passes over the training split; epoch e shows view e mod V
     batch_size: int = 128  # images per optimizer step
@@ -72,14 +77,27 @@ class DistillConfig(SGDConfig):
     eval_every: int = 1  # evaluate on the test split every this many epochs (and always after the last)
     log_every: int = 25  # steps between progress-bar updates (the only host syncs of the step loop)
     compile: bool = False  # torch.compile the student with its blocks' alignment, and the method's terms
-    meal: dict[str, Any] = field(default_factory=dict)  # MealConfig options
-    meal_v2: dict[str, Any] = field(default_factory=dict)  # MealV2Config options
-    anc: dict[str, Any] = field(default_factory=dict)  # AncConfig options
-    kd: dict[str, Any] = field(default_factory=dict)  # KdConfig options
-    scratch: dict[str, Any] = field(default_factory=dict)  # ScratchConfig options
+    plugins: list[str] = field(default_factory=list)  # modules registering methods of your own: dotted names or
+    # .py paths (pipeline.methods.load_plugins); their options go under distill.<name> like the built-in ones'
     # Named runs (pipeline.runs): run name -> {method: NAME, overrides deep-merged into this section};
     # `stages.distill --run NAME` trains one, dvc.yaml has a distill@NAME stage per run.
     runs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # method name -> its options: what `build` gathers from the keys named after registered methods
+    # (distill.meal, distill.kd, ...; pipeline.methods.REGISTRY); each is built into the method's Config
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def gather(cls, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """`build`'s hook for the open-ended keys: the plugins are loaded first, then every key named after a
+        registered method moves into `method_options`. Returns the values and the method names (for messages)."""
+        plugins = values.get("plugins") or []
+        if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):
+            load_plugins(plugins)
+        options = {k: values.pop(k) for k in list(values) if k in METHODS}
+        for name, value in options.items():
+            if not isinstance(value, dict):
+                raise UserError(f"params distill.{name} must be a mapping of {name}'s options, got {value!r}")
+        return {**values, "method_options": {**values.get("method_options", {}), **options}}, list(METHODS)
 
     def __post_init__(self) -> None:
         check_choice(self.method, METHODS, "distill.method")
@@ -398,3 +416,57 @@ def _rank_rows(tr: Trainer, epoch: int, n: int, has_next: bool) -> tuple[np.ndar
         return None, None
     rows = [epoch_rows(epoch_order(tr.cfg, e, n), tr.cfg.batch_size, tr.world).numpy() for e in (epoch, epoch + 1)]
     return rows[0], rows[1] if has_next else None
+
+
+# ---------------------------------------------------------------- what a run starts from
+
+
+def check_plan(plan, train) -> None:
+    """The view plan must index this very training split, sample by sample."""
+    if plan.dataset_fingerprint != train.fingerprint or plan.num_samples != len(train):
+        raise UserError(f"view plan {plan.path} was made from other training data ({plan.num_samples} samples) "
+                        f"than the `data` params give ({len(train)}): rerun python -m stages.plan_views, "
+                        f"then the teacher caches")
+    if not np.array_equal(plan.labels.astype(np.int64), train.labels.numpy()):
+        raise UserError(f"view plan {plan.path} holds other labels than the training data: "
+                        f"rerun python -m stages.plan_views")
+
+
+def open_targets(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan, train, feature_blocks,
+                 device: torch.device):
+    """(target source, align spec, block names, per-teacher identity) for cached or online training, or
+    (NoTargets, the params' align spec, None, {}) without teachers."""
+    if not teachers:  # scratch
+        return NoTargets(), cache_cfg.align_config, None, {}
+    if online:
+        models, hashes = [], {}
+        for name in teachers:
+            path = paths.teacher_checkpoint(name)
+            model, ckpt = load_teacher(path, device)
+            check_fits_data("teacher checkpoint", path, ckpt.get("dataset_fingerprint"), ckpt["model_kwargs"], train,
+                            f"retrain it with python -m stages.pretrain --teacher {name} --restart")
+            models.append(model)
+            hashes[name] = sha256_file(path)
+        align_cfg = cache_cfg.align_config
+        return OnlineTargets(models, align_cfg, feature_blocks, device, cache_cfg.autocast), align_cfg, None, hashes
+    caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format)) for t in teachers], plan,
+                             train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)
+    align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
+    source = CacheSlabs(dict(zip(teachers, caches)))
+    hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(teachers, caches)}
+    return CachedTargets(SlabLoader(source, feature_blocks, device)), align_cfg, caches[0].blocks, hashes
+
+
+def load_student_init(student: nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:
+    """`student.init` into `student`: the weights of a student checkpoint (data/student/RUN/seedS.pt) or a teacher
+    checkpoint of the same architecture and kwargs (dropout aside). Returns the file's sha256."""
+    path = Path(init)
+    ckpt = load_checkpoint(path, "student.init checkpoint", "train that run first, or fix student.init")
+    weights = ckpt.get("student", ckpt.get("model"))
+    theirs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "dropout"}
+    ours = {k: v for k, v in model_kwargs.items() if k != "dropout"}
+    if weights is None or ckpt.get("arch") != arch or theirs != ours:
+        raise UserError(f"student.init {path} holds {ckpt.get('arch')} {theirs}, not the student {arch} {ours}: "
+                        f"point student.init at a checkpoint of this student")
+    student.load_state_dict(weights)
+    return sha256_file(path)

@@ -8,7 +8,10 @@ starts N ranks of the stage; if one fails, torchrun stops the others and this en
 and how it ended, instead of torchrun's report. Several machines: call torchrun yourself (README,
 "Scale-out").
 
-`die_with_agent` is the other end: every stage calls it (stages/__init__.py) before torch is imported, so
+Beside it, the distill stage's seed pool (`train_seeds_in_processes`): on the CPU every seed of a run trains
+in its own `python -m stages.distill ... --seed S` child process, the cores split between them.
+
+`die_with_agent` is the other end of torchrun: every stage calls it (stages/__init__.py) before torch is imported, so
 no torchrun rank outlives its agent. This module imports torch only inside the functions that need it.
 """
 
@@ -18,8 +21,13 @@ import ctypes
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
 
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 
@@ -74,6 +82,86 @@ def launch(argv: list[str]) -> int:
         raise UserError(f"{module} rank {rank} of {n} (pid {failure.pid}) {how}, so torchrun stopped the other "
                         f"ranks; the rank's own error, if any, is above. Rerun the same command to resume") from None
     return 0
+
+
+# ---------------------------------------------------------------- the distill stage's seed processes
+
+
+def seed_jobs(jobs: int, num_seeds: int, device_type: str) -> int:
+    """How many seeds train at once. On this kind of CPU two one-thread processes do about twice the work of
+    one two-thread process (small convolutions scale poorly across threads), so `0` runs every seed at once
+    there; on a GPU the seeds queue (one process already fills it)."""
+    if jobs == 0:
+        jobs = num_seeds if device_type == "cpu" else 1
+    return max(1, min(jobs, num_seeds))
+
+
+def forwarded_options(ctx, drop: tuple[str, ...]) -> list[str]:
+    """The options a click command was called with (those not at their default), as argv for a child process
+    of the same command, less the options named in `drop`."""
+    import click
+
+    argv: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in drop or value in (None, param.get_default(ctx)):
+            continue
+        argv += [param.opts[0]] if param.is_flag else [param.opts[0], str(value)]
+    return argv
+
+
+def _die_with_parent() -> None:
+    """In a seed's child process: the kernel sends it SIGTERM when the stage dies, even by SIGKILL, so no
+    orphan keeps writing a checkpoint that a rerun resumes (Linux prctl PR_SET_PDEATHSIG; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError):
+        pass
+
+
+def train_seeds_in_processes(name: str, seeds: list[int], jobs: int, command: Callable[[int], list[str]],
+                             log_of: Callable[[int], Path], epochs_done: Callable[[], int], total_epochs: int,
+                             quiet: bool) -> None:
+    """Each seed in its own `command(seed)` process, `jobs` at a time, the CPU's threads split between them, its
+    output in `log_of(seed)`. A failed seed stops the others and ends the stage with that seed's last line."""
+    import click
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    click.echo(f"{name}: seeds {', '.join(map(str, seeds))} in {min(jobs, len(seeds))} processes at once, "
+               f"{threads} thread(s) each (logs {log_of(seeds[0]).parent}/)")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}  # logs readable while it trains
+    pending, running = list(seeds), {}
+    bar = tqdm(total=total_epochs, desc=f"{name} epochs (all seeds)", disable=quiet)
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                one = pending.pop(0)
+                log_of(one).parent.mkdir(parents=True, exist_ok=True)
+                log = log_of(one).open("w")
+                running[one] = (subprocess.Popen(command(one), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                 preexec_fn=_die_with_parent), log)
+            time.sleep(0.5)
+            ends = {}
+            for one in [one for one, (proc, _) in running.items() if proc.poll() is not None]:
+                proc, log = running.pop(one)
+                log.close()
+                lines = log_of(one).read_text(errors="replace").strip().splitlines()
+                ends[one] = (proc.returncode, lines[-1] if lines else "no output")
+            for one, (code, last) in ends.items():  # a failure first: it is the stage's last word
+                if code != 0:
+                    raise UserError(f"{name} seed {one} failed (exit {code}): {last.removeprefix('Error: ')} "
+                                    f"(whole log: {log_of(one)})")
+            for one, (_, last) in ends.items():
+                tqdm.write(f"seed {one}: {last}")
+                sys.stdout.flush()  # before any later error line, which click writes (and flushes) at once
+            bar.n = epochs_done()
+            bar.refresh()
+    finally:
+        for proc, log in running.values():  # a failure or ^C: no seed keeps training on its own
+            proc.terminate()
+            proc.wait()
+            log.close()
+        bar.close()
 
 
 # ---------------------------------------------------------------- the rank side

@@ -7,6 +7,7 @@ from pathlib import Path
 DATA = Path("data")
 METRICS = Path("metrics")
 REPORTS = Path("reports")
+LOGS = Path("logs")  # what runs write for people and their writer locks: never inside a DVC output
 
 
 def teacher_checkpoint(name: str) -> Path:
@@ -51,6 +52,16 @@ def student_checkpoint(run: str, seed: int = 0) -> Path:
 def student_seed_metrics(run: str, seed: int = 0) -> Path:
     """One seed's training metrics (per-epoch history), rewritten after every epoch while it trains."""
     return student_dir(run) / f"seed{seed}.json"
+
+
+def student_log(run: str, seed: int = 0) -> Path:
+    """A seed's console output when the stage trains its seeds in child processes."""
+    return LOGS / "distill" / run / f"seed{seed}.log"
+
+
+def student_lock(run: str, seed: int | None = None) -> Path:
+    """The one-trainer lock of a distill run (seed None: the stage training all its seeds) or of one seed."""
+    return LOGS / "distill" / (f"{run}.lock" if seed is None else f"{run}/seed{seed}.lock")
 
 
 def student_metrics(run: str) -> Path:

@@ -1,4 +1,5 @@
-"""Named distill runs: several variants of the methods trained side by side from one params file.
+"""Named distill runs: several variants of the methods trained side by side from one params file, and what one
+run is: its settings (`read_settings`), the identity its checkpoints must keep to be resumed, its summary.
 
 The `distill` params section may hold a `runs` mapping, run name -> {method: NAME, overrides...}:
 
@@ -21,12 +22,22 @@ in one run fails every stage at once instead of hours later in the last one.
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
+from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import UserError, build
-from pipeline.distill import DistillConfig
+import torch
+
+from pipeline import paths
+from pipeline.cache import CacheConfig
+from pipeline.checkpoints import write_json
+from pipeline.config import UserError, build, section, to_dict
+from pipeline.data import DataConfig, shape_of
+from pipeline.distill import DistillConfig, StudentConfig
 from pipeline.methods import METHODS, distill_teachers, method_configs
+from pipeline.models import build_model, constructor_kwargs
 
 # run names become file names (data/student/<run>.pt) and DVC stage names (distill@<run>)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -103,3 +114,130 @@ def check_runs(distill_section: dict[str, Any], teachers: list[str]) -> dict[str
     """Every run's config, built and checked (the first bad run raises a one-line UserError)."""
     refuse_seed_key(distill_section, "distill")
     return {name: run_config(distill_section, name, teachers) for name in run_names(distill_section)}
+
+
+# ---------------------------------------------------------------- one run's settings, identity and summary
+
+# settings that change neither the student nor the metrics' meaning: a resume may differ in them
+NOT_IDENTITY = ("log_every", "eval_batch_size", "compile", "seeds", "jobs", "plugins")  # seeds/jobs: which and how
+# many seeds a run trains (one seed's identity has its own `seed`); plugins: where methods come from
+NOT_SHARED = ("runs", "method_options")  # the method's own options enter the identity as `options`
+
+
+@dataclass
+class Settings:
+    """Every config of a run, built and checked before any work."""
+
+    data: DataConfig
+    student: StudentConfig
+    distill: DistillConfig
+    options: Any  # the chosen method's config dataclass
+    cache: CacheConfig
+    teachers: list[str]
+    online: bool
+    run: str | None = None  # the distill.runs entry trained, or None for plain `distill.method`
+
+    @property
+    def method(self) -> str:
+        return self.distill.method
+
+    @property
+    def run_name(self) -> str:
+        """The name of the checkpoint and metrics: the run's (or the method's); online runs keep their own
+        (they are the speed baseline)."""
+        name = self.run or self.method
+        return f"{name}_online" if self.online and METHODS[self.method].uses_teachers else name
+
+    @property
+    def is_online(self) -> bool:
+        return self.online and METHODS[self.method].uses_teachers
+
+
+def read_settings(params: dict[str, Any], method: str | None = None, epochs: int | None = None,
+                  seed: int | None = None, online: bool = False, run: str | None = None) -> Settings:
+    """All configs of one run from the params plus command-line overrides; one-line UserError on anything wrong.
+
+    Every named run under `distill.runs` is checked too, whichever run (or none) is trained.
+    """
+    data_cfg = build(DataConfig, section(params, "data"), "data")
+    listed = list(section(params, "teachers"))
+    distill_section = section(params, "distill")
+    check_runs(distill_section, listed)
+    if run is not None and method is not None:
+        raise UserError(f"--run {run} and --method {method} both given: a run names its own method "
+                        f"(distill.runs.{run}.method), so pass only one")
+    base = run_section(distill_section, run) if run is not None else distill_section
+    student_section = section(params, "student")
+    if run is not None:
+        student_section = deep_merge(student_section, student_overrides(base, run))
+    student = build(StudentConfig, student_section, "student")
+    overrides = {k: v for k, v in (("method", method), ("epochs", epochs), ("seed", seed)) if v is not None}
+    cfg = build(DistillConfig, {**base, **overrides}, "distill")
+    teachers = distill_teachers(cfg, listed)
+    options = method_configs(cfg, teachers)[cfg.method]  # builds (and checks) every method's options
+    cache_cfg = build(CacheConfig, section(params, "cache"), "cache")
+    with torch.device("meta"):  # checks arch and kwargs without allocating anything
+        build_model(student.arch, **constructor_kwargs(student.arch, student.model, shape_of(data_cfg)))
+    teachers = teachers if METHODS[cfg.method].uses_teachers else []
+    return Settings(data_cfg, student, cfg, options, cache_cfg, teachers, online, run)
+
+
+def run_identity(s: Settings, cfg: DistillConfig, model_kwargs: dict[str, Any], init: str, init_sha: str | None,
+                 train, plan, hashes: dict[str, Any], align_cfg) -> dict[str, Any]:
+    """What a seed's checkpoint must share with the settings to be resumed (pipeline.checkpoints.load_resumable)."""
+    shared = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in NOT_SHARED}
+    return {
+        "method": s.method,
+        "online": s.is_online,
+        "distill": shared,
+        "options": to_dict(s.options),
+        "student": {**to_dict(s.student), "init": init},
+        "student_init_sha256": init_sha,
+        "model_kwargs": model_kwargs,
+        "data": to_dict(s.data),
+        "dataset_fingerprint": train.fingerprint,
+        "view_plan": plan.fingerprint,
+        "teachers": hashes,
+        "align": to_dict(align_cfg) if s.teachers else None,  # scratch compares no features
+    }
+
+
+def seed_metrics(s: Settings, base: dict[str, Any], ckpt: dict[str, Any], device: str) -> dict[str, Any]:
+    """One seed's training metrics (data/student/RUN/seedS.json): final and best accuracy, per-epoch history."""
+    history = ckpt["history"]
+    return {
+        "method": s.method, "run": s.run_name, "seed": base["seed"], "online": s.is_online, "arch": base["arch"],
+        "params": base["params"], "teachers": s.teachers, "device": device,
+        "epochs": ckpt["epoch"], "finished": ckpt["finished"],
+        "test_acc": ckpt["test_acc"], "best_acc": ckpt["best_acc"], "best_epoch": ckpt["best_epoch"],
+        "wall_time_s": round(ckpt["wall_time_s"], 3),
+        "images_per_s": sum(r["images_per_s"] for r in history) / max(1, len(history)),
+        "options": to_dict(s.options),
+        "history": history,
+    }
+
+
+def write_summary(s: Settings) -> dict[str, Any]:
+    """metrics/distill/RUN.json: every listed seed's final-epoch accuracy, their mean and sample std, and each
+    seed's own metrics (history included). Seeds not trained yet are left out and the run is not finished."""
+    per_seed = []
+    for seed in s.distill.seeds:
+        metrics_path = paths.student_seed_metrics(s.run_name, seed)
+        if metrics_path.is_file():
+            per_seed.append(json.loads(metrics_path.read_text()))
+    done = [m for m in per_seed if m["finished"]]
+    accs = [m["test_acc"] for m in done]
+    first = per_seed[0] if per_seed else {}
+    summary = {
+        "method": s.method, "run": s.run_name, "online": s.is_online,
+        "arch": s.student.arch, "params": first.get("params"), "teachers": s.teachers,
+        "seeds": [m["seed"] for m in done],
+        "finished": len(done) == len(s.distill.seeds),
+        "test_acc": accs,  # final epoch, never the best: the split is the test split (or val with val_size)
+        "test_acc_mean": statistics.mean(accs) if accs else None,
+        "test_acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "wall_time_s": round(sum(m["wall_time_s"] for m in per_seed), 3),
+        "per_seed": per_seed,
+    }
+    write_json(paths.student_metrics(s.run_name), summary)
+    return summary

@@ -13,7 +13,7 @@ from pipeline.dist import DistConfig
 from pipeline.runs import run_names
 from pipeline.pretraining import teacher_spec
 from pipeline.views import ViewsConfig
-from stages.distill import read_settings
+from pipeline.runs import read_settings
 
 ROOT = Path(__file__).parents[1]
 PROFILES = [ROOT / "params.yaml", *sorted((ROOT / "profiles").glob("*.yaml"))]

@@ -42,10 +42,10 @@ def test_run_section_applies_the_overrides_and_keeps_the_rest():
     assert section["method"] == "meal" and section["epochs"] == 5
     assert section["meal"] == {"adversarial": "cooperative", "adv_weight": 0.5}  # deep-merged
     cfg = run_config(DISTILL, "meal_coop", TEACHERS)
-    assert cfg.method == "meal" and cfg.meal["adversarial"] == "cooperative" and cfg.runs == {}
+    assert cfg.method == "meal" and cfg.method_options["meal"]["adversarial"] == "cooperative" and cfg.runs == {}
     configs = check_runs(DISTILL, TEACHERS)
     assert [c.method for c in configs.values()] == ["scratch", "meal", "meal"]
-    assert configs["meal"].meal["adversarial"] == "alternating"
+    assert configs["meal"].method_options["meal"]["adversarial"] == "alternating"
     assert check_runs({"method": "meal"}, TEACHERS) == {}  # `runs` is optional
 
 

@@ -5,7 +5,7 @@ vectors:
 - `l2_logits`: lambda * ||f_t(x) - f_s(x)||^2 on the logits, summed over classes, averaged over the batch
   (L_data);
 - the game on the last block at full weight (L_adv). D sees the student's noisy features: the noise z is
-  the student's dropout (`dropout`, set on the student by the stage), applied to its last block's
+  the student's dropout (`dropout`, set on the student through `student_kwargs`), applied to its last block's
   output, which both the classifier and the alignment read;
 - D's regularisation, the seed's ablation: none, L1 (`d_l1`) or L2 (`d_weight_decay`) on D's weights,
   or "adversarial samples" (`adv_sample_rate`): extra student vectors, a fraction of the batch, added
@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.config import check
-from pipeline.methods.base import GameConfig, Method, named_teacher
+from pipeline.methods.base import GameConfig, Method, check_teacher_choice, named_teacher, register
 from pipeline.models import NUM_BLOCKS
 
 
@@ -39,15 +39,28 @@ class AncConfig(GameConfig):
         check(0 <= self.adv_sample_rate < 1, f"distill.anc.adv_sample_rate = {self.adv_sample_rate} must be in [0, 1)")
 
 
+@register
 class Anc(Method):
     """lambda * L2 on the logits + the game on the last block's features."""
 
     name = "anc"
+    Config = AncConfig
     feature_blocks = (NUM_BLOCKS - 1,)
+
+    @classmethod
+    def check_teachers(cls, cfg, teachers):
+        check_teacher_choice(cfg.teacher, ("random", "mean"), teachers, "distill.anc.teacher")
 
     def __init__(self, cfg: AncConfig, teachers, block_names):
         super().__init__(cfg, teachers, block_names)
         self.fixed = named_teacher(cfg.teacher, teachers)
+
+    def student_kwargs(self, model_kwargs):
+        return {**model_kwargs, "dropout": self.cfg.dropout}  # ANC's noise z is the student's dropout
+
+    def notes(self):
+        return [] if self.cfg.dropout else ["anc: distill.anc.dropout is 0, so the student gets no noise (ANC's z "
+                                            "is dropout)"]
 
     def pick(self, rng):
         if self.cfg.teacher == "random":

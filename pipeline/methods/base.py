@@ -1,24 +1,30 @@
-"""What every distillation method builds on: the student's outputs, the teachers' targets, the base class.
+"""What every distillation method builds on: the student's outputs, the teachers' targets, the base class and
+the registry.
 
-A method (one module each: meal, meal_v2, anc, kd, scratch) is a `Method` subclass that says
+A method is one module: a config dataclass (its options, the `distill.<name>` params section) and a `Method`
+subclass decorated with `@register`, which names it and gives it its `Config`. The registry is the only list
+of methods: the params' method sections, the CLI's choices and the run identity derive from it. The class says
 - `pick(rng)`: the teachers whose cached targets this step reads;
 - `feature_blocks`: the blocks whose aligned vectors it compares or discriminates (student and teacher);
 - `losses(out, targets, labels)`: its named, already weighted loss terms (the trainer sums them);
 - `discriminators(num_classes, lengths)`, `disc_weights()` and `disc_inputs(out, targets)`: what its
   discriminators see and how much each weighs;
-- `game`: its adversarial options (pipeline.methods.games plays them), None without discriminators.
+- `game`: its adversarial options (pipeline.methods.games plays them), None without discriminators;
+- `uses_teachers`, `check_teachers(cfg, teachers)`: whether it reads teachers, and a check of its options
+  against the teacher names; `student_kwargs(kwargs)`: what it changes in the student (ANC's dropout).
 docs/design.md section 4 describes the interface and the game.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.config import check, check_choice
+from pipeline.config import UserError, check, check_choice
 from pipeline.methods.discriminators import KINDS as DISCRIMINATOR_KINDS
 
 GAMES = ("alternating", "reversal", "cooperative", "none")
@@ -58,14 +64,47 @@ class GameConfig:
         check_choice(self.discriminator, DISCRIMINATOR_KINDS, f"{where}.discriminator")
 
 
+REGISTRY: dict[str, type["Method"]] = {}  # method name -> class, in registration order
+
+
+def register(cls: type["Method"]) -> type["Method"]:
+    """Class decorator: `cls` becomes the method `cls.name`, its options the dataclass `cls.Config`."""
+    if not cls.name or not dataclasses.is_dataclass(cls.Config):
+        raise TypeError(f"{cls.__qualname__} needs a `name` and a dataclass `Config` to be registered")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise UserError(f"two methods are registered as {cls.name!r} ({REGISTRY[cls.name].__module__} and "
+                        f"{cls.__module__}): rename one")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
 class Method:
     """A distillation method: what to read, what to minimise, what to discriminate."""
 
     name = ""
+    Config: type = NoOptions  # its options: a dataclass built from the `distill.<name>` params section
+    uses_teachers = True  # False: the method reads no teacher (scratch), so no cache is opened
     feature_blocks: tuple[int, ...] = ()  # block indexes whose aligned vectors the method compares
 
     def __init__(self, cfg: Any, teachers: list[str], block_names: list[str]):
         self.cfg, self.teachers, self.block_names = cfg, teachers, block_names
+
+    @classmethod
+    def check_teachers(cls, cfg: Any, teachers: list[str]) -> None:
+        """Refuse (UserError) options that name a teacher not among `teachers`; nothing to check by default."""
+
+    def student_kwargs(self, model_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The student's constructor kwargs as the method wants them (ANC sets its noise); unchanged by default."""
+        return model_kwargs
+
+    def notes(self) -> list[str]:
+        """Lines worth telling the user before training (settings that make the method a no-op, say)."""
+        return []
 
     @property
     def game(self) -> GameConfig | None:
@@ -102,6 +141,12 @@ class Method:
     def adversarial_rows(self, batch: int) -> int:
         """How many extra student vectors D is shown labelled "teacher" per batch (ANC's adversarial samples)."""
         return 0
+
+
+def check_teacher_choice(value: str, choices: tuple[str, ...], teachers: list[str], where: str) -> None:
+    """A `teacher` option must be one of the fixed `choices` (mean, random...) or a teacher's name."""
+    if value not in choices and value not in teachers:
+        raise UserError(f"{where} = {value!r} is not one of {', '.join(choices + tuple(teachers))}")
 
 
 def named_teacher(choice: str, teachers: list[str]) -> int | None:

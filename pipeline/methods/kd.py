@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pipeline.config import check
 from pipeline.methods.losses import kd_loss, soften
-from pipeline.methods.base import Method, named_teacher
+from pipeline.methods.base import Method, check_teacher_choice, named_teacher, register
 
 
 @dataclass
@@ -25,10 +25,16 @@ class KdConfig:
         check(0 <= self.alpha <= 1, f"distill.kd.alpha = {self.alpha} must be in [0, 1]")
 
 
+@register
 class Kd(Method):
     """Hinton KD against one named teacher or the mean of the teachers' softened outputs."""
 
     name = "kd"
+    Config = KdConfig
+
+    @classmethod
+    def check_teachers(cls, cfg, teachers):
+        check_teacher_choice(cfg.teacher, ("mean",), teachers, "distill.kd.teacher")
 
     def __init__(self, cfg: KdConfig, teachers, block_names):
         super().__init__(cfg, teachers, block_names)

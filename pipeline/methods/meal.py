@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.config import check, check_choice
 from pipeline.methods.losses import SIMILARITIES, similarity
-from pipeline.methods.base import GameConfig, Method
+from pipeline.methods.base import GameConfig, Method, register
 from pipeline.models import NUM_BLOCKS
 
 
@@ -55,10 +55,12 @@ class MealConfig(GameConfig):
               "give logit_weight or block_weights a weight > 0")
 
 
+@register
 class Meal(Method):
     """One teacher drawn per step; a similarity and a discriminator on each selected output."""
 
     name = "meal"
+    Config = MealConfig
 
     def __init__(self, cfg: MealConfig, teachers, block_names):
         super().__init__(cfg, teachers, block_names)

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import check, check_choice
 from pipeline.methods.losses import soft_cross_entropy, soften
-from pipeline.methods.base import GameConfig, Method, Targets
+from pipeline.methods.base import GameConfig, Method, Targets, register
 
 
 @dataclass
@@ -33,10 +33,12 @@ class MealV2Config(GameConfig):
         check_choice(self.d_input, ("probs", "logits"), "distill.meal_v2.d_input")
 
 
+@register
 class MealV2(Method):
     """Soft cross-entropy to the mean of the teachers' softmax, no labels; one D on the outputs."""
 
     name = "meal_v2"
+    Config = MealV2Config
 
     def target(self, tgt: Targets) -> torch.Tensor:
         """The ensemble's soft label: the mean of the teachers' softmax at T, (B, C)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from pipeline.config import check
-from pipeline.methods.base import Method
+from pipeline.methods.base import Method, register
 
 
 @dataclass
@@ -18,10 +18,13 @@ class ScratchConfig:
         check(0 <= self.label_smoothing < 1, f"distill.scratch.label_smoothing = {self.label_smoothing} must be in [0, 1)")
 
 
+@register
 class Scratch(Method):
     """No teacher: `ce` is the only term."""
 
     name = "scratch"
+    Config = ScratchConfig
+    uses_teachers = False
 
     def pick(self, rng):
         return []
