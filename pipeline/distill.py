@@ -4,7 +4,7 @@
     train_one_epoch()    one pass over the training split in a seeded order, on view e mod V
     epoch_steps()        that pass as a generator of steps (the benchmark steps several trainers in lock-step)
     train_step()         the student's forward, the method's terms, the game's terms, backward, steps
-    evaluate()           test accuracy of the student (pipeline.pretraining.evaluate)
+    evaluate()           test accuracy of the student (pipeline.training.evaluate)
     open_targets()       where a run's targets come from: the caches' slabs, the teachers live, or none
 
 Under torchrun (pipeline.dist) each rank trains its shard of every global batch, weighted so that the
@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from pipeline import paths, pretraining
+from pipeline import paths, training
 from pipeline.align import AlignConfig, align
 from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, apply_views, normalize
@@ -45,6 +45,7 @@ from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import METHODS, Method, StudentOut, Targets, load_plugins
 from pipeline.methods.games import Game, make_game
 from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
+from pipeline.training import LOG_EVERY, epoch_order, images_per_s, log_due
 from pipeline.models.cifar import set_pooling
 
 
@@ -75,7 +76,7 @@ class DistillConfig(SGDConfig):
     # student's weights, batch order, teacher draws and dropout. In params, list seeds under `seeds`.
     eval_batch_size: int = 1024  # images per forward pass at test time
     eval_every: int = 1  # evaluate on the test split every this many epochs (and always after the last)
-    log_every: int = 25  # steps between progress-bar updates (the only host syncs of the step loop)
+    log_every: int = LOG_EVERY  # steps between progress-bar updates (the only host syncs of the step loop)
     compile: bool = False  # torch.compile the student with its blocks' alignment, and the method's terms
     plugins: list[str] = field(default_factory=list)  # modules registering methods of your own: dotted names or
     # .py paths (pipeline.methods.load_plugins); their options go under distill.<name> like the built-in ones'
@@ -251,11 +252,6 @@ def steps_per_epoch(n: int, cfg: DistillConfig) -> int:
     return math.ceil(n / cfg.batch_size)
 
 
-def epoch_order(cfg: DistillConfig, epoch: int, n: int) -> torch.Tensor:
-    """The epoch's permutation of the N samples (CPU): a function of (seed, epoch) alone, whatever the world."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))  # (N,)
-
-
 def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tuple[list[str], torch.Tensor, int]]:
     """The steps of one pass over the training split showing view `epoch mod V`, one per iteration.
 
@@ -269,7 +265,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     n, steps = len(data), steps_per_epoch(len(data), cfg)
     total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     view = epoch % data.num_views
-    order = epoch_order(cfg, epoch, n).to(dev)  # (N,)
+    order = epoch_order(cfg.seed, epoch, n).to(dev)  # (N,)
     rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
@@ -300,7 +296,7 @@ def train_one_epoch(tr: Trainer, epoch: int, data: TrainSet, targets, progress: 
         sums = row if sums is None else sums + row  # a method reports the same stats every step
         seen += b
         bar.update(1)
-        if progress and ((i + 1) % tr.cfg.log_every == 0 or i + 1 == steps):
+        if progress and log_due(i, steps, tr.cfg.log_every):
             bar.set_postfix(_short(_means(keys, sums, seen)), refresh=False)  # the one host sync per interval
     bar.close()
     if tr.world.distributed and sums is not None:  # the epoch's stats over every rank's rows
@@ -326,7 +322,7 @@ def _short(stats: dict[str, float]) -> dict[str, str]:
 
 def evaluate(tr: Trainer, data, batch_size: int | None = None) -> dict[str, float]:
     """Accuracy (fraction), NLL and sample count of the student on `data` (an ImageData), no augmentation."""
-    return pretraining.evaluate(tr.student, data, tr.device, batch_size or tr.cfg.eval_batch_size)
+    return training.evaluate(tr.student, data, tr.device, batch_size or tr.cfg.eval_batch_size)
 
 
 def state_dict(tr: Trainer) -> dict[str, Any]:
@@ -395,7 +391,7 @@ def distill(
         elapsed = time.perf_counter() - t0
         wall += elapsed
         row.update(lr=tr.opt.param_groups[0]["lr"], epoch_time_s=elapsed, train_time_s=train_time,
-                   images_per_s=len(data) / train_time)
+                   images_per_s=images_per_s(len(data), train_time))
         history.append(row)
         if progress:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items()
@@ -414,7 +410,7 @@ def _rank_rows(tr: Trainer, epoch: int, n: int, has_next: bool) -> tuple[np.ndar
     (None, None) with one process (every row)."""
     if not tr.world.distributed:
         return None, None
-    rows = [epoch_rows(epoch_order(tr.cfg, e, n), tr.cfg.batch_size, tr.world).numpy() for e in (epoch, epoch + 1)]
+    rows = [epoch_rows(epoch_order(tr.cfg.seed, e, n), tr.cfg.batch_size, tr.world).numpy() for e in (epoch, epoch + 1)]
     return rows[0], rows[1] if has_next else None
 
 

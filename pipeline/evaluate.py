@@ -34,7 +34,7 @@ from pipeline.checkpoints import check_fits_data, load_checkpoint, load_teacher
 from pipeline.config import UserError, check
 from pipeline.data import ImageData
 from pipeline.models import build_model, count_parameters
-from pipeline.pretraining import predict_logits
+from pipeline.training import predict_logits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Teacher pretraining: cross-entropy with pad-and-crop + flip, SGD with Nesterov momentum, a pure LR schedule.
 
-The epoch loop lives in `pretrain()`, visible top to bottom; `train_one_epoch` and `evaluate` are
-plain functions. A checkpoint (a plain dict) is written after every epoch, so a killed run resumes from
+The epoch loop lives in `pretrain()`, visible top to bottom; `train_one_epoch` is a plain function, and the
+seeded order, logging cadence, throughput and evaluation are distillation's too (pipeline.training). A checkpoint (a plain dict) is written after every epoch, so a killed run resumes from
 its last finished epoch instead of starting over. Under torchrun (pipeline.dist) each rank trains its shard
 of every global batch in DDP, and rank 0 alone evaluates and saves.
 """
@@ -24,6 +24,7 @@ from pipeline.data import ImageData
 from pipeline.device import autocast, memory_format
 from pipeline.dist import World, all_reduce_sum, barrier, shard, shard_weight, sync_batchnorm, wrap_ddp
 from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
+from pipeline.training import epoch_order, evaluate, images_per_s, log_due
 
 
 @dataclass(kw_only=True)
@@ -99,8 +100,7 @@ def train_one_epoch(
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=gen).to(device)  # (N,)
+    order = epoch_order(cfg.seed, epoch, n).to(device)  # (N,)
     views = torch.from_numpy(plan_views(aug, cfg.seed, np.arange(n), np.array([epoch]), *images.shape[2:])[:, 0])
     views = views.to(device)  # (N, P)
     fmt = memory_format(device)
@@ -123,37 +123,10 @@ def train_one_epoch(
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
         correct += (logits.argmax(1) == y).sum()
-        if progress and i % 50 == 0:  # one host sync per 50 steps, not per step
+        if progress and log_due(i, steps_per_epoch):  # one host sync per interval, not per step
             bar.set_postfix(loss=f"{loss_sum.item() * world.size / ((i + 1) * cfg.batch_size):.3f}")
     totals = all_reduce_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]), world)  # over every rank's rows
     return {"train_loss": totals[0].item() / n, "train_acc": totals[1].item() / n}
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    """Logits (N, C) float32 on the CPU for the un-augmented images, in eval mode."""
-    was_training = model.training
-    model.eval()
-    fmt = memory_format(device)
-    out = []
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size].to(device)
-        x = normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
-        with autocast(device):
-            logits, _ = model(x)
-        out.append(logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0, data.num_classes)
-
-
-def evaluate(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1024) -> dict[str, float]:
-    """Top-1 accuracy (fraction) and mean NLL on `data`, no augmentation."""
-    logits = predict_logits(model, data, device, batch_size)
-    return {
-        "accuracy": (logits.argmax(1) == data.labels).float().mean().item(),
-        "nll": F.cross_entropy(logits, data.labels).item(),
-        "num_samples": len(data),
-    }
 
 
 def pretrain(
@@ -191,13 +164,14 @@ def pretrain(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(trained, optimizer, train, images, labels, cfg, epoch, device, progress, world)
+        train_time = time.perf_counter() - t0
         last = epoch + 1 == cfg.epochs
         tested = world.main and (last or (epoch + 1) % cfg.eval_every == 0)
         test_stats = evaluate(model, test, device, cfg.eval_batch_size) if tested else {}
         elapsed = time.perf_counter() - t0
         wall += elapsed
         row = {"epoch": epoch + 1, **stats, "test_acc": test_stats.get("accuracy"), "test_nll": test_stats.get("nll"),
-               "epoch_time_s": elapsed, "images_per_s": len(train) / elapsed}
+               "epoch_time_s": elapsed, "train_time_s": train_time, "images_per_s": images_per_s(len(train), train_time)}
         history.append(row)
         if progress:
             tested_text = f"  test {test_stats['accuracy']:.4f}" if tested else ""

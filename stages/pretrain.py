@@ -33,7 +33,8 @@ from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.models.external import load_weights
 from pipeline.models import build_model, constructor_kwargs, count_parameters
-from pipeline.pretraining import evaluate, pretrain, teacher_spec
+from pipeline.pretraining import pretrain, teacher_spec
+from pipeline.training import evaluate
 
 
 @click.command()

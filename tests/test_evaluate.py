@@ -33,7 +33,7 @@ from pipeline.evaluate import (
     expected_calibration_error, fidelity, gap_closed, load_student, model_cost, per_class_accuracy,
 )
 from pipeline.models import build_model
-from pipeline.pretraining import predict_logits
+from pipeline.training import predict_logits
 from pipeline.report import PLOTS, results_table
 from stages import distill as distill_stage
 from stages import evaluate as evaluate_stage
