@@ -35,9 +35,12 @@ def stage_defs() -> dict[str, dict]:
 
 
 def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """Source files of `module` and of every pipeline module it imports, directly or not (lazy imports too)."""
+    """Source files of `module` and of every pipeline module it imports, directly or not (lazy imports too), with
+    the `__init__.py` of every package on the way (importing pipeline.a.b runs pipeline/a/__init__.py first)."""
     seen = set() if seen is None else seen
     parts = module.split(".")
+    for depth in range(1, len(parts)):  # the packages above the module
+        pipeline_imports(".".join(parts[:depth]), seen)
     path = REPO.joinpath(*parts).with_suffix(".py")
     if not path.is_file():
         path = REPO.joinpath(*parts, "__init__.py")
@@ -60,6 +63,14 @@ def pipeline_imports(module: str, seen: set[str] | None = None) -> set[str]:
     return seen
 
 
+def code_deps(needed: set[str]) -> list[str]:
+    """The deps that name `needed`: a package directory where every one of its .py files is needed (the stage
+    imports it whole), the single files otherwise."""
+    whole = sorted({f.rsplit("/", 1)[0] for f in needed if f.count("/") == 2
+                    and all(p.relative_to(REPO).as_posix() in needed for p in (REPO / f).parent.glob("*.py"))})
+    return whole + sorted(f for f in needed if not any(f.startswith(d + "/") for d in whole))
+
+
 def test_every_stage_lists_the_code_it_imports():
     for name, body in stage_defs().items():
         words = body["cmd"].split()  # python -m stages.NAME ... | python -m pipeline.launch stages.NAME ...
@@ -68,10 +79,41 @@ def test_every_stage_lists_the_code_it_imports():
         assert module == f"stages.{name}", body["cmd"]
         assert launched == (module in LAUNCHED), f"{name} runs distributed through pipeline.launch, or not at all"
         needed = pipeline_imports(module) | (pipeline_imports("pipeline.launch") if launched else set())
-        missing = sorted(needed - set(body["deps"]))
-        assert not missing, f"dvc.yaml stage {name} misses deps {missing}"
-        listed_code = {d for d in body["deps"] if d.endswith(".py")}
-        assert listed_code <= needed, f"dvc.yaml stage {name} lists code it does not import: {listed_code - needed}"
+        listed = [d for d in body["deps"] if d.startswith(("stages/", "pipeline/"))]
+        assert listed == code_deps(needed), f"dvc.yaml stage {name}: code deps should be {code_deps(needed)}"
+
+
+def test_the_dependency_check_can_fail():
+    needed = pipeline_imports("stages.plan_views")
+    assert "pipeline/views.py" in needed and "pipeline/__init__.py" in needed
+    assert code_deps({"pipeline/methods/" + p.name for p in (REPO / "pipeline/methods").glob("*.py")}) == [
+        "pipeline/methods"]
+    assert code_deps({"pipeline/methods/base.py"}) == ["pipeline/methods/base.py"]  # not the whole package
+
+
+def listed_params(params: dict) -> dict[str, list[str]]:
+    """Every params key dvc.yaml lists, per stage instance, resolved for these params (${key}, ${item.method})."""
+    out = {}
+    for name, body in stage_defs().items():
+        entries = {"pretrain": params.get("teachers"), "cache_teachers": params.get("teachers"),
+                   "distill": params.get("distill", {}).get("runs")}.get(name, {None: {}})
+        for key, item in (entries or {}).items():
+            out[name if key is None else f"{name}@{key}"] = [
+                k.replace("${key}", str(key)).replace("${item.method}", str((item or {}).get("method")))
+                for k in body.get("params", [])]
+    return out
+
+
+@pytest.mark.parametrize("profile", ["params.yaml", *sorted(p.name for p in (REPO / "profiles").glob("*.yaml"))])
+def test_every_profile_holds_every_key_dvc_reads(profile):
+    """DVC refuses a stage whose listed key is missing from the params: every profile must hold them all."""
+    params = yaml.safe_load((REPO / (profile if profile == "params.yaml" else f"profiles/{profile}")).read_text())
+    for stage, keys in listed_params(params).items():
+        for key in keys:
+            value = params
+            for part in key.split("."):
+                assert isinstance(value, dict) and part in value, f"{profile}: {stage} reads {key}, which is missing"
+                value = value[part]
 
 
 def test_stage_outputs_are_the_paths_the_code_writes():
@@ -186,6 +228,18 @@ def test_dvc_repro_end_to_end(tmp_path, fashion_root):
     # ---- second repro: nothing to do
     out = run([*dvc, "repro"], repo, env)
     assert "Running stage" not in out, out[-3000:]
+    assert changed_stages(repo, env) == set()
+
+    # ---- one run's key changes: that run and evaluate, nothing else (dvc.yaml lists each run's own keys)
+    original = yaml.safe_dump(params, sort_keys=False)
+    params["distill"]["runs"]["kd"]["kd"] = {"temperature": 2.0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert changed_stages(repo, env) == {"distill@kd", "evaluate"}
+    params["distill"]["log_every"] = 7  # a key that changes no student reruns no run
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert changed_stages(repo, env) == {"distill@kd", "evaluate"}
+    (repo / "params.yaml").write_text(original)
+    params = yaml.safe_load(original)
     assert changed_stages(repo, env) == set()
 
     # ---- one teacher's params change: its pretrain; distill and evaluate read the teacher names
