@@ -42,7 +42,7 @@ import torch
 from bench.common import header, run_main, sync, write_result
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
-from pipeline.cache.store import FORMAT_CODECS, Layout, create_store, open_store, read_view
+from pipeline.cache.store import FORMATS, Layout, create_store, open_store, read_view
 from pipeline.cache.write import cache_teacher
 from pipeline.checkpoints import load_teacher, save_checkpoint
 from pipeline.data import ImageData
@@ -147,14 +147,14 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
     plan = make_view_plan(ViewsConfig(num_views=args.views), data)
     ckpt = fake_teacher(work / "teacher.pt", data, args.arch, args.width)
     rows = args.chunk_rows or max(1, args.samples // 4)
-    # zarr, h5: the stage as configured by default (checksummed chunks); zarr_nock, h5_nock: checksum off
-    times: dict[str, list[float]] = {"bare": [], "replay": [], "zarr": [], "h5": [], "zarr_nock": [], "h5_nock": []}
+    # per format (zarr, h5...): the stage as configured by default (checksummed chunks); <format>_nock: checksum off
+    times: dict[str, list[float]] = {"bare": [], "replay": [], **{k: [] for f in FORMATS for k in (f, f"{f}_nock")}}
     sizes = {}
     bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=False)  # warm-up (allocator, kernels)
     for i in range(args.repeats):  # interleaved, so drifting machine load hits every variant alike
         times["bare"].append(bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=False))
         times["replay"].append(bare_forward(ckpt, plan, data, args.batch_size, rows, device, replay=True))
-        for fmt in ("zarr", "h5"):
+        for fmt in FORMATS:
             # the checksummed and unchecksummed stage back to back, which one first flipped every repeat
             for checksum in ((True, False) if i % 2 == 0 else (False, True)):
                 key = fmt if checksum else f"{fmt}_nock"
@@ -175,11 +175,11 @@ def stage_overhead(args, work: Path, device: torch.device) -> dict:
         "batch_size": args.batch_size, "chunk_rows": rows, "repeats": args.repeats, "times_s": times,
         "bare_forward_s": best["bare"], "bare_views_per_s": n_views / best["bare"],
         "replay_forward_s": best["replay"], "replay_ratio": ratio["replay"],
-        **{f"{f}_stage_s": best[f] for f in ("zarr", "h5")},
-        **{f"{f}_ratio": ratio[f] for f in ("zarr", "h5")},
-        **{f"{f}_bytes_per_sample_view": sizes[f] / n_views for f in ("zarr", "h5")},
+        **{f"{f}_stage_s": best[f] for f in FORMATS},
+        **{f"{f}_ratio": ratio[f] for f in FORMATS},
+        **{f"{f}_bytes_per_sample_view": sizes[f] / n_views for f in FORMATS},
         "checksum": {f: _pair(times[f], times[f + "_nock"], sizes[f] / n_views, sizes[f + "_nock"] / n_views)
-                     for f in ("zarr", "h5")},
+                     for f in FORMATS},
         "payload_bytes_per_sample_view": 2 * sum(Layout(1, 1, data.num_classes, ("b1", "b2", "b3"), (32,) * 3,
                                                         1, "none").widths().values()),
     }
@@ -237,7 +237,7 @@ def fashion_scale_stores(work: Path, source: Path, n: int = 60000, v: int = 8,
     reps = (-(-n // arrays["logits"].shape[0]), -(-v // arrays["logits"].shape[1]), 1)
     full = {k: np.tile(a, reps)[:n, :v] for k, a in arrays.items()}  # (n, v, W)
     out = {}
-    for fmt in ("zarr", "h5"):
+    for fmt in FORMATS:
         path = work / (f"fashion-scale.{fmt}" if checksum else f"fashion-scale-nock.{fmt}")
         store = create_store(path, layout, attrs)
         for k in range(layout.n_chunks):
@@ -307,8 +307,8 @@ def sweep(work: Path, source: Path | None, n: int, v: int, repeats: int) -> list
     total = sum(a.nbytes for a in arrays.values())
     blocks = tuple(k.split("/")[1] for k in arrays if k != "logits")
     rows_out = []
-    for fmt in ("zarr", "h5"):
-        for codec in FORMAT_CODECS[fmt]:
+    for fmt, store_format in FORMATS.items():
+        for codec in store_format.codecs:
             for rows in (1024, 4096, 8192, 16384, 65536):
                 lengths = tuple(arrays[f"features/{b}"].shape[2] for b in blocks)
                 layout = Layout(n, v, arrays["logits"].shape[2], blocks, lengths, min(rows, n), codec)
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'  bare forward (' + format(stage['bare_views_per_s'], '.0f') + ' views/s, inputs ready)':<44}"
           f"{stage['bare_forward_s']:>10.2f}{1.0:>8.2f}{stage['payload_bytes_per_sample_view']:>22.0f}")
     print(f"{'  view replay + forward, serial':<44}{stage['replay_forward_s']:>10.2f}{stage['replay_ratio']:>8.2f}")
-    for fmt in ("zarr", "h5"):
+    for fmt in FORMATS:
         print(f"{'  cache stage -> ' + fmt:<44}{stage[fmt + '_stage_s']:>10.2f}{stage[fmt + '_ratio']:>8.2f}"
               f"{stage[fmt + '_bytes_per_sample_view']:>22.0f}")
     print("  (ratio: median over the repeats of stage / bare forward measured back to back)")

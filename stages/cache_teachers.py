@@ -1,6 +1,6 @@
 """Stage: run one pretrained teacher over every (sample, view) of the view plan and cache its outputs.
 
-    python -m stages.cache_teachers --teacher resnet18 [--format zarr|h5] [--device auto|cpu|cuda]
+    python -m stages.cache_teachers --teacher resnet18 [--format zarr|h5|...] [--device auto|cpu|cuda]
     python -m stages.cache_teachers --teacher resnet18 --verify     # check every chunk's checksum, write nothing
     python -m stages.cache_teachers --teacher resnet18 --repair     # rebuild only the chunks that fail it
 
@@ -13,8 +13,9 @@ complete). Every chunk is checksummed; one process writes a store at a time (`<s
     torchrun --nproc_per_node N -m stages.cache_teachers --teacher resnet18    # N ranks share the chunks
 
 Under torchrun the job is the one writer: rank 0 holds the lock, rank r writes pending chunks r, r + N, ...,
-rank 0 marks the store complete; killed, it resumes with any number of processes. Zarr only: an h5 store
-under several processes is refused (h5py has no parallel writer without MPI).
+rank 0 marks the store complete; killed, it resumes with any number of processes. Only in a format that
+declares parallel writers (zarr): an h5 store under several processes is refused (h5py has no parallel
+writer without MPI). The --format choices are the registered store formats (pipeline.cache.store.FORMATS).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from __future__ import annotations
 import click
 
 from pipeline import paths
-from pipeline.cache import CacheConfig
+from pipeline.cache.read import CacheConfig, rerun_hint
+from pipeline.cache.store import FORMATS
 from pipeline.cache.write import cache_teacher, verify_cache
-from pipeline.config import UserError
-from pipeline.config import DEFAULT_PARAMS, build, load_params, section
-from pipeline.cache import rerun_hint
+from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, collective_errors, start, stop
@@ -35,7 +35,7 @@ from pipeline.views import open_view_plan
 
 @click.command()
 @click.option("--teacher", required=True, help="Teacher name: reads data/teachers/NAME.pt.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "h5"]), default=None,
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
               help="Store format [default: params cache.format].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--batch-size", type=int, default=None, help="(sample, view) pairs per forward [default: params cache.batch_size].")

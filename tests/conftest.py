@@ -56,3 +56,30 @@ def tiny_params(tmp_path, fashion_root, monkeypatch) -> Path:
     path.write_text(yaml.safe_dump(profile, sort_keys=False))
     monkeypatch.chdir(tmp_path)
     return path
+
+
+@pytest.fixture
+def full_disk(tmp_path) -> Path:
+    """A directory on its own tiny file system (a 1 MiB tmpfs under tmp_path), filled to the last byte: any
+    write there fails with ENOSPC (creating an empty file or folder still works: tmpfs counts inodes apart).
+    Put things there first by deleting `.fill`, writing them and calling `helpers.fill_disk` again.
+    Unmounted at teardown. Skipped where mounting is not permitted (it needs root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    from helpers import fill_disk
+
+    where = tmp_path / "full_disk"
+    where.mkdir()
+    try:
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                               capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command: a full disk needs a tmpfs mounted for the test")
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full disk (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
+    try:
+        fill_disk(where)
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(where)], check=True)  # a file still open there (a killed writer)

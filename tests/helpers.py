@@ -109,3 +109,24 @@ def private_copy(built, tmp_path, monkeypatch):
     shutil.copytree(built, work)
     monkeypatch.chdir(work)
     return work
+
+
+# ---------------------------------------------------------------- a full disk (the `full_disk` fixture, conftest.py)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Append to `directory/.fill` until its file system has not one byte left (ENOSPC); returns that file.
+
+    To put something on the `full_disk` fixture's disk: delete `.fill`, write it, then call this again."""
+    import errno
+
+    filler = directory / ".fill"
+    with open(filler, "ab", buffering=0) as f:
+        for size in (1 << 16, 4096, 1):  # big blocks, then whatever is left of the last page
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler

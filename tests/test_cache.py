@@ -21,8 +21,9 @@ from pipeline import paths
 from pipeline.cache import store as cache_store
 from pipeline.align import AlignConfig, align_all
 from pipeline.augment import apply_views, normalize
-from pipeline.cache import CacheConfig, TeacherCache, open_cache, validate_caches
+from pipeline.cache import CacheConfig, TeacherCache, open_cache, rerun_hint, validate_caches
 from pipeline.cache.write import cache_teacher
+from pipeline.dist import World
 from pipeline.checkpoints import load_teacher
 from pipeline.config import UserError, build
 from pipeline.views import ViewsConfig, make_view_plan
@@ -286,6 +287,46 @@ def test_open_cache_errors(tmp_path):
     (tmp_path / "junk.h5").write_bytes(b"not hdf5")
     with pytest.raises(UserError, match="cannot be read"):
         open_cache(tmp_path / "junk.h5")
+
+
+# ---------------------------------------------------------------- store formats: one registered class each
+
+
+@pytest.fixture
+def zarr2():
+    """A store format registered for one test: zarr's class under another name and suffix, one writer only."""
+    saved = dict(cache_store.FORMATS)
+
+    @cache_store.register_format
+    class Zarr2Store(cache_store.ZarrStore):
+        name, label, suffixes, codecs, parallel_writers = "zarr2", "a zarr2 store", (".zarr2",), ("none",), False
+
+    yield Zarr2Store
+    cache_store.FORMATS.clear()
+    cache_store.FORMATS.update(saved)
+
+
+def test_a_store_format_is_one_registered_class(setup, tmp_path, zarr2):
+    assert [cache_store.format_of(p) for p in ("c/t.zarr2", "c/t.zarr2.new", "c/t.h5.creating", "c/t.HDF5", "c/t")] \
+        == ["zarr2", "zarr2", "h5", "h5", "zarr"]
+    with pytest.raises(UserError, match="cache.codec = 'zstd' is not available for format zarr2: choose one of none$"):
+        config("zarr2", codec="zstd")
+    with pytest.raises(UserError, match="cache.format = 'parquet' is not one of zarr, h5, zarr2"):
+        config("parquet")
+    out = tmp_path / "t.zarr2"
+    assert build_cache(setup, out, "zarr2")["chunks_written"] == 3
+    with open_cache(out) as cache:
+        assert cache.format == "zarr2" and cache.complete
+    assert rerun_hint("t", "zarr2", repair=True) == "python -m stages.cache_teachers --teacher t --format zarr2 --repair"
+    assert rerun_hint("t", "zarr") == "python -m stages.cache_teachers --teacher t"  # the default format
+    with pytest.raises(UserError, match=r"a zarr2 store cannot be written by 2 processes \(format zarr2 has no "
+                                        r"parallel writer\): write --format zarr, or run"):
+        cache_teacher(setup["ckpt"], tmp_path / "u.zarr2", setup["plan"], setup["data"], config("zarr2"),
+                      world=World(0, 2))
+    with pytest.raises(TypeError, match="registered already"):
+        cache_store.register_format(zarr2)
+    with pytest.raises(TypeError, match="lacks .*create.*close"):
+        cache_store.register_format(type("Half", (), {"name": "half", "suffixes": (".half",)}))
 
 
 # ---------------------------------------------------------------- the click stage

@@ -6,6 +6,7 @@ Kills and resumes: the cache stage killed after a chunk, between a chunk's rows 
 halfway through a swap; the distill stage killed mid-epoch.
 Damaged stores: a truncated chunk, a flipped byte (zarr and HDF5), a lost chunk file, another
 teacher's store under this teacher's name. Writers: a second writer on the same store, a stale lock.
+A full disk: a run with nothing to write still succeeds; one that must write ends in one line.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from stages import cache_teachers as cache_stage
 from stages import distill as distill_stage
 from stages import inspect as inspect_stage
 from bench.cache_io import fake_teacher
-from helpers import ends_in_one_error_line, one_line_error
+from helpers import ends_in_one_error_line, fill_disk, one_line_error
 from test_cache import Boom, arrays, build_cache, setup, tree_digest  # noqa: F401  (setup: a fixture)
 from test_distill import one_thread, run, tiny_pipeline  # noqa: F401  (fixtures)
 
@@ -309,3 +310,61 @@ def test_two_writers_started_at_once_leave_one_complete_store(tiny_pipeline):
     assert any(code == 0 for code, _ in outputs)
     assert open_cache(paths.teacher_cache("t1")).complete
     assert run("--method", "meal").exit_code == 0
+
+
+# ---------------------------------------------------------------- a full disk
+
+
+def cache_on_a_full_disk(full_disk: Path, teacher: str = "t1") -> Path:
+    """Move the tiny pipeline's cache of `teacher` (its lock file too) onto the full disk, data/cache becoming a
+    link to it, and fill that disk again; returns the store's path."""
+    (full_disk / ".fill").unlink()
+    folder = paths.teacher_cache(teacher).parent
+    for path in folder.glob(f"{teacher}.*"):
+        shutil.move(path, full_disk / path.name)
+    shutil.rmtree(folder)
+    folder.symlink_to(full_disk, target_is_directory=True)
+    fill_disk(full_disk)
+    return paths.teacher_cache(teacher)
+
+
+def test_a_full_disk_does_not_stop_a_run_with_nothing_to_write(tiny_pipeline, full_disk):
+    store = cache_on_a_full_disk(full_disk)
+    assert Path(f"{store}.lock").exists()  # left by the run that wrote the store
+    before = tree_digest(store)
+    result = cache("--teacher", "t1")  # the lock's holder text cannot be written: the lock works without it
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "already complete" in result.output
+    assert cache("--teacher", "t1", "--verify").exit_code == 0
+    with writer_lock(store):  # still one writer at a time, even with no space for the holder's name
+        assert "is being written by another process" in one_line_error(cache("--teacher", "t1"))
+    assert tree_digest(store) == before
+
+
+def _incomplete(store: Path) -> None:
+    s = cache_store.open_store(store, writable=True)
+    s.mark_done(2, 0)
+    s.update_attrs({"complete": False})
+    s.close()
+
+
+@pytest.mark.parametrize("case", ["resume", "repair", "new zarr", "new h5"])
+def test_writing_a_cache_on_a_full_disk_is_one_line_naming_it(tiny_pipeline, full_disk, case):
+    store = paths.teacher_cache("t1")
+    if case == "resume":
+        _incomplete(store)
+    elif case == "repair":
+        chunk_file("t1", "logits", 1).unlink()
+    elif case == "new zarr":
+        shutil.rmtree(store)
+    store = cache_on_a_full_disk(full_disk)
+    args = {"repair": ["--repair"], "new h5": ["--format", "h5"]}.get(case, [])
+    line = ends_in_one_error_line(cache("--teacher", "t1", *args))
+    assert "No space left on device" in line and "free space" in line, line
+    assert "data/cache/t1." in line and "rerun" in line, line
+    if case == "new h5":
+        assert not paths.teacher_cache("t1", "h5").exists()  # nothing half made is left
+    (full_disk / ".fill").unlink()  # space again: the rerun finishes the job
+    result = cache("--teacher", "t1", *args)
+    assert result.exit_code == 0, result.output
+    assert open_cache(paths.teacher_cache("t1", "h5" if case == "new h5" else "zarr")).complete

@@ -1,6 +1,6 @@
 """Looking at teacher caches in pandas: soft labels per (sample, view, teacher), a summary, PNG plots.
 
-    from pipeline.cache.read import soft_labels          # (re-exported from here)
+    from pipeline.cache import soft_labels               # (re-exported from here)
     df = soft_labels(["data/cache/resnet18.zarr", "data/cache/vgg16.zarr"], temperature=4)
     df.groupby("label").entropy.mean()
     summary(df)["agreement"]
@@ -40,32 +40,11 @@ def soft_labels(
         raise UserError(f"temperature = {temperature} must be > 0")
     if top_k < 1:
         raise UserError(f"top_k = {top_k} must be at least 1")
-    given = [caches] if isinstance(caches, (str, Path, TeacherCache)) else list(caches)
-    opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in given]
-    if not opened:
-        raise UserError("no caches given: pass one path or a list of paths")
-    for cache in opened:  # a store at data/cache/NAME.zarr must hold teacher NAME's outputs
-        name = paths.cached_teacher_name(cache.path)
-        if name is not None:
-            cache.check_identity(name, paths.teacher_checkpoint(name))
-    plan = plan if isinstance(plan, ViewPlan) else open_view_plan(plan or paths.view_plan())
-    for cache in opened:
-        if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
-            raise UserError(f"cache {cache.path} was made from another view plan than {plan.path}: "
-                            f"pass the plan it was made from (plan=...), or rebuild the cache")
-        if cache.num_classes != opened[0].num_classes:
-            raise UserError(f"caches {opened[0].path} and {cache.path} have different class counts")
-        cache.check_complete()
+    opened, plan = _open_checked(caches, plan)
     names = _teacher_names(opened)
     n, v, c, t = plan.num_samples, plan.num_views, opened[0].num_classes, len(opened)
     k = min(top_k, c)
-
-    logp = np.empty((n, v, t, c), dtype=np.float32)  # log-probabilities at the temperature
-    for j, cache in enumerate(opened):
-        for view in range(v):
-            z = cache.view_slab(view, ["logits"])["logits"].astype(np.float32) / temperature  # (N, C)
-            z -= z.max(axis=1, keepdims=True)
-            logp[:, view, j] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    logp = _log_probs(opened, v, temperature)  # (N, V, T, C)
     prob = np.exp(logp)  # (N, V, T, C)
     order = np.argsort(-prob, axis=-1, kind="stable")[..., :max(k, 2)]  # (N, V, T, k'), ties -> lower class
     top = np.take_along_axis(prob, order, axis=-1)
@@ -93,6 +72,40 @@ def soft_labels(
         columns["agrees_with_ensemble"] = pred == ensemble
     return pd.DataFrame({name: (col if isinstance(col, pd.Categorical) else np.ascontiguousarray(col).reshape(-1))
                          for name, col in columns.items()})
+
+
+def _open_checked(caches, plan) -> tuple[list[TeacherCache], ViewPlan]:
+    """The caches, opened, and the view plan (`plan`, or the pipeline's), once they are known to fit together:
+    the teacher each is used as, the plan, one class count, complete."""
+    given = [caches] if isinstance(caches, (str, Path, TeacherCache)) else list(caches)
+    opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in given]
+    if not opened:
+        raise UserError("no caches given: pass one path or a list of paths")
+    for cache in opened:  # a store at data/cache/NAME.zarr must hold teacher NAME's outputs
+        name = paths.cached_teacher_name(cache.path)
+        if name is not None:
+            cache.check_identity(name, paths.teacher_checkpoint(name))
+    plan = plan if isinstance(plan, ViewPlan) else open_view_plan(plan or paths.view_plan())
+    for cache in opened:
+        if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
+            raise UserError(f"cache {cache.path} was made from another view plan than {plan.path}: "
+                            f"pass the plan it was made from (plan=...), or rebuild the cache")
+        if cache.num_classes != opened[0].num_classes:
+            raise UserError(f"caches {opened[0].path} and {cache.path} have different class counts")
+        cache.check_complete()
+    return opened, plan
+
+
+def _log_probs(caches: list[TeacherCache], views: int, temperature: float) -> np.ndarray:
+    """(N, V, T, C) float32: every teacher's log-softmax of logits / temperature, read one view slab at a time."""
+    first = caches[0]
+    logp = np.empty((first.num_samples, views, len(caches), first.num_classes), dtype=np.float32)
+    for j, cache in enumerate(caches):
+        for view in range(views):
+            z = cache.view_slab(view, ["logits"])["logits"].astype(np.float32) / temperature  # (N, C)
+            z -= z.max(axis=1, keepdims=True)
+            logp[:, view, j] = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return logp
 
 
 def _teacher_names(caches: list[TeacherCache]) -> list[str]:

@@ -11,7 +11,7 @@ Training reads one view slab per epoch, never per-minibatch fancy indexing:
     cache = open_cache("data/cache/resnet18.zarr")
     slab = cache.view_slab(epoch % cache.num_views)   # {"logits": (N, C) fp16, "block1": (N, L) fp16, ...}
 
-For notebooks, `from pipeline.cache.read import soft_labels` gives a pandas DataFrame (pipeline.cache.frame).
+For notebooks, `from pipeline.cache import soft_labels` gives a pandas DataFrame (pipeline.cache.frame).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.align import AlignConfig
-from pipeline.cache.store import FORMAT_CODECS, FORMATS, ChunkError, format_of, layout_from_attrs, open_store, read_view
+from pipeline.cache.store import (DEFAULT_FORMAT, FORMATS, ChunkError, format_of, layout_from_attrs, open_store,
+                                  read_view)
 from pipeline.config import UserError, build, check, check_choice
 
 CACHE_FORMAT = 2  # bump when the layout or the meaning of an attr changes (2: checksummed chunks)
@@ -32,7 +33,7 @@ CACHE_FORMAT = 2  # bump when the layout or the meaning of an attr changes (2: c
 
 @dataclass
 class CacheConfig:
-    format: str = "zarr"  # zarr | h5 (stages.cache_teachers --format overrides)
+    format: str = DEFAULT_FORMAT  # a registered store format, zarr | h5 (stages.cache_teachers --format overrides)
     align: dict[str, Any] = field(default_factory=lambda: {"kind": "channel", "length": 32})  # pipeline.align
     batch_size: int = 512  # (sample, view) pairs per teacher forward
     # Sample rows per chunk (at most; balanced so the last chunk is not mostly padding: 60000 rows
@@ -41,8 +42,9 @@ class CacheConfig:
     # measures both (bench/results/cpu-cache_io.json). The 1-8 MB per chunk usual elsewhere would be
     # one chunk for the whole of Fashion-MNIST at C=10, i.e. no resume.
     chunk_rows: int = 8192
-    # none | zstd | blosc (zarr); none | lzf | gzip (h5). fp16 teacher outputs barely compress (their
-    # mantissas are noise) and every codec slows the slab reads (same sweep), so raw storage is the default.
+    # One of the format's codecs: none | zstd | blosc (zarr); none | lzf | gzip (h5). fp16 teacher outputs
+    # barely compress (their mantissas are noise) and every codec slows the slab reads (same sweep), so raw
+    # storage is the default.
     codec: str = "none"
     checksum: bool = True  # crc32c (zarr) / Fletcher32 (h5) on every chunk, verified on every read
     queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
@@ -54,9 +56,9 @@ class CacheConfig:
         build(AlignConfig, self.align, "cache.align")
         check(self.batch_size >= 1, f"cache.batch_size = {self.batch_size} must be at least 1")
         check(self.chunk_rows >= 1, f"cache.chunk_rows = {self.chunk_rows} must be at least 1")
-        check(self.codec in FORMAT_CODECS[self.format],
-              f"cache.codec = {self.codec!r} is not available for format {self.format}: "
-              f"choose one of {', '.join(FORMAT_CODECS[self.format])}")
+        codecs = FORMATS[self.format].codecs
+        check(self.codec in codecs, f"cache.codec = {self.codec!r} is not available for format {self.format}: "
+                                    f"choose one of {', '.join(codecs)}")
         check(self.queue_chunks >= 1, f"cache.queue_chunks = {self.queue_chunks} must be at least 1")
         check(self.prefetch_batches >= 1, f"cache.prefetch_batches = {self.prefetch_batches} must be at least 1")
 
@@ -66,9 +68,9 @@ class CacheConfig:
 
 
 def rerun_hint(teacher: str, fmt: str, overwrite: bool = False, repair: bool = False) -> str:
-    """The command that (re)builds a teacher's cache (`repair`: only its damaged chunks)."""
+    """The command that (re)builds a teacher's cache in format `fmt` (`repair`: only its damaged chunks)."""
     return (f"python -m stages.cache_teachers --teacher {teacher}"
-            + (" --format h5" if fmt == "h5" else "") + (" --overwrite" if overwrite else "")
+            + (f" --format {fmt}" if fmt != DEFAULT_FORMAT else "") + (" --overwrite" if overwrite else "")
             + (" --repair" if repair else ""))
 
 

@@ -1,4 +1,4 @@
-"""The on-disk layout of one teacher cache, in zarr v3 or HDF5, behind one small interface.
+"""The on-disk layout of one teacher cache, in any registered store format (zarr v3, HDF5), and the writer lock.
 
     logits             (N, V, C)  float16   dims (sample, view, class)
     features/<block>   (N, V, L)  float16   dims (sample, view, feature)
@@ -15,13 +15,37 @@ writers. R and the codec were chosen by measurement (`python -m bench.cache_io -
 Float arrays use NaN as the fill value, so a region nobody wrote reads as NaN, never as plausible zeros;
 `done` is what says which rows are real. Every chunk carries a checksum (zarr v3's crc32c codec, HDF5's
 Fletcher32 filter), verified on every read; `read_rows` names the chunk a failed read or a NaN belongs
-to (`ChunkError`), so a damaged store ends in one line saying which chunk to rebuild. HDF5 cannot hold dict or list attributes, so those are stored
-as JSON strings and their names listed in the `json_attrs` attribute.
+to (`ChunkError`), so a damaged store ends in one line saying which chunk to rebuild. HDF5 cannot hold
+dict or list attributes, so those are stored as JSON strings and their names listed in `json_attrs`.
+
+Store formats. A format is one class that provides the `StoreFormat` protocol, registered by name with
+`@register_format`; `FORMATS` maps each name to its class. Nothing outside the format classes names a format:
+`format_of` (a path's format, from the registered suffixes), `create_store` and `open_store`, `CacheConfig`
+(its `format` and `codec` checked against the registry), the stage's `--format` choice, `rerun_hint` and the
+refusal of a format without parallel writers under torchrun all read the registry. `DEFAULT_FORMAT` (zarr)
+is the one a path without a registered suffix is taken for. To add a format, write one class here:
+
+    @register_format
+    class ParquetStore:
+        name = "parquet"                     # the --format value; stores are named NAME.parquet
+        label = "a Parquet store"            # how a message names one store of the format
+        suffixes = (".parquet",)             # every suffix read as this format; ".<name>" among them
+        codecs = ("none", "zstd")            # what cache.codec may name ("none" first)
+        parallel_writers = False             # can several processes write distinct chunks at once?
+
+        def __init__(self, path, writable=False): ...    # open an existing store
+        @classmethod
+        def create(cls, path, layout, attrs): ...        # a new, empty store at `path`, open for writing
+        # attrs, update_attrs, array, done, write_rows, mark_done, flush, close: see StoreFormat
+
+and give it the same guarantees as the two here: NaN fill, checksummed chunks, `done` markers that
+writers of different chunks never share, bytes that depend on the chunk index alone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,13 +54,12 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-FORMATS = ("zarr", "h5")
-CODECS = ("none", "zstd", "blosc", "lzf", "gzip")  # zstd/blosc: zarr only; lzf/gzip: h5 only
-FORMAT_CODECS = {"zarr": ("none", "zstd", "blosc"), "h5": ("none", "lzf", "gzip")}
+from pipeline.config import UserError
+
 DIMS = {"logits": ("sample", "view", "class")}
 FEATURE_DIMS = ("sample", "view", "feature")
 
@@ -49,8 +72,8 @@ class Layout:
     blocks: tuple[str, ...]  # block names, e.g. ("block1", "block2", "block3")
     feature_lengths: tuple[int, ...]  # L per block: the aligned length of its vector
     chunk_rows: int  # R, sample rows per chunk (the write and resume unit)
-    codec: str  # one of FORMAT_CODECS[format]
-    checksum: bool = True  # a crc32c (zarr) or Fletcher32 (h5) checksum on every chunk, verified on read
+    codec: str  # one of the format's `codecs`
+    checksum: bool = True  # a checksum on every chunk (zarr: crc32c, h5: Fletcher32), verified on read
 
     @property
     def n_chunks(self) -> int:
@@ -132,27 +155,102 @@ def damaged_chunks(store, layout: Layout) -> dict[int, list[str]]:
     return bad
 
 
+# ---------------------------------------------------------------- the format protocol and registry
+
+
+class StoreFormat(Protocol):
+    """What a store format class provides (see the module docstring to add one)."""
+
+    name: ClassVar[str]  # the registry key, the --format value and the suffix of a pipeline store (NAME.<name>)
+    label: ClassVar[str]  # one store of the format in a message, article included ("an HDF5 store")
+    suffixes: ClassVar[tuple[str, ...]]  # lower-case path suffixes read as this format, ".<name>" among them
+    codecs: ClassVar[tuple[str, ...]]  # the codecs a Layout may name for this format, "none" (no codec) first
+    parallel_writers: ClassVar[bool]  # several processes may write distinct chunks of one store at once
+    path: Path
+
+    def __init__(self, path: Path, writable: bool = False) -> None:
+        """Open the existing store at `path`, for reading or (`writable`) for writing too."""
+
+    @classmethod
+    def create(cls, path: Path, layout: Layout, attrs: dict[str, Any]) -> "StoreFormat":
+        """A new, empty store at `path` (which must not exist), open for writing: arrays NaN, `done` all 0."""
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The store's attributes, as plain JSON values."""
+
+    def update_attrs(self, values: dict[str, Any]) -> None:
+        """Set some attributes (the others stay), durably before returning."""
+
+    def array(self, name: str) -> Any:
+        """The lazy on-disk array `name` (logits, features/<block>, done): numpy-style slicing reads and writes."""
+
+    def done(self) -> np.ndarray:
+        """The `done` markers (n_chunks,) uint8; a marker that fails its checksum counts as not done."""
+
+    def write_rows(self, start: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write each (r, V, W) float16 value at rows [start, start + r) of its array, on disk before returning."""
+
+    def mark_done(self, k: int, value: int = 1) -> None:
+        """Set (or with 0 clear) chunk k's `done` marker, on disk before returning."""
+
+    def flush(self) -> None:
+        """Everything written so far on disk."""
+
+    def close(self) -> None:
+        """Release the store; closing twice is fine."""
+
+
+FORMATS: dict[str, type[StoreFormat]] = {}  # name -> format class, filled by @register_format
+_MEMBERS = tuple(StoreFormat.__annotations__) + tuple(n for n in vars(StoreFormat) if not n.startswith("_"))
+
+
+def register_format(cls: type) -> type:
+    """Class decorator: make `cls` (a StoreFormat) the format `cls.name`."""
+    missing = [m for m in _MEMBERS if m != "path" and not hasattr(cls, m)]
+    if missing:
+        raise TypeError(f"store format {cls.__name__} lacks {', '.join(missing)} (see StoreFormat)")
+    if f".{cls.name}" not in cls.suffixes or cls.codecs[:1] != ("none",):
+        raise TypeError(f"store format {cls.__name__}: its suffixes must hold .{cls.name}, its codecs start with none")
+    taken = {s for other in FORMATS.values() for s in other.suffixes}
+    if cls.name in FORMATS or taken.intersection(cls.suffixes):
+        raise TypeError(f"store format {cls.__name__}: name {cls.name!r} or one of its suffixes is registered already")
+    FORMATS[cls.name] = cls
+    return cls
+
+
 def format_of(path: str | Path) -> str:
-    """`zarr` or `h5` from the path's suffixes: `x.h5` (and its temp names `x.h5.new`...) is HDF5, else zarr."""
-    return "h5" if any(s.lower() in (".h5", ".hdf5") for s in Path(path).suffixes) else "zarr"
+    """The format of a store path, by its last registered suffix (`x.h5` and its temp names `x.h5.new`... are
+    h5); DEFAULT_FORMAT when it has none."""
+    for suffix in reversed(Path(path).suffixes):
+        for cls in FORMATS.values():
+            if suffix.lower() in cls.suffixes:
+                return cls.name
+    return DEFAULT_FORMAT
 
 
-def create_store(path: Path, layout: Layout, attrs: dict[str, Any]):
-    """A new, empty store at `path` (which must not exist); returns it open for writing."""
-    fmt = format_of(path)
-    return (H5Store if fmt == "h5" else ZarrStore).create(path, layout, attrs)
+def create_store(path: Path, layout: Layout, attrs: dict[str, Any]) -> StoreFormat:
+    """A new, empty store at `path` (which must not exist), in the format of its suffix; open for writing."""
+    return FORMATS[format_of(path)].create(path, layout, attrs)
 
 
-def open_store(path: Path, writable: bool = False):
-    fmt = format_of(path)
-    return (H5Store if fmt == "h5" else ZarrStore)(path, writable)
+def open_store(path: Path, writable: bool = False) -> StoreFormat:
+    return FORMATS[format_of(path)](path, writable)
 
 
 # ---------------------------------------------------------------- zarr v3
 
 
+@register_format
 class ZarrStore:
-    format = "zarr"
+    """zarr v3 (a folder of chunk files): writers of distinct chunks touch distinct files, so any number of
+    processes may write one store at once."""
+
+    name = "zarr"
+    label = "a zarr store"
+    suffixes = (".zarr",)
+    codecs = ("none", "zstd", "blosc")
+    parallel_writers = True
 
     def __init__(self, path: Path, writable: bool = False):
         import zarr
@@ -218,6 +316,9 @@ class ZarrStore:
         self._arrays.clear()
 
 
+DEFAULT_FORMAT = ZarrStore.name  # cache.format's default, and the format of a path without a registered suffix
+
+
 def _marker(done, k: int) -> int:
     try:
         return int(done[k])
@@ -240,8 +341,16 @@ def _zarr_compressors(codec: str):
 # ---------------------------------------------------------------- HDF5
 
 
+@register_format
 class H5Store:
-    format = "h5"
+    """HDF5 through h5py (one file): one writing process only, as h5py has no safe parallel writer without
+    MPI, and gathering every chunk to one rank would make that rank the bottleneck."""
+
+    name = "h5"
+    label = "an HDF5 store"
+    suffixes = (".h5", ".hdf5")
+    codecs = ("none", "lzf", "gzip")
+    parallel_writers = False
 
     def __init__(self, path: Path, writable: bool = False):
         import h5py
@@ -343,40 +452,61 @@ def _h5_read_attrs(source) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- writing: one writer, disk errors in one line
+
+
 @contextlib.contextmanager
 def writer_lock(store: Path):
     """Hold the one-writer lock of the store at `store` (`<store>.lock` beside it) for the block.
 
     An exclusive `fcntl.flock`, which the kernel drops when its process dies: a killed writer leaves no
     lock that blocks a rerun. A second writer ends at once in one line naming the process that holds it.
+    The holder's name is written into the file when there is room: the flock itself needs no disk space,
+    so on a full disk the lock holds all the same (a second writer is told "another process").
     """
-    from pipeline.config import UserError
-
     lock = store.with_name(store.name + ".lock")
-    try:
+    with disk_errors(f"cannot write the cache at {store}",
+                     f"choose a writable location or fix the permissions of {store.parent}", "rerun"):
         lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as exc:
-        raise UserError(f"cannot write the cache at {store} ({exc.strerror or exc}): choose a writable location "
-                        f"or fix the permissions of {store.parent}") from None
-    with f:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
             raise UserError(f"cache {store} is being written by {holder}: wait for it to finish, or stop it "
                             f"and rerun") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        f.flush()
+        with contextlib.suppress(OSError):  # no room for the holder's name (a full disk): the lock holds without it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         try:
             yield
         finally:
-            f.seek(0)
-            f.truncate()  # the file stays (unlinking it could let two writers lock two inodes)
-            fcntl.flock(f, fcntl.LOCK_UN)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)  # the file stays (unlinking it could let two writers lock two inodes)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) has no space left."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+
+
+@contextlib.contextmanager
+def disk_errors(failed: str, fix: str, then: str = ""):
+    """Turn an OSError of the block into one line (a UserError): `failed` (the reason), then `fix`, or on a
+    full disk freeing space on it, then `then` (e.g. "rerun ... to resume")."""
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            reason, fix = os.strerror(errno.ENOSPC), "free space on its disk"
+        else:
+            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{failed} ({reason}): {fix}" + (f", then {then}" if then else "")) from None
 
 
 def remove_path(path: Path) -> None:

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import queue
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,8 +36,8 @@ import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache.read import CACHE_FORMAT, CacheConfig, rerun_hint
-from pipeline.cache.store import (Layout, create_store, damaged_chunks, format_of, open_store, remove_path, swap_in,
-                                  writer_lock)
+from pipeline.cache.store import (FORMATS, Layout, create_store, damaged_chunks, disk_errors, format_of,
+                                  layout_from_attrs, open_store, remove_path, swap_in, writer_lock)
 from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
 from pipeline.config import UserError, to_dict
 from pipeline.device import memory_format
@@ -61,47 +62,76 @@ IDENTITY = {
 }
 
 
-def cache_teacher(
-    checkpoint: str | Path,
-    out: str | Path,
-    plan: ViewPlan,
-    data,
-    cfg: CacheConfig,
-    device: torch.device | str = "cpu",
-    overwrite: bool = False,
-    progress: bool = True,
-    on_chunk: Callable[[int], None] | None = None,
-    log: Callable[[str], None] | None = None,
-    teacher: str | None = None,
-    repair: bool = False,
-    world: World = World(),
-) -> dict[str, Any]:
-    """Fill the cache `out` (.zarr or .h5) for the teacher at `checkpoint`; returns a summary dict.
+@dataclass(frozen=True)
+class CacheJob:
+    """How one `cache_teacher` call runs, beside what it caches: its keyword options."""
+
+    overwrite: bool = False  # replace a store of another identity (built beside it, swapped in once complete)
+    repair: bool = False  # verify every chunk of the existing store first, rebuild those that fail, keep the rest
+    progress: bool = True  # a progress bar (rank 0's)
+    on_chunk: Callable[[int], None] | None = None  # called by the writer once chunk k is marked done
+    log: Callable[[str], None] | None = None  # gets one line once every check passed and the work starts
+    teacher: str | None = None  # the name the cache records (default: the checkpoint's file stem)
+    world: World = World()  # this process's place in a torchrun job (World(): one process)
+
+
+@dataclass
+class Prepared:
+    """Rank 0's preparation of the store, broadcast to every rank: where to write, in which layout, what is left."""
+
+    path: str = ""  # the store every rank writes into (`out`, or `<out>.new` under --overwrite)
+    layout: dict[str, Any] = field(default_factory=dict)  # its chunk_rows, codec, checksum (a resumed store's own)
+    pending: list[int] = field(default_factory=list)  # its chunks not marked done
+    damaged: list[int] = field(default_factory=list)  # the chunks --repair found damaged (pending again)
+    error: str | None = None  # rank 0's one-line failure, which every rank raises
+
+
+def cache_teacher(checkpoint: str | Path, out: str | Path, plan: ViewPlan, data, cfg: CacheConfig,
+                  device: torch.device | str = "cpu", **options) -> dict[str, Any]:
+    """Fill the cache `out` (any registered format, by its suffix) for the teacher at `checkpoint`; returns a
+    summary dict. `data` is the ImageData of the split the plan was made from; `options` are CacheJob's fields.
 
     `teacher` is the name the cache records (default: the checkpoint's file stem, which is how
-    `paths.teacher_checkpoint(name)` finds it again when validate_caches checks its hash).
-    `data` is the ImageData of the split the plan was made from. `on_chunk(k)` is called by the writer
-    after chunk k is marked done (progress reporting, and the tests' fault injection); `log(line)` gets
-    one line once every check passed and the work starts. `repair`: verify every chunk of an existing
-    store first and rebuild those whose checksum (or content) fails, keeping the rest.
+    `paths.teacher_checkpoint(name)` finds it again when validate_caches checks its hash). `on_chunk(k)`
+    serves progress reporting and the tests' fault injection.
     One writer per store: a second `cache_teacher` on the same `out` ends at once (`writer_lock`).
     Under torchrun (`world`) the job is that writer: rank 0 holds the lock and prepares the store, rank r
-    writes pending chunks r, r + W, ..., rank 0 marks the store complete after a barrier (zarr only).
+    writes pending chunks r, r + W, ..., rank 0 marks the store complete after a barrier (only in a format
+    with `parallel_writers`).
     """
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
-    if not checkpoint.is_file():
-        raise UserError(f"teacher checkpoint {checkpoint} not found: run python -m stages.pretrain "
-                        f"--teacher {checkpoint.stem} first")
-    model, ckpt = load_teacher(checkpoint, device)
-    teacher = teacher or checkpoint.stem
-    _check_inputs(teacher, ckpt, plan, data, checkpoint)
+    job = dataclasses.replace(CacheJob(**options), teacher=options.get("teacher") or checkpoint.stem)
+    model, ckpt = _load_checked(checkpoint, job.teacher, plan, data, device)
+    attrs = identity_attrs(job.teacher, checkpoint, ckpt, plan, cfg, _block_channels(model, data, device), device)
+    layout = chunk_layout(attrs, cfg)
+    attrs.update(layout.to_attrs())
+    world = job.world
+    _check_writers(out, world)
+    with contextlib.ExitStack() as held:
+        store, staging, prepared = _prepare(out, attrs, layout, job, held)
+        layout = dataclasses.replace(layout, **prepared.layout)
+        if job.log is not None and world.main:
+            job.log(_start_line(attrs, layout, prepared, job, device))
+        mine = prepared.pending[world.rank::world.size]  # rank r owns whole chunks: no chunk has two writers
+        if mine:
+            _run_chunks(model, store, layout, mine, plan, data, cfg, device, job,
+                        elsewhere=set(prepared.pending) - set(mine))
+        barrier(world)  # every rank's chunks are marked done
+        if world.main:
+            _finish(store, out, staging, job.teacher)
+        barrier(world)  # the store is complete (and in place) when any rank returns
+    return {"teacher": job.teacher, "path": str(out), "chunks_written": len(prepared.pending),
+            "chunks": layout.n_chunks, "num_samples": layout.num_samples, "num_views": layout.num_views,
+            "repaired": prepared.damaged}
 
+
+def identity_attrs(teacher: str, checkpoint: Path, ckpt: dict, plan: ViewPlan, cfg: CacheConfig,
+                   channels: dict[str, int], device: torch.device) -> dict[str, Any]:
+    """A new store's attrs but its layout: what says what its numbers are (IDENTITY) and how they were made.
+    `channels`: the teacher's blocks in order -> their channel counts."""
+    blocks = list(channels)
     align_cfg = cfg.align_config
-    with torch.no_grad():
-        _, feats = model(torch.zeros(2, *data.images.shape[1:], device=device))  # block names and widths
-    blocks = [f"block{i + 1}" for i in range(len(feats))]
-    lengths = align_cfg.lengths(len(blocks))
-    attrs = _json({
+    return _json({
         "format_version": CACHE_FORMAT,
         "teacher": teacher,
         "arch": ckpt["arch"],
@@ -115,92 +145,119 @@ def cache_teacher(
         "num_samples": plan.num_samples,
         "num_views": plan.num_views,
         "blocks": blocks,
-        "dims": dict(zip(blocks, lengths)),
-        "block_channels": {b: int(f.shape[1]) for b, f in zip(blocks, feats)},
+        "dims": dict(zip(blocks, align_cfg.lengths(len(blocks)))),
+        "block_channels": channels,
         "align": to_dict(align_cfg),
         "dtype": "float16",
         "compute": "bf16-autocast" if cfg.autocast and device.type == "cuda" else "fp32",
         "software_version": pipeline.__version__,
         "complete": False,
     })
-    n_chunks = max(1, -(-plan.num_samples // cfg.chunk_rows))
-    rows = max(1, -(-plan.num_samples // n_chunks))  # <= chunk_rows, balanced: no mostly-empty last chunk
-    layout = Layout(plan.num_samples, plan.num_views, attrs["num_classes"], tuple(blocks), tuple(lengths),
-                    rows, cfg.codec, cfg.checksum)
-    attrs.update(layout.to_attrs())
 
-    if world.distributed and format_of(out) == "h5":
-        raise UserError(f"cache {out}: an HDF5 store cannot be written by {world.size} processes (h5py has no safe "
-                        f"parallel writer without MPI, and gathering every chunk to one rank would make that rank the "
-                        f"bottleneck): write --format zarr, or run python -m stages.cache_teachers with one process")
-    echo = log if world.main else None
-    with contextlib.ExitStack() as held:
-        # rank 0 alone holds the lock and prepares the store; its failure reaches the others, which would
-        # otherwise wait for it in a collective
-        prepared: tuple | str
+
+def chunk_layout(attrs: dict[str, Any], cfg: CacheConfig) -> Layout:
+    """The layout of a new store with these identity attrs: chunks of at most `cfg.chunk_rows` rows,
+    balanced so that the last chunk is not mostly empty."""
+    n = attrs["num_samples"]
+    n_chunks = max(1, -(-n // cfg.chunk_rows))
+    blocks = tuple(attrs["blocks"])
+    return Layout(n, attrs["num_views"], attrs["num_classes"], blocks, tuple(attrs["dims"][b] for b in blocks),
+                  max(1, -(-n // n_chunks)), cfg.codec, cfg.checksum)
+
+
+def _block_channels(model, data, device: torch.device) -> dict[str, int]:
+    """The teacher's feature blocks (block1, block2...) -> their channel counts, from one forward of blanks."""
+    with torch.no_grad():
+        _, feats = model(torch.zeros(2, *data.images.shape[1:], device=device))
+    return {f"block{i + 1}": int(f.shape[1]) for i, f in enumerate(feats)}
+
+
+def _start_line(attrs: dict[str, Any], layout: Layout, prepared: Prepared, job: CacheJob, device) -> str:
+    """The one line `log` gets when the work starts: what is cached where, and how much is left."""
+    pending, n = prepared.pending, layout.n_chunks
+    chunks = f"{n} chunk{'s' if n != 1 else ''}"
+    state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < n
+             else "already complete" if not pending else chunks)
+    if job.repair:
+        damaged = len(prepared.damaged)
+        state += f", {damaged} damaged chunk(s) to rebuild" if damaged else ", every chunk verified"
+    ranks = f" x {job.world.size} processes" if job.world.distributed else ""
+    return (f"cache {attrs['teacher']} ({attrs['arch']}) -> {prepared.path}: {layout.num_samples} samples x "
+            f"{layout.num_views} views on {device}{ranks}, {state}")
+
+
+def _check_writers(out: Path, world: World) -> None:
+    """Several processes write one store only in a format that declares `parallel_writers`."""
+    fmt = FORMATS[format_of(out)]
+    if world.distributed and not fmt.parallel_writers:
+        able = " or ".join(f"--format {name}" for name, other in FORMATS.items() if other.parallel_writers)
+        raise UserError(f"cache {out}: {fmt.label} cannot be written by {world.size} processes (format {fmt.name} "
+                        f"has no parallel writer): " + (f"write {able}, or " if able else "")
+                        + "run python -m stages.cache_teachers with one process")
+
+
+def _prepare(out: Path, attrs: dict[str, Any], layout: Layout, job: CacheJob, held: contextlib.ExitStack):
+    """(store, staging path or None, Prepared) on every rank: rank 0 alone takes the lock and prepares the
+    store; the others get its result, a failure too (they would otherwise wait for it in a collective),
+    and open the store it names. What must be closed or released at the end goes onto `held`."""
+    world = job.world
+    store = staging = failure = prepared = None
+    if world.main:
         try:
-            if world.main:
-                held.enter_context(writer_lock(out))  # taken before the store is created, resumed, repaired or swapped
-                store, staging = _prepare_store(out, attrs, layout, overwrite, repair)
-                held.callback(store.close)
-                layout = dataclasses.replace(layout, **_layout_of(store.attrs))  # a resumed store keeps its layout
-                damaged = _clear_damaged(store, layout) if repair else []
-                done = store.done()
-                prepared = (str(store.path), _layout_of(store.attrs),
-                            [k for k in range(layout.n_chunks) if not done[k]], damaged)
+            store, staging, prepared = _prepare_main(out, attrs, layout, job, held)
         except UserError as err:
-            broadcast(err.message, world)
-            raise
-        prepared = broadcast(prepared if world.main else None, world)
-        if isinstance(prepared, str):
-            raise UserError(prepared)
-        target, stored_layout, pending, damaged = prepared
-        if not world.main:
-            layout = dataclasses.replace(layout, **stored_layout)
-            store = _open_writable(Path(target))
-            held.callback(store.close)
-        if echo is not None:
-            chunks = f"{layout.n_chunks} chunk{'s' if layout.n_chunks != 1 else ''}"
-            state = (f"resuming, {len(pending)} of {chunks} to go" if 0 < len(pending) < layout.n_chunks
-                     else "already complete" if not pending else chunks)
-            if repair:
-                state += f", {len(damaged)} damaged chunk(s) to rebuild" if damaged else ", every chunk verified"
-            ranks = f" x {world.size} processes" if world.distributed else ""
-            echo(f"cache {teacher} ({attrs['arch']}) -> {store.path}: {layout.num_samples} samples x "
-                 f"{layout.num_views} views on {device}{ranks}, {state}")
-        mine = pending[world.rank::world.size]  # rank r owns whole chunks: no zarr chunk has two writers
-        if mine:
-            _run_chunks(model, store, layout, mine, plan, data, cfg, device, progress and world.main, on_chunk,
-                        teacher, elsewhere=set(pending) - set(mine))
-        barrier(world)  # every rank's chunks are marked done
-        if world.main:
-            if not store.done().all():  # cannot happen unless the store was changed under us
-                raise UserError(f"cache {out} still has unwritten chunks: rerun {rerun_hint(teacher, store.format)}")
-            if not store.attrs.get("complete"):
-                store.update_attrs({"complete": True})
-            store.close()
-            if staging is not None:
-                swap_in(staging, out)
-        barrier(world)  # the store is complete (and in place) when any rank returns
-    return {"teacher": teacher, "path": str(out), "chunks_written": len(pending), "chunks": layout.n_chunks,
-            "num_samples": layout.num_samples, "num_views": layout.num_views, "repaired": damaged}
+            failure, prepared = err, Prepared(error=err.message)
+    prepared = broadcast(prepared, world)
+    if failure is not None:
+        raise failure
+    if prepared.error is not None:
+        raise UserError(prepared.error)
+    if not world.main:
+        store = _open_writable(Path(prepared.path))
+        held.callback(store.close)
+    return store, staging, prepared
 
 
-def _clear_damaged(store, layout: Layout) -> list[int]:
+def _prepare_main(out: Path, attrs: dict[str, Any], layout: Layout, job: CacheJob, held: contextlib.ExitStack):
+    """Rank 0: hold the writer lock (taken before the store is created, resumed, repaired or swapped) and
+    make the store ready: created, resumed or staged (`_prepare_store`), its damaged chunks cleared (repair)."""
+    held.enter_context(writer_lock(out))
+    store, staging = _prepare_store(out, attrs, layout, job.overwrite, job.repair)
+    held.callback(store.close)
+    stored = _layout_of(store.attrs)  # a resumed store keeps its layout
+    damaged = _clear_damaged(store, dataclasses.replace(layout, **stored), job.teacher) if job.repair else []
+    done = store.done()
+    return store, staging, Prepared(str(store.path), stored, [k for k in range(len(done)) if not done[k]], damaged)
+
+
+def _finish(store, out: Path, staging: Path | None, teacher: str) -> None:
+    """Rank 0, once every chunk is written: mark the store complete and swap it in (--overwrite)."""
+    hint = rerun_hint(teacher, store.name)
+    if not store.done().all():  # cannot happen unless the store was changed under us
+        raise UserError(f"cache {out} still has unwritten chunks: rerun {hint}")
+    with disk_errors(f"cannot finish the cache {out}", f"fix the permissions of {out.parent}", f"rerun {hint}"):
+        if not store.attrs.get("complete"):
+            store.update_attrs({"complete": True})
+        store.close()
+        if staging is not None:
+            swap_in(staging, out)
+
+
+def _clear_damaged(store, layout: Layout, teacher: str) -> list[int]:
     """Clear the `done` marker of every chunk that fails verification (and `complete`), so the pass
     rebuilds exactly those; returns them."""
     bad = sorted(damaged_chunks(store, layout))
-    for k in bad:
-        store.mark_done(k, 0)
-    if bad:
-        store.update_attrs({"complete": False})
+    with disk_errors(f"cannot repair the cache {store.path}", f"fix the permissions of {store.path}",
+                     f"rerun {rerun_hint(teacher, store.name, repair=True)}"):
+        for k in bad:
+            store.mark_done(k, 0)
+        if bad:
+            store.update_attrs({"complete": False})
     return bad
 
 
 def verify_cache(out: str | Path) -> dict[int, list[str]]:
     """Every damaged chunk of the store at `out` -> the arrays at fault ({} when every chunk verifies)."""
-    from pipeline.cache.store import layout_from_attrs
-
     out = Path(out)
     store = _try_open(out)
     if store is None:
@@ -214,12 +271,18 @@ def verify_cache(out: str | Path) -> dict[int, list[str]]:
 # ---------------------------------------------------------------- checks and store preparation
 
 
-def _check_inputs(teacher: str, ckpt: dict, plan: ViewPlan, data, checkpoint: Path) -> None:
+def _load_checked(checkpoint: Path, teacher: str, plan: ViewPlan, data, device: torch.device):
+    """The teacher (model, checkpoint dict), once it is known to fit the plan and the data."""
+    if not checkpoint.is_file():
+        raise UserError(f"teacher checkpoint {checkpoint} not found: run python -m stages.pretrain "
+                        f"--teacher {checkpoint.stem} first")
+    model, ckpt = load_teacher(checkpoint, device)
     if data.fingerprint != plan.dataset_fingerprint:
         raise UserError(f"view plan {plan.path or ''} was made from another dataset than the current training split "
                         f"({data.name}): rerun python -m stages.plan_views")
     check_fits_data("teacher checkpoint", checkpoint, ckpt.get("dataset_fingerprint"), ckpt["model_kwargs"], data,
                     f"retrain it with python -m stages.pretrain --teacher {teacher} --restart")
+    return model, ckpt
 
 
 def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: bool, repair: bool = False):
@@ -231,7 +294,6 @@ def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: 
     """
     recover_swap(out)
     staging = out.with_name(out.name + ".new")
-    target = out
     if out.exists():
         existing = _try_open(out)
         if existing is None and not overwrite:
@@ -246,33 +308,44 @@ def _prepare_store(out: Path, attrs: dict[str, Any], layout: Layout, overwrite: 
                 if changed:
                     raise UserError(changed_settings("cache", out, changed, "--overwrite", "replace it"))
                 return _open_writable(out), None
-        target = staging
-        if staging.exists():  # a previous --overwrite run that did not finish
-            previous = _try_open(staging)
-            if previous is not None:
-                changed = identity_diff(previous.attrs, attrs)
-                previous.close()
-                if not changed:
-                    return _open_writable(staging), staging
-            remove_path(staging)  # partial work for an identity nobody asks for any more
+        if _resumable(staging, attrs):  # a previous --overwrite run that did not finish
+            return _open_writable(staging), staging
+        remove_path(staging)  # partial work for an identity nobody asks for any more
+        _create(out, staging, layout, attrs)
+        return _open_writable(staging), staging
+    _create(out, out, layout, attrs)
+    return _open_writable(out), None
+
+
+def _resumable(path: Path, attrs: dict[str, Any]) -> bool:
+    """Whether `path` holds a store of this identity (to resume)."""
+    store = _try_open(path) if path.exists() else None
+    if store is None:
+        return False
+    changed = identity_diff(store.attrs, attrs)
+    store.close()
+    return not changed
+
+
+def _create(out: Path, target: Path, layout: Layout, attrs: dict[str, Any]) -> None:
+    """A new, empty store at `target` (`out` or its staging path). It appears whole, attrs included, or not
+    at all: it is made under a temporary name and renamed."""
     creating = target.with_name(target.name + ".creating")
-    try:
-        remove_path(creating)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        create_store(creating, layout, attrs).close()
-        creating.rename(target)  # the store appears whole, attrs included, or not at all
-    except OSError as exc:
+    with disk_errors(f"cannot write the cache at {out}",
+                     f"choose a writable location or fix the permissions of {out.parent}", "rerun"):
         try:
             remove_path(creating)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            create_store(creating, layout, attrs).close()
+            creating.rename(target)
         except OSError:
-            pass
-        raise UserError(f"cannot write the cache at {out} ({exc.strerror or exc}): "
-                        f"choose a writable location or fix the permissions of {out.parent}") from None
-    return _open_writable(target), (staging if target == staging else None)
+            with contextlib.suppress(OSError):
+                remove_path(creating)
+            raise
 
 
 def recover_swap(out: Path) -> None:
-    """Finish a swap (`cache_store.swap_in`) that a killed run left half done."""
+    """Finish a swap (`pipeline.cache.store.swap_in`) that a killed run left half done."""
     old = out.with_name(out.name + ".old")
     staging = out.with_name(out.name + ".new")
     if not out.exists():
@@ -317,11 +390,9 @@ def _open_error(path: Path) -> str:
 
 
 def _open_writable(path: Path):
-    try:
+    with disk_errors(f"cannot open the cache {path} for writing",
+                     "close whatever has it open and check its permissions"):
         return open_store(path, writable=True)
-    except OSError as exc:
-        raise UserError(f"cannot open the cache {path} for writing ({exc.strerror or exc}): "
-                        f"close whatever has it open and check its permissions") from None
 
 
 def _layout_of(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -337,66 +408,83 @@ def _json(value: Any) -> Any:
 
 
 def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan, data, cfg: CacheConfig,
-                device: torch.device, progress: bool, on_chunk, teacher: str,
-                elsewhere: set[int] = frozenset()) -> None:
+                device: torch.device, job: CacheJob, elsewhere: set[int] = frozenset()) -> None:
     """Write the `pending` chunks; `elsewhere`: those other ranks write (left out of the progress bar)."""
     align_cfg = cfg.align_config
-    names = list(layout.widths())  # logits, features/block1, ...
-    widths = layout.widths()
-    v_count = layout.num_views
-    fmt = memory_format(device)
-    model.to(memory_format=fmt)
-    images = data.images.to(device)  # (N, C, H, W) uint8, resident for the pass
-    aug = torch.from_numpy(plan.aug).to(device)  # (N, V, P) int16
-    aug_cfg = plan.augment
     use_autocast = cfg.autocast and device.type == "cuda"
-
-    def batches() -> Iterator[tuple[int, int, torch.Tensor]]:
-        """(chunk, first flat index, normalized views) in chunk order; runs on the prefetch thread."""
-        for k in pending:
-            start, stop = layout.rows(k)
-            n = (stop - start) * v_count  # (sample, view) pairs of the chunk, sample-major
-            for s in range(0, n, cfg.batch_size):
-                flat = torch.arange(s, min(n, s + cfg.batch_size), device=device)  # (b,)
-                rows, views = start + flat // v_count, flat % v_count
-                x = apply_views(images[rows], aug[rows, views], aug_cfg)  # (b, C, H, W) uint8
-                yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
-
-    views_of = lambda chunks: sum((b - a) * v_count for a, b in map(layout.rows, chunks))  # noqa: E731
-    total = views_of(set(range(layout.n_chunks)) - set(elsewhere))
-    finished = views_of(set(range(layout.n_chunks)) - set(pending) - set(elsewhere))
-    desc = f"cache {teacher}" + (" (rank 0)" if elsewhere else "")
-    bar = tqdm(total=total, initial=finished, unit="view", desc=desc, disable=not progress,
-               smoothing=0.05)
-    writer = _Writer(store, cfg.queue_chunks, on_chunk)
-    inputs = background(batches(), cfg.prefetch_batches)
+    model.to(memory_format=memory_format(device))
+    bar = _progress_bar(layout, pending, elsewhere, job)
+    writer = _Writer(store, cfg.queue_chunks, job.on_chunk)
+    inputs = background(_view_batches(layout, pending, plan, data, cfg.batch_size, device), cfg.prefetch_batches)
     buffers: dict[str, np.ndarray] = {}
     try:
         for k, s, x in inputs:
             if writer.error is not None:
                 break  # the store cannot take more: stop computing
             start, stop = layout.rows(k)
-            n = (stop - start) * v_count
+            n = (stop - start) * layout.num_views
             if s == 0:
-                buffers = {name: np.empty((n, widths[name]), dtype=np.float16) for name in names}  # (n, W)
-            with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
-                logits, feats = model(x)  # (b, C), [(b, C_i, H_i, W_i) or (b, D_i)]
-                outputs = [logits.float(), *align_all(feats, align_cfg)]  # (b, C), (b, L_i) per block
-            for name, value in zip(names, outputs):
-                buffers[name][s:s + len(x)] = value.to(torch.float16).cpu().numpy()
+                buffers = {name: np.empty((n, width), dtype=np.float16) for name, width in layout.widths().items()}
+            for buffer, value in zip(buffers.values(), _teacher_outputs(model, x, align_cfg, use_autocast)):
+                buffer[s:s + len(x)] = value  # (b, W) of the chunk's (n, W)
             bar.update(len(x))
             if s + len(x) == n:  # chunk k complete: hand it to the writer, start the next
-                chunk = {name: buf.reshape(stop - start, v_count, -1) for name, buf in buffers.items()}
-                bad = [name for name, value in chunk.items() if not np.isfinite(value).all()]
-                if bad:
-                    raise UserError(f"teacher {teacher} produced non-finite values in {', '.join(bad)} "
-                                    f"(samples {start}-{stop - 1}; fp16 overflow?): check the checkpoint")
-                writer.submit((k, start, chunk))
+                writer.submit((k, start, _checked_chunk(buffers, start, stop, layout.num_views, job.teacher)))
     finally:
         inputs.close()
         writer.finish()  # chunks already computed are still written: finished work is kept
         bar.close()
-    writer.raise_error(store.path, teacher)
+    writer.raise_error(store.path, job.teacher)
+
+
+def _view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data, batch_size: int,
+                  device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(chunk, first flat index, normalized views) in chunk order, `batch_size` (sample, view) pairs at a
+    time. The inputs move to `device` now; the views are replayed as it is iterated (on the prefetch thread)."""
+    images = data.images.to(device)  # (N, C, H, W) uint8, resident for the pass
+    aug = torch.from_numpy(plan.aug).to(device)  # (N, V, P) int16
+    fmt, v_count = memory_format(device), layout.num_views
+
+    def batches() -> Iterator[tuple[int, int, torch.Tensor]]:
+        for k in pending:
+            start, stop = layout.rows(k)
+            n = (stop - start) * v_count  # (sample, view) pairs of the chunk, sample-major
+            for s in range(0, n, batch_size):
+                flat = torch.arange(s, min(n, s + batch_size), device=device)  # (b,)
+                rows, views = start + flat // v_count, flat % v_count
+                x = apply_views(images[rows], aug[rows, views], plan.augment)  # (b, C, H, W) uint8
+                yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
+
+    return batches()
+
+
+def _teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool) -> list[np.ndarray]:
+    """The teacher's logits (b, C) and aligned blocks (b, L_i) of one input batch, as float16 arrays."""
+    with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
+        logits, feats = model(x)  # (b, C), [(b, C_i, H_i, W_i) or (b, D_i)]
+        outputs = [logits.float(), *align_all(feats, align_cfg)]  # (b, C), (b, L_i) per block
+    return [value.to(torch.float16).cpu().numpy() for value in outputs]
+
+
+def _checked_chunk(buffers: dict[str, np.ndarray], start: int, stop: int, views: int,
+                   teacher: str) -> dict[str, np.ndarray]:
+    """A finished chunk's (rows, V, W) arrays from its (rows x V, W) buffers; non-finite values stop the stage."""
+    chunk = {name: buf.reshape(stop - start, views, -1) for name, buf in buffers.items()}
+    bad = [name for name, value in chunk.items() if not np.isfinite(value).all()]
+    if bad:
+        raise UserError(f"teacher {teacher} produced non-finite values in {', '.join(bad)} "
+                        f"(samples {start}-{stop - 1}; fp16 overflow?): check the checkpoint")
+    return chunk
+
+
+def _progress_bar(layout: Layout, pending: list[int], elsewhere: set[int], job: CacheJob) -> tqdm:
+    """Views written by this process: its pending chunks to go, what is already done counted in."""
+    views_of = lambda chunks: sum((b - a) * layout.num_views for a, b in map(layout.rows, chunks))  # noqa: E731
+    total = views_of(set(range(layout.n_chunks)) - set(elsewhere))
+    finished = views_of(set(range(layout.n_chunks)) - set(pending) - set(elsewhere))
+    desc = f"cache {job.teacher}" + (" (rank 0)" if elsewhere else "")
+    return tqdm(total=total, initial=finished, unit="view", desc=desc, disable=not (job.progress and job.world.main),
+                smoothing=0.05)
 
 
 class _Writer(threading.Thread):
@@ -438,9 +526,9 @@ class _Writer(threading.Thread):
 
     def raise_error(self, path: Path, teacher: str) -> None:
         if isinstance(self.error, OSError):
-            raise UserError(f"writing cache {path} failed ({self.error.strerror or self.error}): fix the disk "
-                            f"(space, permissions) and rerun {rerun_hint(teacher, self.store.format)} "
-                            f"to resume") from None
+            with disk_errors(f"writing cache {path} failed", f"fix the permissions of {path}",
+                             f"rerun {rerun_hint(teacher, self.store.name)} to resume"):
+                raise self.error
         if self.error is not None:
             raise self.error
 
