@@ -12,7 +12,7 @@ so the classifier and whoever reads that block (ANC's discriminator) see the sam
 This file holds the small networks (the LeNet-4 / NiN pair of Adversarial Network Compression and
 two tiny students); the CIFAR teachers of MEAL live in `pipeline.models.cifar`.
 
-    python -m pipeline.models     # print the parameter table the README embeds
+    python -c "from pipeline.models import parameter_table; print(parameter_table())"   # the README's zoo table
 """
 
 from __future__ import annotations
@@ -261,6 +261,3 @@ def parameter_table(widths: dict[str, float] | None = None) -> str:
         rows.append(f"| {name} | {counts[0]:,} | {counts[1]:,} |")
     return "\n".join(rows)
 
-
-if __name__ == "__main__":
-    print(parameter_table())
