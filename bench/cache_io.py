@@ -44,7 +44,8 @@ from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache.store import FORMATS, Layout, create_store, open_store, read_view
 from pipeline.cache.write import cache_teacher
-from pipeline.checkpoints import load_teacher, save_checkpoint
+from pipeline.checkpoints import save_checkpoint
+from pipeline.models import load_teacher
 from pipeline.data import ImageData
 from pipeline.device import memory_format, resolve_device, setup_cpu
 from pipeline.models import build_model

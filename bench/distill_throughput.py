@@ -45,7 +45,7 @@ from bench.common import header, run_main, sync, write_result
 from pipeline.align import AlignConfig
 from pipeline.cache import CacheConfig, open_cache
 from pipeline.cache.write import cache_teacher
-from pipeline.checkpoints import load_teacher
+from pipeline.models import load_teacher
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_trainer, epoch_steps, steps_per_epoch
 from pipeline.methods import make_method, method_configs

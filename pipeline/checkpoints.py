@@ -1,4 +1,5 @@
-"""Checkpoints are plain dicts (state dicts, config as a dict, epoch, best metric), written atomically.
+"""Checkpoints are plain dicts (state dicts, config as a dict, epoch, best metric), written atomically; and the
+file operations every writer shares: atomic replacement, one-writer locks, full-disk errors in one line.
 
 An atomic write (temp file + rename) means a run killed mid-save never leaves a truncated checkpoint
 behind, so resuming always finds either the previous epoch's file or the new one.
@@ -7,10 +8,12 @@ behind, so resuming always finds either the previous epoch's file or the new one
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -26,51 +29,111 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
     after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        reason = getattr(exc, "strerror", None) or (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120]
-        raise UserError(f"cannot write {path} ({reason}): free some space or fix the permissions of {path.parent}, "
-                        f"then rerun (finished work is kept)") from None
+    with disk_errors(f"cannot write {path}", f"fix the permissions of {path.parent}", "rerun (finished work is kept)"):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(exc, RuntimeError):  # torch.save's writer reports a failed write in its own words
+                raise _as_os_error(exc, path.parent) from None
+            raise
 
 
 @contextlib.contextmanager
-def exclusive_lock(lock: str | Path, what: str):
+def exclusive_lock(lock: str | Path, what: str, cannot: str | None = None):
     """Hold the one-writer lock file `lock` for the block: an exclusive `fcntl.flock`, which the kernel drops when
-    its process dies, so a killed writer never blocks a rerun. A second writer ends at once in one line naming
-    `what` and the process that holds it. The holder's note is best effort: on a full disk the lock still works.
+    its process dies, so a killed writer never blocks a rerun. A second writer ends at once in one line: "`what`
+    is being written by <holder>". `cannot` heads the line when the lock file cannot be made at all. The holder's
+    note is written only where there is room (a raw descriptor, so nothing is flushed later): the flock itself
+    needs no disk space, so on a full disk the lock holds all the same.
     """
     lock = Path(lock)
-    try:
+    with disk_errors(cannot or f"cannot take the lock {lock} for {what}",
+                     f"choose a writable location or fix the permissions of {lock.parent}", "rerun"):
         lock.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock, "a+")
-    except OSError as exc:
-        raise UserError(f"cannot take the lock {lock} for {what} ({exc.strerror or exc}): free some space or fix "
-                        f"the permissions of {lock.parent}") from None
-    with f:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise UserError(f"{what} is being written by {holder}: wait for it to finish, or stop it and "
-                            f"rerun") from None
-        with contextlib.suppress(OSError):  # the note says who holds it; without space the lock works alone
-            f.seek(0)
-            f.truncate()
-            f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            f.flush()
+            holder = _holder(fd)
+            raise UserError(f"{what} is being written by {holder}: wait for it to finish, or stop it "
+                            f"and rerun") from None
+        with contextlib.suppress(OSError):  # no room for the holder's name (a full disk): the lock holds without it
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
         try:
             yield
         finally:
             with contextlib.suppress(OSError):
-                f.seek(0)
-                f.truncate()  # the file stays (unlinking it could let two writers lock two inodes)
-            fcntl.flock(f, fcntl.LOCK_UN)
+                os.ftruncate(fd, 0)  # the file stays (unlinking it could let two writers lock two inodes)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int, wait_s: float = 1.0) -> str:
+    """The lock holder's note: it writes it just after taking the lock, so an empty note is waited for briefly."""
+    deadline = time.monotonic() + wait_s
+    while not (note := os.pread(fd, 512, 0).decode(errors="replace").strip()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return note or "another process"
+
+
+def _as_os_error(exc: RuntimeError, folder: Path) -> OSError:
+    """torch.save's RuntimeError as the OSError it stands for: ENOSPC when the folder's disk has no room left."""
+    try:
+        stats = os.statvfs(folder)
+        full = stats.f_bavail * stats.f_frsize < (1 << 20)
+    except OSError:
+        full = False
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:120]
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) if full else OSError(errno.EIO, first)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or the user's quota) has no space left."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
+
+
+@contextlib.contextmanager
+def disk_errors(failed: str, fix: str, then: str = ""):
+    """Turn an OSError of the block into one line (a UserError): `failed` (the reason), then `fix`, or on a
+    full disk freeing space on it, then `then` (e.g. "rerun ... to resume")."""
+    try:
+        yield
+    except OSError as exc:
+        if disk_full(exc):
+            reason, fix = os.strerror(errno.ENOSPC), "free space on its disk"
+        else:
+            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise UserError(f"{failed} ({reason}): {fix}" + (f", then {then}" if then else "")) from None
+
+
+def remove_path(path: Path) -> None:
+    """Delete a store (zarr folder or h5 file) or any leftover temp path; absent is fine."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Replace `final` (file or folder, may be absent) by the finished `new`, never losing both.
+
+    The old one is renamed aside to `<final>.old` first and deleted only after `new` took its place;
+    a cache store's `pipeline.cache.write.recover_swap` finishes the job if a run dies in between.
+    """
+    old = final.with_name(final.name + ".old")
+    remove_path(old)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    remove_path(old)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
@@ -146,20 +209,3 @@ def write_json(path: str | Path, payload: Any) -> None:
 def write_text(path: str | Path, text: str) -> None:
     """Atomic text write."""
     replace_atomically(path, lambda tmp: tmp.write_text(text))
-
-
-def load_teacher(path: str | Path, device: torch.device | str = "cpu"):
-    """A pretrained teacher in eval mode with frozen weights, and its checkpoint dict.
-
-    The checkpoint records the architecture and its kwargs (see `stages.pretrain`), so a teacher is
-    rebuilt from its file alone.
-    """
-    from pipeline.models import build_model
-
-    ckpt = load_checkpoint(path, "teacher checkpoint", "run `python -m stages.pretrain --teacher NAME` first")
-    if not ckpt.get("finished", False):
-        raise UserError(f"teacher checkpoint {path} is from an unfinished pretrain run: rerun stages.pretrain to finish it")
-    model = build_model(ckpt["arch"], **ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    model.eval().requires_grad_(False).to(device)
-    return model, ckpt

@@ -37,7 +37,8 @@ from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, apply_views, normalize
 from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader, open_cache,
                             validate_caches)
-from pipeline.checkpoints import check_fits_data, load_checkpoint, load_teacher, sha256_file
+from pipeline.checkpoints import check_fits_data, load_checkpoint, sha256_file
+from pipeline.models import load_teacher
 from pipeline.config import UserError, build, check, check_choice
 from pipeline.device import autocast, memory_format, mean_keep_layout
 from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, shard_weight, sync_batchnorm, wrap_ddp

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.checkpoints import check_fits_data, load_checkpoint, load_teacher
+from pipeline.checkpoints import check_fits_data, load_checkpoint
+from pipeline.models import load_teacher
 from pipeline.config import UserError, check
 from pipeline.data import ImageData
 from pipeline.models import build_model, count_parameters

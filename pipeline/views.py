@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline import paths
 from pipeline.augment import AugmentConfig, plan_views
-from pipeline.cache.store import swap_in
+from pipeline.checkpoints import swap_in
 from pipeline.config import UserError, build, check, to_dict
 
 PLAN_FORMAT = 1  # bump when the layout of views.zarr changes

@@ -58,7 +58,7 @@ def tiny_targets(method, align_cfg, device, online: bool):
     (online) or the epoch slabs of their caches."""
     from pipeline import paths
     from pipeline.cache import open_cache
-    from pipeline.checkpoints import load_teacher
+    from pipeline.models import load_teacher
     from pipeline.cache.slabs import CachedTargets, CacheSlabs, OnlineTargets, SlabLoader
 
     teachers = list(TINY_TEACHERS)

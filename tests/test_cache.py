@@ -24,7 +24,7 @@ from pipeline.augment import apply_views, normalize
 from pipeline.cache import CacheConfig, TeacherCache, open_cache, rerun_hint, validate_caches
 from pipeline.cache.write import cache_teacher
 from pipeline.dist import World
-from pipeline.checkpoints import load_teacher
+from pipeline.models import load_teacher
 from pipeline.config import UserError, build
 from pipeline.views import ViewsConfig, make_view_plan
 from stages import cache_teachers as cache_stage

@@ -25,7 +25,8 @@ from click.testing import CliRunner
 
 from bench.cache_io import calibrate_batchnorm, fake_teacher
 from pipeline import paths
-from pipeline.checkpoints import load_checkpoint, load_teacher, save_checkpoint, write_json
+from pipeline.checkpoints import load_checkpoint, save_checkpoint, write_json
+from pipeline.models import load_teacher
 from pipeline.config import UserError, build
 from pipeline.data import DataConfig, load_split
 from pipeline.evaluate import (

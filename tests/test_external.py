@@ -23,7 +23,7 @@ from pipeline import paths
 from pipeline.align import AlignConfig, align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache import open_cache
-from pipeline.checkpoints import load_teacher
+from pipeline.models import load_teacher
 from pipeline.config import UserError, build
 from pipeline.data import DataConfig, load_split
 from pipeline.models.external import External, read_state_dict

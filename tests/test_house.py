@@ -198,7 +198,7 @@ NO_SPACE = ("No space left on device", "unexpected pos", "iostream error", "file
 def one_line_no_space(message: str) -> str:
     """A full disk's refusal: one line, the reason, and what to do about it."""
     assert "\n" not in message and any(words in message for words in NO_SPACE), message
-    assert "free some space" in message, message
+    assert "free space" in message, message
     return message
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import pipeline.pretraining
 from pipeline import paths
-from pipeline.checkpoints import load_teacher
+from pipeline.models import load_teacher
 from pipeline.optim import lr_at
 from stages import pretrain as pretrain_stage
 from helpers import one_line_error

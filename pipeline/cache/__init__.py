@@ -8,33 +8,15 @@
 
     from pipeline.cache import open_cache, soft_labels
 
-The names below are loaded from their module on first use, so importing one module of the package (as
-pipeline.views does with `pipeline.cache.store`) loads that module alone: the package's own import never
-pulls in its siblings, which would make a cycle (write and frame import pipeline.views). The modules
-import each other by their own names (`pipeline.cache.read`), never through the package.
+The modules import each other by their own names (`pipeline.cache.read`), never through the package, and
+nothing the package imports imports it back (the view plan's atomic swap lives in pipeline.checkpoints).
 """
 
-from __future__ import annotations
+from pipeline.cache.frame import soft_labels
+from pipeline.cache.read import CACHE_FORMAT, CacheConfig, TeacherCache, open_cache, rerun_hint, validate_caches
+from pipeline.cache.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.cache.write import cache_teacher, verify_cache
 
-import importlib
-
-_EXPORTS = {
-    "read": ("CACHE_FORMAT", "CacheConfig", "TeacherCache", "open_cache", "rerun_hint", "validate_caches"),
-    "write": ("cache_teacher", "verify_cache"),
-    "slabs": ("CachedTargets", "CacheSlabs", "NoTargets", "OnlineTargets", "SlabLoader"),
-    "frame": ("soft_labels",),
-}
-_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = list(_MODULE_OF)
-
-
-def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
-    globals()[name] = value  # looked up once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__all__ = ["CACHE_FORMAT", "CacheConfig", "TeacherCache", "open_cache", "rerun_hint", "validate_caches",
+           "cache_teacher", "verify_cache", "CachedTargets", "CacheSlabs", "NoTargets", "OnlineTargets", "SlabLoader",
+           "soft_labels"]

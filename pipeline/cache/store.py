@@ -44,21 +44,14 @@ writers of different chunks never share, bytes that depend on the chunk index al
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import json
-import os
-import shutil
-import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from pipeline.config import UserError
+from pipeline.checkpoints import exclusive_lock
 
 DIMS = {"logits": ("sample", "view", "class")}
 FEATURE_DIMS = ("sample", "view", "feature")
@@ -452,80 +445,10 @@ def _h5_read_attrs(source) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------- writing: one writer, disk errors in one line
+# ---------------------------------------------------------------- writing: one writer
 
 
-@contextlib.contextmanager
 def writer_lock(store: Path):
-    """Hold the one-writer lock of the store at `store` (`<store>.lock` beside it) for the block.
-
-    An exclusive `fcntl.flock`, which the kernel drops when its process dies: a killed writer leaves no
-    lock that blocks a rerun. A second writer ends at once in one line naming the process that holds it.
-    The holder's name is written into the file when there is room: the flock itself needs no disk space,
-    so on a full disk the lock holds all the same (a second writer is told "another process").
-    """
-    lock = store.with_name(store.name + ".lock")
-    with disk_errors(f"cannot write the cache at {store}",
-                     f"choose a writable location or fix the permissions of {store.parent}", "rerun"):
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
-            raise UserError(f"cache {store} is being written by {holder}: wait for it to finish, or stop it "
-                            f"and rerun") from None
-        with contextlib.suppress(OSError):  # no room for the holder's name (a full disk): the lock holds without it
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} since "
-                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)  # the file stays (unlinking it could let two writers lock two inodes)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-
-
-def disk_full(exc: BaseException) -> bool:
-    """Whether `exc` says the disk (or the user's quota) has no space left."""
-    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc)
-
-
-@contextlib.contextmanager
-def disk_errors(failed: str, fix: str, then: str = ""):
-    """Turn an OSError of the block into one line (a UserError): `failed` (the reason), then `fix`, or on a
-    full disk freeing space on it, then `then` (e.g. "rerun ... to resume")."""
-    try:
-        yield
-    except OSError as exc:
-        if disk_full(exc):
-            reason, fix = os.strerror(errno.ENOSPC), "free space on its disk"
-        else:
-            reason = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise UserError(f"{failed} ({reason}): {fix}" + (f", then {then}" if then else "")) from None
-
-
-def remove_path(path: Path) -> None:
-    """Delete a store (zarr folder or h5 file) or any leftover temp path; absent is fine."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def swap_in(new: Path, final: Path) -> None:
-    """Replace `final` (file or folder, may be absent) by the finished `new`, never losing both.
-
-    The old one is renamed aside to `<final>.old` first and deleted only after `new` took its place;
-    `pipeline.cache.write.recover_swap` finishes the job if a run dies in between.
-    """
-    old = final.with_name(final.name + ".old")
-    remove_path(old)
-    if final.exists():
-        final.rename(old)
-    new.rename(final)
-    remove_path(old)
+    """The one-writer lock of the store at `store` (`<store>.lock` beside it), held for a `with` block: a second
+    writer ends at once in one line naming the process that holds it (pipeline.checkpoints.exclusive_lock)."""
+    return exclusive_lock(store.with_name(store.name + ".lock"), f"cache {store}", f"cannot write the cache at {store}")

@@ -36,9 +36,10 @@ import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.cache.read import CACHE_FORMAT, CacheConfig, rerun_hint
-from pipeline.cache.store import (FORMATS, Layout, create_store, damaged_chunks, disk_errors, format_of,
-                                  layout_from_attrs, open_store, remove_path, swap_in, writer_lock)
-from pipeline.checkpoints import changed_settings, check_fits_data, load_teacher, sha256_file
+from pipeline.cache.store import (FORMATS, Layout, create_store, damaged_chunks, format_of, layout_from_attrs, open_store,
+                                  writer_lock)
+from pipeline.checkpoints import changed_settings, check_fits_data, disk_errors, remove_path, sha256_file, swap_in
+from pipeline.models import load_teacher
 from pipeline.config import UserError, to_dict
 from pipeline.device import memory_format
 from pipeline.dist import World, barrier, broadcast
@@ -345,7 +346,7 @@ def _create(out: Path, target: Path, layout: Layout, attrs: dict[str, Any]) -> N
 
 
 def recover_swap(out: Path) -> None:
-    """Finish a swap (`pipeline.cache.store.swap_in`) that a killed run left half done."""
+    """Finish a swap (`pipeline.checkpoints.swap_in`) that a killed run left half done."""
     old = out.with_name(out.name + ".old")
     staging = out.with_name(out.name + ".new")
     if not out.exists():

@@ -13,6 +13,7 @@ This file holds the small networks (the LeNet-4 / NiN pair of Adversarial Networ
 two tiny students); the CIFAR teachers of MEAL live in `pipeline.models.cifar`.
 
     python -c "from pipeline.models import parameter_table; print(parameter_table())"   # the README's zoo table
+    load_teacher(path)            # a pretrained teacher from its checkpoint, frozen, in eval mode
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.checkpoints import load_checkpoint
 from pipeline.config import UserError
 from pipeline.models.external import External, default_input, is_external
 from pipeline.models.cifar import (
@@ -261,3 +263,17 @@ def parameter_table(widths: dict[str, float] | None = None) -> str:
         rows.append(f"| {name} | {counts[0]:,} | {counts[1]:,} |")
     return "\n".join(rows)
 
+
+def load_teacher(path: str | Path, device: torch.device | str = "cpu"):
+    """A pretrained teacher in eval mode with frozen weights, and its checkpoint dict.
+
+    The checkpoint records the architecture and its kwargs (see `stages.pretrain`), so a teacher is
+    rebuilt from its file alone.
+    """
+    ckpt = load_checkpoint(path, "teacher checkpoint", "run `python -m stages.pretrain --teacher NAME` first")
+    if not ckpt.get("finished", False):
+        raise UserError(f"teacher checkpoint {path} is from an unfinished pretrain run: rerun stages.pretrain to finish it")
+    model = build_model(ckpt["arch"], **ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    model.eval().requires_grad_(False).to(device)
+    return model, ckpt
