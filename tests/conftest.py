@@ -60,26 +60,22 @@ def tiny_params(tmp_path, fashion_root, monkeypatch) -> Path:
 
 @pytest.fixture
 def full_disk(tmp_path) -> Path:
-    """A directory on its own tiny file system (a 1 MiB tmpfs under tmp_path), filled to the last byte: any
-    write there fails with ENOSPC (creating an empty file or folder still works: tmpfs counts inodes apart).
-    Put things there first by deleting `.fill`, writing them and calling `helpers.fill_disk` again.
-    Unmounted at teardown. Skipped where mounting is not permitted (it needs root or CAP_SYS_ADMIN)."""
-    import subprocess
+    """A directory on its own tiny file system under tmp_path, filled to the last byte (helpers.full_disk_at).
+    Put things there first by deleting `.fill`, writing them and calling `helpers.fill_disk` again."""
+    from helpers import full_disk_at
 
-    from helpers import fill_disk
-
-    where = tmp_path / "full_disk"
-    where.mkdir()
-    try:
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
-                               capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command: a full disk needs a tmpfs mounted for the test")
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full disk (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
-    try:
-        fill_disk(where)
+    with full_disk_at(tmp_path / "full_disk") as where:
         yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(where)], check=True)  # a file still open there (a killed writer)
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make tiny steps up to 50x
+    slower (stages call setup_cpu, which respects OMP_NUM_THREADS)."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

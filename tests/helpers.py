@@ -1,5 +1,6 @@
 """Assertions shared by the stage tests."""
 
+import contextlib
 from pathlib import Path
 
 
@@ -130,3 +131,30 @@ def fill_disk(directory: Path) -> Path:
                 if exc.errno != errno.ENOSPC:
                     raise
     return filler
+
+
+@contextlib.contextmanager
+def full_disk_at(where: Path, keep=()):
+    """`where` as its own 1 MiB tmpfs holding the empty files `keep`, then filled to the last byte (`fill_disk`):
+    any write there fails with ENOSPC (tmpfs counts inodes apart, so creating an empty file or folder still
+    works). Unmounted afterwards; the test is skipped where mounting is not permitted (root or CAP_SYS_ADMIN)."""
+    import subprocess
+
+    import pytest
+
+    where.mkdir(parents=True, exist_ok=True)
+    try:
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)],
+                               capture_output=True, text=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command: a full disk needs a tmpfs mounted for the test")
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs for a full disk (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
+    try:
+        for name in keep:  # before filling: creating a file with content needs space
+            (where / name).touch()
+        fill_disk(where)
+        yield where
+    finally:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "--lazy", str(where)], check=True)  # a file still open there (a killed writer)

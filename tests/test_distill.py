@@ -35,15 +35,7 @@ from helpers import (TINY_TEACHERS, build_tiny_pipeline, ends_in_one_error_line,
 TEACHERS = TINY_TEACHERS
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make these tiny
-    steps up to 50x slower (stages call setup_cpu, which respects OMP_NUM_THREADS)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: one thread each (tests/conftest.py)
 
 
 def params_for(root: Path) -> dict:

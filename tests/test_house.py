@@ -9,8 +9,6 @@ among the known methods only where it is listed.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import subprocess
@@ -27,21 +25,13 @@ from click.testing import CliRunner
 from pipeline import paths
 from pipeline.config import UserError
 from stages import distill as distill_stage
-from helpers import build_tiny_pipeline, ends_in_one_error_line, one_line_error, tiny_distill_params
+from helpers import build_tiny_pipeline, full_disk_at, ends_in_one_error_line, one_line_error, tiny_distill_params
 
 REPO = Path(__file__).resolve().parents[1]  # the tree under test: child processes must import this one, not
 # whatever checkout the editable install points at
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """One intra-op thread: on a loaded 2-core machine two spinning OpenMP threads make these tiny
-    steps up to 50x slower (stages call setup_cpu, which respects OMP_NUM_THREADS)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: one thread each (tests/conftest.py)
 
 
 @pytest.fixture
@@ -161,36 +151,6 @@ def test_a_second_trainer_of_a_run_stops_in_one_line_and_the_run_resumes(tiny_pi
 # ---------------------------------------------------------------- 3. a full disk
 
 
-@contextlib.contextmanager
-def _full_disk(where: Path, keep=()):
-    """`where` as its own 256 KiB tmpfs holding the empty files `keep`, then filled until a write gets ENOSPC
-    (tmpfs counts inodes apart, so creating an empty file or folder there still works). Unmounted afterwards;
-    the test is skipped where mounting is not permitted (root or CAP_SYS_ADMIN)."""
-    where.mkdir(parents=True, exist_ok=True)
-    try:
-        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)],
-                               capture_output=True, text=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command: a full disk needs a tmpfs mounted for the test")
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full disk (needs root or CAP_SYS_ADMIN): {mount.stderr.strip()}")
-    try:
-        for name in keep:  # before filling: creating a file with content needs space
-            (where / name).touch()
-        with open(where / ".fill", "ab", buffering=0) as f:
-            for size in (1 << 16, 4096, 1):  # big blocks, then whatever is left of the last page
-                with contextlib.suppress(OSError):
-                    while True:
-                        f.write(b"\0" * size)
-        with pytest.raises(OSError) as full:
-            (where / ".probe").write_bytes(b"x")
-        assert full.value.errno == errno.ENOSPC
-        yield where
-    finally:
-        if subprocess.run(["umount", str(where)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "--lazy", str(where)], check=True)  # a file still open there
-
-
 # the OS's words for ENOSPC, or torch.save's (its C++ writer drops the errno: measured with torch 2.14 on tmpfs)
 NO_SPACE = ("No space left on device", "unexpected pos", "iostream error", "file write failed")
 
@@ -205,7 +165,7 @@ def one_line_no_space(message: str) -> str:
 def test_writes_on_a_full_disk_end_in_one_line_and_leave_no_temporary_file(tmp_path):
     from pipeline.checkpoints import save_checkpoint, write_json
 
-    with _full_disk(tmp_path / "full") as full:
+    with full_disk_at(tmp_path / "full") as full:
         with pytest.raises(UserError) as err:
             save_checkpoint(full / "x.pt", {"student": {"w": torch.randn(64, 64)}, "epoch": 3})
         assert "x.pt" in one_line_no_space(err.value.message)
@@ -217,11 +177,11 @@ def test_writes_on_a_full_disk_end_in_one_line_and_leave_no_temporary_file(tmp_p
         assert not [n for n in left if n.endswith(".tmp")] and "x.pt" not in left and "m.json" not in left, left
 
 
-def test_the_run_lock_works_on_a_full_disk(tmp_path):
+def test_the_run_lock_works_on_afull_disk_at(tmp_path):
     """A run that fills the disk must still be lockable, or no rerun could even start to report the full disk."""
     from pipeline.checkpoints import exclusive_lock
 
-    with _full_disk(tmp_path / "full", keep=("r.lock",)) as full:
+    with full_disk_at(tmp_path / "full", keep=("r.lock",)) as full:
         with exclusive_lock(full / "r.lock", "distill run r"):  # no room for the holder's note: the lock alone
             with pytest.raises(UserError) as err:  # and it still excludes a second writer
                 with exclusive_lock(full / "r.lock", "distill run r"):
@@ -237,7 +197,7 @@ def test_the_run_lock_works_on_a_full_disk(tmp_path):
 @pytest.mark.parametrize("on_full_disk", [("data/student",), ("data/student", "logs")])
 def test_the_distill_stage_on_a_full_disk_ends_in_one_line(tiny_pipeline, tmp_path, on_full_disk):
     """A fresh run's checkpoints on a full disk, alone or with the run's lock and logs beside them (one disk)."""
-    with _full_disk(tmp_path / "full") as full:
+    with full_disk_at(tmp_path / "full") as full:
         for folder in on_full_disk:
             (full / folder).mkdir(parents=True)  # an empty folder needs no space on tmpfs
             Path(folder).symlink_to(full / folder, target_is_directory=True)

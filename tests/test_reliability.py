@@ -37,7 +37,9 @@ from stages import inspect as inspect_stage
 from bench.cache_io import fake_teacher
 from helpers import ends_in_one_error_line, fill_disk, one_line_error
 from test_cache import Boom, arrays, build_cache, setup, tree_digest  # noqa: F401  (setup: a fixture)
-from test_distill import one_thread, run, tiny_pipeline  # noqa: F401  (fixtures)
+from test_distill import run, tiny_pipeline  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: one thread each (tests/conftest.py)
 
 
 # ---------------------------------------------------------------- kills and resumes

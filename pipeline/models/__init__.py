@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Callable
 
 import torch
