@@ -5,7 +5,7 @@
     epoch_steps()        that pass as a generator of steps (the benchmark steps several trainers in lock-step)
     train_step()         the student's forward, the method's terms, the game's terms, backward, steps
     evaluate()           test accuracy of the student (pipeline.training.evaluate)
-    open_targets()       where a run's targets come from: the caches' slabs, the teachers live, or none
+    open_sources()       where a run's targets come from: the caches' slabs, the teachers live, or none
 
 Under torchrun (pipeline.dist) each rank trains its shard of every global batch, weighted so that the
 averaged gradients are the global batch's; rank 0 alone evaluates and saves.
@@ -429,12 +429,32 @@ def check_plan(plan, train) -> None:
                         f"rerun python -m stages.plan_views")
 
 
-def open_targets(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan, train, feature_blocks,
-                 device: torch.device):
-    """(target source, align spec, block names, per-teacher identity) for cached or online training, or
-    (NoTargets, the params' align spec, None, {}) without teachers."""
+@dataclass
+class TargetSources:
+    """Where a run's targets come from, opened and checked: the teachers' caches, the teachers themselves
+    (online), or nothing (scratch). `targets(feature_blocks)` makes the step's target source."""
+
+    align_cfg: AlignConfig  # the caches' align spec (online and scratch: the params')
+    blocks: list[str] | None  # the caches' block names (None: the models' defaults)
+    hashes: dict[str, Any]  # teacher name -> its checkpoint's sha256, for the run's identity
+    caches: dict[str, Any] = field(default_factory=dict)  # teacher name -> TeacherCache
+    models: list[nn.Module] = field(default_factory=list)  # the live teachers (online)
+    autocast: bool = False  # online teachers under bf16 autocast on CUDA (cache.autocast)
+
+    def targets(self, feature_blocks, device: torch.device):
+        if self.caches:
+            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device))
+        if self.models:
+            return OnlineTargets(self.models, self.align_cfg, feature_blocks, device, self.autocast)
+        return NoTargets()
+
+
+def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan, train,
+                 device: torch.device) -> TargetSources:
+    """The run's target sources: every teacher's cache validated against the plan and the data, or with `online`
+    every teacher loaded and checked against the data; nothing without teachers."""
     if not teachers:  # scratch
-        return NoTargets(), cache_cfg.align_config, None, {}
+        return TargetSources(cache_cfg.align_config, None, {})
     if online:
         models, hashes = [], {}
         for name in teachers:
@@ -444,14 +464,12 @@ def open_targets(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
                             f"retrain it with python -m stages.pretrain --teacher {name} --restart")
             models.append(model)
             hashes[name] = sha256_file(path)
-        align_cfg = cache_cfg.align_config
-        return OnlineTargets(models, align_cfg, feature_blocks, device, cache_cfg.autocast), align_cfg, None, hashes
+        return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast)
     caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format)) for t in teachers], plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)
     align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
-    source = CacheSlabs(dict(zip(teachers, caches)))
     hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(teachers, caches)}
-    return CachedTargets(SlabLoader(source, feature_blocks, device)), align_cfg, caches[0].blocks, hashes
+    return TargetSources(align_cfg, caches[0].blocks, hashes, caches=dict(zip(teachers, caches)))
 
 
 def load_student_init(student: nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from pipeline.config import DEFAULT_PARAMS, build, load_params, section
 from pipeline.data import load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
-from pipeline.distill import TrainSet, build_trainer, check_plan, distill, load_student_init, open_targets
+from pipeline.distill import TrainSet, build_trainer, check_plan, distill, load_student_init, open_sources
 from pipeline.launch import forwarded_options, seed_jobs, train_seeds_in_processes
 from pipeline.methods import METHODS, make_method
 from pipeline.models import build_model, constructor_kwargs, count_parameters
@@ -119,17 +119,16 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
     """Train (or resume, or only report) one seed of the run into data/student/RUN/seedS.pt (rank 0 writes)."""
     echo = click.echo if world.main else (lambda *_: None)
     cfg = replace(s.distill, seed=seed)
-    method = make_method(s.method, s.options, s.teachers)
-    targets, align_cfg, blocks, hashes = open_targets(s.teachers, s.online, s.cache, plan, train,
-                                                      method.feature_blocks, dev)
-    method = make_method(s.method, s.options, s.teachers, blocks)  # the caches' block names
+    sources = open_sources(s.teachers, s.online, s.cache, plan, train, dev)
+    method = make_method(s.method, s.options, s.teachers, sources.blocks)  # the caches' block names
+    targets, align_cfg = sources.targets(method.feature_blocks, dev), sources.align_cfg
     model_kwargs = method.student_kwargs(constructor_kwargs(s.student.arch, s.student.model, train))
     torch.manual_seed(cfg.seed)
     student = build_model(s.student.arch, **model_kwargs)
     init = s.student.init.replace("{seed}", str(seed))
     init_sha = load_student_init(student, s.student.arch, init, model_kwargs) if init else None
     trainer = build_trainer(method, cfg, student, train.num_classes, align_cfg, dev, world, sync_bn)
-    identity = run_identity(s, cfg, model_kwargs, init, init_sha, train, plan, hashes, align_cfg)
+    identity = run_identity(s, cfg, model_kwargs, init, init_sha, train, plan, sources.hashes, align_cfg)
     path = paths.student_checkpoint(s.run_name, seed)
     state = load_resumable(path, identity, restart, "student checkpoint", stored="identity")
     base = {"method": s.method, "run": s.run_name, "seed": seed, "arch": s.student.arch,
