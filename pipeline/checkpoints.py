@@ -28,7 +28,7 @@ def replace_atomically(path: str | Path, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename it over `path`: a reader (or a resume
     after a kill) sees the old file or the new one, never half of one."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two writers never share a temporary
     with disk_errors(f"cannot write {path}", f"fix the permissions of {path.parent}", "rerun (finished work is kept)"):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

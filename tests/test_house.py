@@ -162,6 +162,25 @@ def one_line_no_space(message: str) -> str:
     return message
 
 
+def test_two_processes_replacing_one_file_never_share_a_temporary(tmp_path):
+    """The seed pool's children all rewrite metrics/distill/RUN.json: a second process that writes the file while
+    the first is between writing its temporary and renaming it must not take the first's temporary away (CI once
+    failed with "cannot write metrics/distill/par.json (No such file or directory)")."""
+    from pipeline.checkpoints import replace_atomically
+
+    target = tmp_path / "summary.json"
+    other = (f"from pipeline.checkpoints import write_json; write_json({str(target)!r}, {{'by': 'other'}})")
+
+    def write_then_let_another_process_write(tmp: Path) -> None:
+        tmp.write_text(json.dumps({"by": "this"}))
+        subprocess.run([sys.executable, "-c", other], env=child_env(), check=True)
+        assert json.loads(target.read_text()) == {"by": "other"}
+
+    replace_atomically(target, write_then_let_another_process_write)
+    assert json.loads(target.read_text()) == {"by": "this"}  # the last rename wins, and nothing is left over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
 def test_writes_on_a_full_disk_end_in_one_line_and_leave_no_temporary_file(tmp_path):
     from pipeline.checkpoints import save_checkpoint, write_json
 
