@@ -78,9 +78,14 @@ def uniform(seed: int, samples: np.ndarray, views: np.ndarray, draw: int) -> np.
 # ---------------------------------------------------------------- planning views
 
 def plan_views(
-    cfg: AugmentConfig, seed: int, samples: np.ndarray, views: np.ndarray, height: int, width: int
+    cfg: AugmentConfig, seed: int, samples: np.ndarray, views: np.ndarray, height, width
 ) -> np.ndarray:
-    """The int16 parameters of views `views` of samples `samples`: (n, V, P)."""
+    """The int16 parameters of views `views` of samples `samples`: (n, V, P).
+
+    `height` and `width` are the source images' size in pixels: one int for all (a tensor source), or one per
+    sample, shape (n,) (files at native resolution), so each box is drawn on its own image as torchvision's
+    RandomResizedCrop draws it. Equal sizes given either way give the same plan.
+    """
     samples = np.asarray(samples)
     views = np.asarray(views)
     if cfg.kind == "none":
@@ -95,7 +100,9 @@ def plan_views(
 
 
 def _plan_resized_crops(cfg, seed, samples, views, height, width, flip) -> np.ndarray:
-    """RandomResizedCrop's rejection sampling (10 tries, then a centre crop), vectorised."""
+    """RandomResizedCrop's rejection sampling (10 tries, then a centre crop), vectorised over samples and views."""
+    height = np.broadcast_to(np.asarray(height, dtype=np.int64), (len(samples),))[:, None]  # (n, 1)
+    width = np.broadcast_to(np.asarray(width, dtype=np.int64), (len(samples),))[:, None]
     area = height * width
     shape = (len(samples), len(views))
     box = np.zeros(shape + (4,), dtype=np.int64)
@@ -112,15 +119,13 @@ def _plan_resized_crops(cfg, seed, samples, views, height, width, flip) -> np.nd
         left = np.floor(uniform(seed, samples, views, base + 3) * (width - w + 1)).astype(np.int64)
         box[ok] = np.stack([top, left, h, w], axis=-1)[ok]
         found |= ok
-    # fallback: the largest centred crop within the ratio bounds
-    in_ratio = width / height
-    if in_ratio < cfg.ratio_min:
-        w, h = width, int(round(width / cfg.ratio_min))
-    elif in_ratio > 1.0 / cfg.ratio_min:
-        h, w = height, int(round(height / cfg.ratio_min))
-    else:
-        w, h = width, height
-    box[~found] = np.array([(height - h) // 2, (width - w) // 2, h, w])
+    # fallback: the largest centred crop within the ratio bounds (np.round halves to even, as Python's round)
+    in_ratio = width / height  # (n, 1)
+    narrow, wide = in_ratio < cfg.ratio_min, in_ratio > 1.0 / cfg.ratio_min
+    w = np.where(wide, np.round(height / cfg.ratio_min).astype(np.int64), width)
+    h = np.where(narrow, np.round(width / cfg.ratio_min).astype(np.int64), height)
+    centre = np.broadcast_to(np.stack([(height - h) // 2, (width - w) // 2, h, w], axis=-1), shape + (4,))
+    box[~found] = centre[~found]
     return np.concatenate([box, flip[..., None]], axis=-1).astype(np.int16)
 
 
@@ -156,18 +161,42 @@ def _crop(images: torch.Tensor, dx: torch.Tensor, dy: torch.Tensor, pad: int) ->
     return windows[torch.arange(b, device=images.device), :, dy, dx]  # (B, C, H, W)
 
 
-def _resized_crop(images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Bilinear crop-and-resize of one box (top, left, height, width) per image back to H x W."""
+def views_of_image(image: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig, size: int) -> torch.Tensor:
+    """The views `params` (V, P) of one image (C, H, W) uint8 at its own resolution -> (V, C, size, size) uint8.
+
+    What a file source does with one decode: every planned box (drawn on this image's own size) is cropped and
+    resized to size x size from the same pixels. On a tensor holding the same image at size x size this equals
+    `apply_views`, bit for bit (one roi_align either way). `none` is the whole image resized.
+    """
+    if cfg.kind == "crop_flip":
+        raise ValueError("crop_flip pads and crops at the source's own size: views from files need rrc_flip or none")
+    params = params.to(image.device, torch.long)  # (V, P)
+    v, (c, h, w) = len(params), image.shape
+    if cfg.kind == "none":  # the whole image, unflipped
+        params = torch.tensor([[0, 0, h, w, 0]], device=image.device).expand(v, 5)
+    out = _resized_crop(image[None], params[:, :4], (size, size), index=torch.zeros(v, dtype=torch.long))
+    flip = params[:, -1].bool()  # (V,)
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int] | None = None,
+                  index: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop-and-resize of one box (top, left, height, width) per row to `size` (default: the images' H x W).
+
+    Box i reads image `index[i]` (default: image i). Each output pixel averages a ceil(box/output) grid of
+    bilinear samples in its cell (roi_align's adaptive sampling): one sample at the pixel's centre when the box
+    is no larger than the output (an upscale, and a full-image box is the identity), an antialiased average
+    when the box is larger (a file at native resolution cut down to the training size).
+    """
     from torchvision.ops import roi_align
 
-    b, c, h, w = images.shape
+    b = boxes.shape[0]
+    size = size or (images.shape[2], images.shape[3])
     top, left, bh, bw = boxes.unbind(1)
-    idx = torch.arange(b, device=images.device, dtype=torch.float32)
-    rois = torch.stack([idx, left.float(), top.float(), (left + bw).float(), (top + bh).float()], 1)
-    # One bilinear sample at each output pixel's centre: crops are never larger than the output, so this
-    # is an upscale (no aliasing to average away), and a full-image box is the identity.
-    out = roi_align(images.float(), rois, output_size=(h, w), spatial_scale=1.0, sampling_ratio=1, aligned=True)
-    return out.round_().clamp_(0, 255).to(torch.uint8)  # (B, C, H, W)
+    idx = (torch.arange(b, device=images.device) if index is None else index.to(images.device)).float()
+    rois = torch.stack([idx, left.float(), top.float(), (left + bw).float(), (top + bh).float()], 1)  # (B, 5)
+    out = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)  # (B, C, size, size)
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
