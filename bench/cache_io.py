@@ -46,7 +46,7 @@ from pipeline.cache.store import FORMATS, Layout, create_store, open_store, read
 from pipeline.cache.write import cache_teacher
 from pipeline.checkpoints import save_checkpoint
 from pipeline.models import load_teacher
-from pipeline.data import ImageData
+from pipeline.data import ImageData, eval_views
 from pipeline.device import memory_format, resolve_device, setup_cpu
 from pipeline.models import build_model
 from pipeline.views import ViewsConfig, make_view_plan
@@ -94,7 +94,7 @@ def calibrate_batchnorm(model: torch.nn.Module, data: ImageData, images: int = 1
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
-    x = normalize(data.images[:images], data.mean, data.std)  # (n, C, H, W)
+    x = normalize(next(eval_views(data, torch.device("cpu"), images)), data.mean, data.std)  # (n, C, H, W)
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = None  # a cumulative average: one batch sets the statistics outright

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from pipeline import paths, training
 from pipeline.align import AlignConfig, align
 from pipeline.align import mean as plain_mean
-from pipeline.augment import AugmentConfig, apply_views, normalize
+from pipeline.augment import AugmentConfig, normalize
+from pipeline.data import step_views
 from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader, open_cache,
                             validate_caches)
 from pipeline.checkpoints import check_fits_data, load_checkpoint, sha256_file
@@ -119,14 +120,15 @@ class DistillConfig(SGDConfig):
 
 @dataclass
 class TrainSet:
-    """The training split on the device, with the view plan that says what every epoch shows."""
+    """The training split, with the view plan that says what every epoch shows."""
 
-    images: torch.Tensor  # (N, C, H, W) uint8 on the device
+    images: torch.Tensor | None  # (N, C, H, W) uint8 on the device; None: `files` decoded batch by batch
     labels: torch.Tensor  # (N,) int64 on the device
     aug: np.ndarray  # (N, V, P) int16 view parameters (pipeline.views)
     augment: AugmentConfig
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    files: Any = None  # the FileData the images come from (pipeline.data.files), where they are not resident
 
     @property
     def num_views(self) -> int:
@@ -271,16 +273,18 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
     fmt = memory_format(dev)
+    shares = [shard(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], tr.world) for i in range(steps)]
+    batches = step_views(data.files, data.images, shares, params, data.augment, dev)  # (b, C, H, W) uint8 each
     for i in range(steps):
         set_lr(tr.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
-        rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,) the global batch
-        idx = shard(rows, tr.world)  # (b,) this rank's share (all of it with one process)
-        x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
+        idx = shares[i]  # (b,) this rank's share of the global batch (all of it with one process)
+        x = normalize(next(batches), data.mean, data.std)
         x = x.contiguous(memory_format=fmt)  # (B, C, H, W) float32, the view the teachers saw
         y = data.labels[idx]
         picked = method.pick(rng)
         tgt = targets(idx, x, picked) if picked else None
-        names, values = train_step(tr, x, y, tgt, shard_weight(len(idx), len(rows), tr.world))
+        names, values = train_step(tr, x, y, tgt, shard_weight(len(idx), min(cfg.batch_size, n - i * cfg.batch_size),
+                                                               tr.world))
         b = len(idx)
         yield names, values * b, b
 

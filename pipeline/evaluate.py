@@ -305,7 +305,7 @@ def evaluate_models(
     test log-probabilities (N, C) are kept, for the ensemble and the students' fidelity to it.
     Call `check_checkpoints` first: this assumes every checkpoint is there, finished and fits the data.
     """
-    image_shape = tuple(test.images.shape[1:])  # (C, H, W)
+    image_shape = tuple(test.view_shape)  # (C, H, W) of what the models see
     rows: list[Row] = []
     member_log_probs, member_costs = [], []
 

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.augment import AugmentConfig, apply_views, normalize, plan_views
+from pipeline.augment import AugmentConfig, normalize, plan_views
 from pipeline.config import UserError, build, check, to_dict
-from pipeline.data import ImageData
+from pipeline.data import ImageData, resident, source_sizes, step_views
 from pipeline.device import autocast, memory_format
 from pipeline.dist import World, all_reduce_sum, barrier, shard, shard_weight, sync_batchnorm, wrap_ddp
 from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
@@ -81,7 +81,7 @@ def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: ImageData,
-    images: torch.Tensor,
+    images: torch.Tensor | None,
     labels: torch.Tensor,
     cfg: PretrainConfig,
     epoch: int,
@@ -89,7 +89,8 @@ def train_one_epoch(
     progress: bool = True,
     world: World = World(),
 ) -> dict[str, float]:
-    """One pass over `images` (N, C, H, W) uint8 already on `device`; returns mean loss and accuracy.
+    """One pass over the training split; returns mean loss and accuracy. `images`: the split's (N, C, H, W) uint8
+    already on `device`, or None where its files are decoded batch by batch (pipeline.data.step_views).
 
     The epoch's augmentation is view `epoch` of the seeded plan (pipeline.augment), so it is replayable.
     `model` may be DDP-wrapped: then this rank trains its shard of each global batch (pipeline.dist).
@@ -101,24 +102,25 @@ def train_one_epoch(
     total_steps = steps_per_epoch * cfg.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     order = epoch_order(cfg.seed, epoch, n).to(device)  # (N,)
-    views = torch.from_numpy(plan_views(aug, cfg.seed, np.arange(n), np.array([epoch]), *images.shape[2:])[:, 0])
+    views = torch.from_numpy(plan_views(aug, cfg.seed, np.arange(n), np.array([epoch]), *source_sizes(data))[:, 0])
     views = views.to(device)  # (N, P)
+    steps = [shard(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], world) for i in range(steps_per_epoch)]
+    batches = step_views(data, images, steps, views, aug, device)  # this rank's (b,) rows of each global batch
     fmt = memory_format(device)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
     for i in bar:
         set_lr(optimizer, lr_at(epoch * steps_per_epoch + i, total_steps, cfg.lr, warmup, cfg.schedule))
-        rows = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]  # (B,) the global batch
-        idx = shard(rows, world)  # (b,) this rank's share (all of it with one process)
-        x = normalize(apply_views(images[idx], views[idx], aug), data.mean, data.std)  # (b, C, H, W)
+        idx = steps[i]  # (b,) this rank's share of the global batch (all of it with one process)
+        x = normalize(next(batches), data.mean, data.std)  # (b, C, H, W)
         x = x.contiguous(memory_format=fmt)
         y = labels[idx]
         with autocast(device):
             logits, _ = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        weight = shard_weight(len(idx), len(rows), world)
+        weight = shard_weight(len(idx), min(cfg.batch_size, n - i * cfg.batch_size), world)  # b_r / B
         (loss * weight if weight != 1.0 else loss).backward()  # DDP averages the gradients over the ranks
         optimizer.step()
         loss_sum += loss.detach() * len(idx)
@@ -157,7 +159,7 @@ def pretrain(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, history, wall = state["epoch"], list(state["history"]), state.get("wall_time_s", 0.0)
-    images = train.images.to(device)  # (N, C, H, W) uint8, resident for the whole run
+    images = resident(train, device)  # (N, C, H, W) uint8 for the whole run; None: files, read per batch
     labels = train.labels.to(device)
     ckpt: dict[str, Any] = dict(state or {})
     trained = wrap_ddp(model, world, device)  # the model itself with one process

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.augment import normalize
-from pipeline.data import ImageData
+from pipeline.data import ImageData, eval_views
 from pipeline.device import autocast, memory_format
 
 LOG_EVERY = 25  # steps between progress-bar updates, unless a config says otherwise (distill.log_every)
@@ -38,13 +38,12 @@ def images_per_s(images: int, train_seconds: float) -> float:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: ImageData, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    """Logits (N, C) float32 on the CPU for the un-augmented images, in eval mode."""
+    """Logits (N, C) float32 on the CPU for the un-augmented images (files: resized, centre-cropped), in eval mode."""
     was_training = model.training
     model.eval()
     fmt = memory_format(device)
     out = []
-    for start in range(0, len(data), batch_size):
-        x = data.images[start:start + batch_size].to(device)
+    for x in eval_views(data, device, batch_size):  # (b, C, H, W) uint8: a file is resized and centre-cropped
         x = normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
         with autocast(device):
             logits, _ = model(x)

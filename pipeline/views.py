@@ -53,8 +53,9 @@ class ViewPlan:
     aug: np.ndarray  # (N, V, P) int16 view parameters
     labels: np.ndarray  # (N,) int16
     attrs: dict[str, Any]  # dataset, split, num_samples, dataset_fingerprint, augment, seed, num_views, ...
-    fingerprint: str  # sha256 hex of aug, labels and the defining attrs
+    fingerprint: str  # sha256 hex of aug, labels, sizes and the defining attrs
     path: str | None = None  # where it was read from (for messages)
+    sizes: np.ndarray | None = None  # (N, 2) int16 (height, width) each box was drawn on: files source only
 
     @property
     def num_samples(self) -> int:
@@ -73,46 +74,65 @@ class ViewPlan:
         return build(AugmentConfig, self.attrs["augment"], "view plan augment")
 
 
-def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any]) -> str:
-    """sha256 of the plan: its defining attrs (canonical JSON), then aug and labels as little-endian int16."""
+def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
+                     sizes: np.ndarray | None = None) -> str:
+    """sha256 of the plan: its defining attrs (canonical JSON), then aug, labels and (files) the image sizes as
+    little-endian int16."""
     digest = hashlib.sha256()
     defining = {k: v for k, v in attrs.items() if k != "fingerprint"}
     digest.update(json.dumps(defining, sort_keys=True).encode())
     digest.update(np.ascontiguousarray(aug, dtype="<i2").tobytes())
     digest.update(np.ascontiguousarray(labels, dtype="<i2").tobytes())
+    if sizes is not None:
+        digest.update(np.ascontiguousarray(sizes, dtype="<i2").tobytes())
     return digest.hexdigest()
 
 
 def make_view_plan(cfg: ViewsConfig, data, block: int = PLAN_BLOCK) -> ViewPlan:
-    """The plan for `data` (an ImageData: images (N, C, H, W), labels, name, split, fingerprint).
+    """The plan for `data`: an ImageData (images (N, C, H, W), labels, name, split, fingerprint), or a FileData,
+    whose boxes are drawn on each image's own size (`sizes`, stored in the plan) and whose decoder is part of the
+    plan's identity.
 
     Samples are planned `block` at a time; the result does not depend on `block` (plan_views is a
     pure function of (seed, sample, view)), which the tests check.
     """
     n = len(data.labels)
-    height, width = int(data.images.shape[2]), int(data.images.shape[3])
     aug_cfg = cfg.augment_config
+    sizes = data.sizes if data.source == "files" else None  # (N, 2): each file's (height, width)
+    if sizes is not None:
+        check(aug_cfg.kind != "crop_flip", "views.augment.kind = crop_flip pads and crops images of one size: "
+                                           "data.source = files needs rrc_flip (or none)")
+        height, width = data.image_size, data.image_size  # the views' size; boxes use each image's own
+    else:
+        height, width = int(data.images.shape[2]), int(data.images.shape[3])
     labels = np.asarray(data.labels)
     check(n == 0 or (labels.min() >= 0 and labels.max() < 2**15), "labels must fit in int16 for the view plan")
     views = np.arange(cfg.num_views)
     aug = np.empty((n, cfg.num_views, aug_cfg.num_params), dtype=np.int16)  # (N, V, P)
     for start in range(0, n, block):
         samples = np.arange(start, min(n, start + block))
-        aug[start:start + len(samples)] = plan_views(aug_cfg, cfg.seed, samples, views, height, width)
+        source = (height, width) if sizes is None else (sizes[samples, 0], sizes[samples, 1])  # (n,) each
+        aug[start:start + len(samples)] = plan_views(aug_cfg, cfg.seed, samples, views, *source)
     attrs = {
         "format_version": PLAN_FORMAT,
         "dataset": data.name,
         "split": data.split,
         "num_samples": n,
         "dataset_fingerprint": data.fingerprint,
-        "image_size": [height, width],
+        "image_size": [height, width],  # what models see
         "augment": to_dict(aug_cfg),
         "seed": cfg.seed,
         "num_views": cfg.num_views,
         "num_params": aug_cfg.num_params,
     }
+    if sizes is not None:
+        from pipeline.data.files import decoder_identity
+
+        attrs.update(source="files", decoder=decoder_identity())
+        sizes = sizes.astype(np.int16)
     labels16 = labels.astype(np.int16)
-    return ViewPlan(aug=aug, labels=labels16, attrs=attrs, fingerprint=plan_fingerprint(aug, labels16, attrs))
+    return ViewPlan(aug=aug, labels=labels16, attrs=attrs, fingerprint=plan_fingerprint(aug, labels16, attrs, sizes),
+                    sizes=sizes)
 
 
 def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
@@ -141,6 +161,9 @@ def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
                           dimension_names=("sample", "view", "param"))[...] = plan.aug
         root.create_array("labels", shape=(n,), chunks=(rows,), dtype="int16", fill_value=-1,
                           dimension_names=("sample",))[...] = plan.labels
+        if plan.sizes is not None:
+            root.create_array("sizes", shape=(n, 2), chunks=(rows, 2), dtype="int16", fill_value=0,
+                              dimension_names=("sample", "side"))[...] = plan.sizes
         root.attrs.update({**plan.attrs, "fingerprint": plan.fingerprint})
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -162,12 +185,13 @@ def open_view_plan(path: str | Path | None = None) -> ViewPlan:
         attrs = dict(root.attrs)
         aug = np.asarray(root["aug"][...], dtype=np.int16)
         labels = np.asarray(root["labels"][...], dtype=np.int16)
+        sizes = np.asarray(root["sizes"][...], dtype=np.int16) if attrs.get("source") == "files" else None
         stored = attrs.pop("fingerprint")
     except Exception as exc:  # a foreign or damaged folder: one line, no traceback
         raise UserError(f"view plan {path} cannot be read ({type(exc).__name__}): "
                         f"delete it and rerun python -m stages.plan_views") from None
-    fingerprint = plan_fingerprint(aug, labels, attrs)
+    fingerprint = plan_fingerprint(aug, labels, attrs, sizes)
     if fingerprint != stored:
         raise UserError(f"view plan {path} does not match its recorded fingerprint (damaged?): "
                         f"delete it and rerun python -m stages.plan_views")
-    return ViewPlan(aug=aug, labels=labels, attrs=attrs, fingerprint=fingerprint, path=str(path))
+    return ViewPlan(aug=aug, labels=labels, attrs=attrs, fingerprint=fingerprint, path=str(path), sizes=sizes)

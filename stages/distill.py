@@ -35,7 +35,7 @@ import torch
 from pipeline import paths
 from pipeline.checkpoints import exclusive_lock, load_resumable, save_checkpoint, write_json
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
-from pipeline.data import load_split, scoring_split
+from pipeline.data import load_split, resident, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.distill import TrainSet, build_trainer, check_plan, distill, load_student_init, open_sources
@@ -147,7 +147,8 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
         save_checkpoint(path, {**base, **ckpt})
         write_json(paths.student_seed_metrics(s.run_name, seed), seed_metrics(s, base, ckpt, str(dev)))
 
-    data = TrainSet(train.images.to(dev), train.labels.to(dev), plan.aug, plan.augment, train.mean, train.std)
+    data = TrainSet(resident(train, dev), train.labels.to(dev), plan.aug, plan.augment, train.mean, train.std,
+                    files=train if train.source == "files" else None)
     try:
         ckpt = distill(trainer, data, test, targets, state, save, progress=not quiet)
     finally:

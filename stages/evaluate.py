@@ -21,7 +21,7 @@ import click
 from pipeline import paths
 from pipeline.checkpoints import write_json, write_text
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
-from pipeline.data import DataConfig, load_split
+from pipeline.data import DataConfig, load_split, skipped_note
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.evaluate import EvaluateConfig, check_checkpoints, evaluate_models, metrics_payload
 from pipeline.distill import DistillConfig
@@ -107,6 +107,8 @@ def main(params_path: str, device: str) -> None:
     setup_cpu()
 
     test = load_split(data_cfg, "test")
+    if skipped_note(test):
+        click.echo(skipped_note(test))
     train = load_split(data_cfg, "train")  # its fingerprint says which data every model was trained on
     teachers = {name: paths.teacher_checkpoint(name) for name in listed}
     runs = run_names(distill_section)

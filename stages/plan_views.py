@@ -15,7 +15,7 @@ import click
 
 from pipeline import paths
 from pipeline.config import DEFAULT_PARAMS, build, load_params, section
-from pipeline.data import DataConfig, load_split
+from pipeline.data import DataConfig, load_split, skipped_note
 from pipeline.views import ViewsConfig, make_view_plan, write_view_plan
 
 
@@ -33,6 +33,8 @@ def main(params_path: str) -> None:
     state = "written" if changed else "unchanged (already up to date)"
     click.echo(f"view plan {path}: {plan.num_samples} {train.name} samples x {plan.num_views} views "
                f"({plan.attrs['augment']['kind']}, seed {cfg.seed}) {state}; fingerprint {plan.fingerprint[:12]}")
+    if skipped_note(train):
+        click.echo(skipped_note(train))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
+from pipeline.data.files import FileData, file_views
 from pipeline.cache.read import CACHE_FORMAT, CacheConfig, rerun_hint
 from pipeline.cache.store import (FORMATS, Layout, create_store, damaged_chunks, format_of, layout_from_attrs, open_store,
                                   writer_lock)
@@ -169,7 +170,7 @@ def chunk_layout(attrs: dict[str, Any], cfg: CacheConfig) -> Layout:
 def _block_channels(model, data, device: torch.device) -> dict[str, int]:
     """The teacher's feature blocks (block1, block2...) -> their channel counts, from one forward of blanks."""
     with torch.no_grad():
-        _, feats = model(torch.zeros(2, *data.images.shape[1:], device=device))
+        _, feats = model(torch.zeros(2, *data.view_shape, device=device))
     return {f"block{i + 1}": int(f.shape[1]) for i, f in enumerate(feats)}
 
 
@@ -442,6 +443,8 @@ def _view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data, batc
                   device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
     """(chunk, first flat index, normalized views) in chunk order, `batch_size` (sample, view) pairs at a
     time. The inputs move to `device` now; the views are replayed as it is iterated (on the prefetch thread)."""
+    if data.source == "files":
+        return _file_view_batches(layout, pending, plan, data, batch_size, device)
     images = data.images.to(device)  # (N, C, H, W) uint8, resident for the pass
     aug = torch.from_numpy(plan.aug).to(device)  # (N, V, P) int16
     fmt, v_count = memory_format(device), layout.num_views
@@ -457,6 +460,27 @@ def _view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data, batc
                 yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
     return batches()
+
+
+def _file_view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data: FileData, batch_size: int,
+                       device: torch.device) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """As `_view_batches`, from files: each image is decoded once, in a worker process, for all V of its views
+    (the chunks are sample-major), so a batch holds whole samples, batch_size // V of them (at least one)."""
+    v_count, fmt = layout.num_views, memory_format(device)
+    per = max(1, batch_size // v_count)  # samples per batch
+    rows = np.concatenate([np.arange(*layout.rows(k)) for k in pending]) if pending else np.zeros(0, np.int64)
+    batches, marks, at = [], [], 0
+    for k in pending:
+        start, stop = layout.rows(k)
+        for first in range(start, stop, per):
+            count = min(stop, first + per) - first
+            batches.append(np.arange(at, at + count))
+            marks.append((k, (first - start) * v_count))
+            at += count
+    views = file_views(data, rows, plan.aug[rows], plan.augment, batches, pin=device.type == "cuda")
+    for (k, s), x in zip(marks, views):
+        x = x.to(device, non_blocking=True)  # (r * V, 3, S, S) uint8
+        yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
 
 def _teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool) -> list[np.ndarray]:

@@ -26,14 +26,15 @@ import os
 import pickle
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterator
 
 import numpy as np
 import torch
 
+from pipeline.augment import apply_views
 from pipeline.config import UserError, check, check_choice
 
 SPLITS = ("train", "val", "test")
@@ -88,8 +89,12 @@ class DataConfig:
     root: str | None = None  # directory holding the dataset files; None = the dataset's default location
     val_size: int = 0  # images carved out of train as a validation split (0 = none)
     split_seed: int = 0  # seed of the train/val carve
-    image_size: int = 32  # imagefolder only: images are resized to image_size x image_size on load (pixels)
+    image_size: int = 32  # imagefolder: the side of the square views (pixels); memory source: resized to it on load
     limit: int = 0  # 0 = all; else keep the first `limit` images of each split (tiny profiles, tests)
+    source: str = "memory"  # memory (the split as one uint8 tensor) | files (imagefolder: decoded per batch)
+    bad_files: str = "error"  # files source: error (one line naming the file) | skip (leave unreadable ones out)
+    workers: int = 2  # files source: DataLoader worker processes decoding images (0 = in the main process)
+    prefetch: int = 2  # files source: batches each worker decodes ahead
 
     def __post_init__(self) -> None:
         check_choice(self.name, DATASETS, "data.name")
@@ -98,12 +103,28 @@ class DataConfig:
         check(0 <= self.split_seed < 2**63, f"data.split_seed = {self.split_seed} must be in [0, 2^63)")
         check(1 <= self.image_size <= 4096, f"data.image_size = {self.image_size} must be between 1 and 4096 pixels")
         check(self.limit >= 0, f"data.limit = {self.limit} must be >= 0 images (0 = all)")
+        check_choice(self.source, ("memory", "files"), "data.source")
+        check_choice(self.bad_files, ("error", "skip"), "data.bad_files")
+        check(self.source == "memory" or self.name == "imagefolder",
+              f"data.source = files reads an image folder: set data.name = imagefolder (not {self.name})")
+        check(0 <= self.workers <= 256, f"data.workers = {self.workers} must be between 0 and 256 processes")
+        check(1 <= self.prefetch <= 64, f"data.prefetch = {self.prefetch} must be between 1 and 64 batches")
+
+    def identity(self) -> dict[str, Any]:
+        """What the data a model sees depends on, for checkpoint identities: not how it is loaded (workers,
+        prefetch); the keys added with the file source only when set, so earlier checkpoints stay valid."""
+        values = {k: v for k, v in asdict(self).items() if k not in ("workers", "prefetch")}
+        for key, default in (("source", "memory"), ("bad_files", "error")):
+            if values[key] == default:
+                del values[key]
+        return values
 
 
 @dataclass(repr=False)
 class ImageData:
     """One split held whole in memory. Tensors may be shared with the in-process cache: do not modify in place."""
 
+    source: ClassVar[str] = "memory"  # where the pixels are: here (FileData: "files")
     images: torch.Tensor  # (N, C, H, W) uint8, contiguous
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
@@ -134,6 +155,10 @@ class ImageData:
     @property
     def image_size(self) -> int:
         return int(self.images.shape[2])
+
+    @property
+    def view_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])  # (C, H, W) of what a model sees
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -166,29 +191,24 @@ def scoring_split(cfg: DataConfig) -> str:
     return "val" if cfg.val_size > 0 else "test"
 
 
-def load_split(cfg: DataConfig, split: str) -> ImageData:
+def load_split(cfg: DataConfig, split: str) -> "ImageData | FileData":
     """The `split` (train | val | test) of the dataset `cfg` describes.
 
     `val` is carved out of train by a permutation seeded with `cfg.split_seed`; when `val_size > 0` the
     train split excludes those images. Both keep the original order of their images. `limit` then keeps
-    the first `limit` images of the split.
+    the first `limit` images of the split. With `data.source: files` the split is a `FileData`: the same
+    images, labels and carve, as files decoded batch by batch (pipeline.data.files).
     """
     check_choice(split, SPLITS, "split")
+    if cfg.source == "files":
+        from pipeline.data.files import load_file_split
+
+        return load_file_split(cfg, split, _carve)
     train, test = _load(cfg.name, _root_key(cfg.root), cfg.image_size if cfg.name == "imagefolder" else 0)
     if split == "test":
         base, index = test, None
     else:
-        n = len(train)
-        if split == "val":
-            check(cfg.val_size > 0, "the val split was asked for but data.val_size = 0: set data.val_size > 0")
-        check(cfg.val_size < n, f"data.val_size = {cfg.val_size} leaves no training images: "
-                                f"{cfg.name} has {n} training images; lower data.val_size")
-        base, index = train, None
-        if cfg.val_size > 0:
-            gen = torch.Generator().manual_seed(cfg.split_seed)
-            in_val = torch.zeros(n, dtype=torch.bool)
-            in_val[torch.randperm(n, generator=gen)[: cfg.val_size]] = True
-            index = torch.nonzero(in_val if split == "val" else ~in_val).squeeze(1)  # sorted: original order
+        base, index = train, _carve(cfg, len(train), split)
     images, labels = base.images, base.labels
     if index is not None:
         images, labels = images[index], labels[index]
@@ -196,6 +216,20 @@ def load_split(cfg: DataConfig, split: str) -> ImageData:
         images, labels = images[: cfg.limit], labels[: cfg.limit]
     return ImageData(images=images, labels=labels, classes=list(base.classes), name=cfg.name, split=split,
                      mean=base.mean, std=base.std)
+
+
+def _carve(cfg: DataConfig, n: int, split: str) -> torch.Tensor | None:
+    """The indices of `split` (train or val) among the n training images, in their original order; None: all."""
+    if split == "val":
+        check(cfg.val_size > 0, "the val split was asked for but data.val_size = 0: set data.val_size > 0")
+    check(cfg.val_size < n, f"data.val_size = {cfg.val_size} leaves no training images: "
+                            f"{cfg.name} has {n} training images; lower data.val_size")
+    if cfg.val_size == 0:
+        return None
+    gen = torch.Generator().manual_seed(cfg.split_seed)
+    in_val = torch.zeros(n, dtype=torch.bool)
+    in_val[torch.randperm(n, generator=gen)[: cfg.val_size]] = True
+    return torch.nonzero(in_val if split == "val" else ~in_val).squeeze(1)  # sorted: original order
 
 
 def clear_cache() -> None:
@@ -498,3 +532,63 @@ DATASETS: dict[str, Callable[[Path | None, int], tuple[ImageData, ImageData]]] =
     "svhn": _load_svhn,
     "imagefolder": _load_imagefolder,
 }
+
+
+# ---------------------------------------------------------------- the seam: where a batch's pixels come from
+
+
+def skipped_note(data) -> str | None:
+    """The line a stage prints when files of its split were left out (data.bad_files: skip), else None."""
+    skipped = getattr(data, "skipped", None)
+    if not skipped:
+        return None
+    more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return (f"{data.split}: {len(skipped)} unreadable file(s) left out (data.bad_files: skip): "
+            f"{', '.join(skipped[:3])}{more}")
+
+
+def source_sizes(data) -> tuple[Any, Any]:
+    """(height, width) the views of `data` are planned on: the tensor's (one for all), or each file's (N,) each."""
+    if data.source == "files":
+        return data.sizes[:, 0], data.sizes[:, 1]
+    return int(data.images.shape[2]), int(data.images.shape[3])
+
+
+def resident(data, device: torch.device) -> torch.Tensor | None:
+    """The images a tensor source keeps on `device` for a whole pass (None for files, read batch by batch)."""
+    return None if data.source == "files" else data.images.to(device)  # (N, C, H, W) uint8
+
+
+def step_views(data, images: torch.Tensor | None, steps: list[torch.Tensor], params: torch.Tensor, aug,
+               device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 (b, C, H, W) views on `device`, one batch per entry of `steps` (the rows (b,) of each step), rows
+    viewed by `params` (N, P) (one view per sample). A tensor source (`images` from `resident`) replays them
+    on the device; files are decoded by worker processes, the next batches while this one trains."""
+    if images is not None:
+        for idx in steps:
+            yield apply_views(images[idx], params[idx], aug)
+        return
+    from pipeline.data.files import file_views
+
+    rows = torch.cat(steps).cpu().numpy() if steps else np.zeros(0, dtype=np.int64)
+    ends = np.cumsum([len(s) for s in steps])
+    batches = [np.arange(e - len(s), e) for s, e in zip(steps, ends)]
+    for x in file_views(data, rows, params.cpu().numpy()[rows][:, None], aug, batches, pin=device.type == "cuda"):
+        yield x.to(device, non_blocking=True)
+
+
+def eval_views(data, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (b, C, H, W) un-augmented images on `device`, in order: a tensor source's images as they are, files
+    resized and centre-cropped as torchvision's reference evaluation does."""
+    if data.source != "files":
+        for start in range(0, len(data), batch_size):
+            yield data.images[start:start + batch_size].to(device)
+        return
+    from pipeline.augment import AugmentConfig
+    from pipeline.data.files import centre_boxes, file_views
+
+    n = len(data)
+    batches = [np.arange(s, min(n, s + batch_size)) for s in range(0, n, batch_size)]
+    for x in file_views(data, np.arange(n), centre_boxes(data.sizes), AugmentConfig(kind="rrc_flip"), batches,
+                        pin=device.type == "cuda"):
+        yield x.to(device, non_blocking=True)

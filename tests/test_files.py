@@ -1,0 +1,265 @@
+"""The file source (pipeline.data.files): splits listed from an image folder or a list file, boxes planned on each
+image's own size, pixels decoded batch by batch in DataLoader workers.
+
+Oracles: the file source shows the very views the tensor source shows when both hold the same pixels; a cache
+made from files equals the live teacher on the replayed views; a cache pass killed after a chunk resumes to the
+bytes of an uninterrupted one. Every broken input ends in one line naming the file, or with
+`data.bad_files: skip` is left out and counted. The stages run from files end to end on a generated folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from bench.cache_io import fake_teacher
+from pipeline import paths
+from pipeline.augment import AugmentConfig, normalize
+from pipeline.align import AlignConfig, align_all
+from pipeline.cache import CacheConfig, open_cache
+from pipeline.cache.write import cache_teacher
+from pipeline.config import UserError
+from pipeline.data import DataConfig, eval_views, load_split, resident, skipped_note, step_views
+from pipeline.data.files import clear_listings, decode, file_views
+from pipeline.models import load_teacher
+from pipeline.views import ViewsConfig, make_view_plan, open_view_plan, write_view_plan
+
+REPO = Path(__file__).resolve().parents[1]
+RRC = {"kind": "rrc_flip", "scale_min": 0.25}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def generate(out: Path, *extra: str) -> Path:
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_image_folder.py"), "--out", str(out), "--classes",
+                    "3", "--train-per-class", "12", "--test-per-class", "4", "--min-side", "40", "--max-side", "96",
+                    "--grey-every", "5", "--workers", "1", *extra], check=True, capture_output=True)
+    clear_listings()
+    return out
+
+
+def files_cfg(root: Path, **kw) -> DataConfig:
+    return DataConfig(**{"name": "imagefolder", "root": str(root), "source": "files", "image_size": 32,
+                         "workers": 1, **kw})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return generate(tmp_path_factory.mktemp("files") / "gen")
+
+
+# ---------------------------------------------------------------- listing and decoding
+
+
+def test_a_split_is_its_files_labels_and_header_sizes(folder):
+    train, test = load_split(files_cfg(folder), "train"), load_split(files_cfg(folder), "test")
+    assert (len(train), len(test), train.num_classes, train.in_channels) == (36, 12, 3, 3)
+    assert train.classes == ["c0000", "c0001", "c0002"] and train.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    for i in (0, 7, 35):
+        with Image.open(train.path(i)) as img:
+            assert tuple(train.sizes[i]) == (img.height, img.width)  # from the header
+        assert decode(train.path(i)).shape == (3, *train.sizes[i])  # grey images come out RGB
+    val = load_split(files_cfg(folder, val_size=6), "val")
+    rest = load_split(files_cfg(folder, val_size=6), "train")
+    assert len(val) == 6 and len(rest) == 30 and not set(val.files) & set(rest.files)
+    assert train.fingerprint == load_split(files_cfg(folder), "train").fingerprint != rest.fingerprint
+
+
+def test_a_test_split_from_a_list_file(tmp_path):
+    root = generate(tmp_path / "g", "--test-layout", "list")
+    test = load_split(files_cfg(root), "test")
+    assert len(test) == 12 and test.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert all(f.startswith("test/c000") for f in test.files)
+    listing = root / "test.txt"
+    lines = listing.read_text().splitlines()
+    listing.write_text("\n".join(lines[:-1] + [lines[-1].split()[0] + " 7"]) + "\n")
+    clear_listings()
+    assert "label 7 is outside 0..2" in error_of(lambda: load_split(files_cfg(root), "test"))
+    listing.write_text("test/missing.jpg 0\n")
+    clear_listings()
+    assert "test/missing.jpg is neither in" in error_of(lambda: load_split(files_cfg(root), "test"))
+
+
+def error_of(call) -> str:
+    with pytest.raises(UserError) as err:
+        call()
+    assert "\n" not in err.value.message
+    return err.value.message
+
+
+def test_broken_inputs_end_in_one_line_naming_the_file_or_are_skipped_and_counted(tmp_path):
+    root = generate(tmp_path / "g", "--bad")
+    line = error_of(lambda: load_split(files_cfg(root), "train"))
+    assert "train/zz_empty_class holds no images" in line
+    (root / "train" / "zz_empty_class").rmdir()
+    clear_listings()
+    line = error_of(lambda: load_split(files_cfg(root), "train"))
+    assert "zz_not_an_image.jpg" in line and "data.bad_files: skip" in line
+    skipping = load_split(files_cfg(root, bad_files="skip"), "train")
+    assert skipping.skipped == ["train/c0000/zz_not_an_image.jpg"] and len(skipping) == 37  # the cut one stays
+    assert "train: 1 unreadable file(s) left out (data.bad_files: skip)" in skipped_note(skipping)
+    cut = skipping.files.index("train/c0000/zz_truncated.jpg")
+    aug = AugmentConfig(**RRC)
+    params = torch.zeros(len(skipping), 5, dtype=torch.int16)
+    params[:, 2:4] = torch.from_numpy(skipping.sizes)  # the whole image
+    (x,) = step_views(skipping, None, [torch.tensor([cut])], params, aug, torch.device("cpu"))
+    assert x.shape == (1, 3, 32, 32)  # decoded as far as it goes
+    (root / "train" / "c0000" / "zz_not_an_image.jpg").unlink()
+    clear_listings()
+    strict = load_split(files_cfg(root), "train")
+    with pytest.raises(UserError, match="cannot decode image .*zz_truncated.jpg .*image file is truncated"):
+        list(step_views(strict, None, [torch.tensor([cut])], params, aug, torch.device("cpu")))
+    shutil.rmtree(root / "test" / "c0002")
+    clear_listings()
+    assert "missing here: c0002" in error_of(lambda: load_split(files_cfg(root), "test"))
+    assert "data.source = files reads an image folder" in error_of(lambda: DataConfig(source="files"))
+
+
+# ---------------------------------------------------------------- the same views as the tensor source
+
+
+def test_the_file_and_tensor_sources_show_the_same_views(tmp_path):
+    """PNG files of the training size hold exactly the pixels the tensor source loads: every planned view, cut
+    from one decode per image in worker processes, is the tensor source's view, bit for bit."""
+    root = tmp_path / "png"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 3)):
+        for k in range(2):
+            (root / split / f"k{k}").mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"k{k}" / f"{i}.png")
+    tensors = load_split(DataConfig(name="imagefolder", root=str(root), image_size=32), "train")
+    files = load_split(files_cfg(root, workers=2), "train")
+    assert torch.equal(tensors.labels, files.labels)
+    views = ViewsConfig(num_views=3, augment=RRC)
+    memory_plan, file_plan = make_view_plan(views, tensors), make_view_plan(views, files)
+    assert np.array_equal(memory_plan.aug, file_plan.aug)  # equal sizes: equal boxes
+    steps = [torch.tensor([3, 0, 17]), torch.tensor([5]), torch.arange(19, 6, -1)]
+    for v in range(3):
+        params = torch.from_numpy(file_plan.aug[:, v])
+        want = step_views(tensors, resident(tensors, torch.device("cpu")), steps, params, file_plan.augment,
+                          torch.device("cpu"))
+        got = step_views(files, None, steps, params, file_plan.augment, torch.device("cpu"))
+        for a, b in zip(want, got, strict=True):
+            assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- the cache from files
+
+
+@pytest.fixture(scope="module")
+def cached(folder, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cached")
+    data = load_split(files_cfg(folder), "train")
+    plan = make_view_plan(ViewsConfig(num_views=3, augment=RRC), data)
+    ckpt = fake_teacher(root / "t.pt", data, width=0.25)
+    return {"root": root, "data": data, "plan": plan, "ckpt": ckpt}
+
+
+def build(cached, out: Path, **kw):
+    cfg = CacheConfig(chunk_rows=8, batch_size=7, align={"kind": "channel", "length": 8})
+    return cache_teacher(cached["ckpt"], out, cached["plan"], cached["data"], cfg, progress=False, **kw)
+
+
+def test_a_cache_from_files_equals_the_live_teacher_on_the_replayed_views(cached, tmp_path):
+    build(cached, tmp_path / "t.zarr")
+    cache = open_cache(tmp_path / "t.zarr")
+    assert cache.complete and cache.num_samples == 36 and cache.num_views == 3
+    data, plan = cached["data"], cached["plan"]
+    model, _ = load_teacher(cached["ckpt"])
+    rng = np.random.default_rng(1)
+    rows, views = rng.integers(0, 36, 20), rng.integers(0, 3, 20)  # random (sample, view) pairs
+    x = torch.cat(list(file_views(data, rows, plan.aug[rows, views][:, None], plan.augment,
+                                  [np.arange(20)])))  # (20, 3, 32, 32): replayed from the files
+    with torch.no_grad():
+        logits, feats = model(normalize(x, data.mean, data.std))
+    live = [logits.numpy(), *[f.numpy() for f in align_all(feats, AlignConfig(kind="channel", length=8))]]
+    for name, want in zip(["logits", *cache.blocks], live):
+        got = np.asarray(cache.array(name)[...])[rows, views].astype(np.float32)
+        rounded = want.astype(np.float16).astype(np.float32)
+        assert np.all(np.abs(got - rounded) <= np.spacing(np.abs(rounded.astype(np.float16))).astype(np.float32))
+    cache.close()
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_killed_file_backed_cache_resumes_to_the_same_bytes(cached, tmp_path):
+    build(cached, tmp_path / "ref.zarr")
+
+    def killed(k):
+        raise Boom(k)
+
+    with pytest.raises(Boom):
+        build(cached, tmp_path / "t.zarr", on_chunk=killed)
+    assert not open_cache(tmp_path / "t.zarr").complete
+    build(cached, tmp_path / "t.zarr")
+    ref, got = open_cache(tmp_path / "ref.zarr"), open_cache(tmp_path / "t.zarr")
+    for name in ["logits", *ref.blocks]:
+        assert np.asarray(got.array(name)[...]).tobytes() == np.asarray(ref.array(name)[...]).tobytes(), name
+
+
+def test_the_plan_keeps_each_images_size_and_the_decoder(cached, tmp_path):
+    plan = cached["plan"]
+    assert plan.attrs["source"] == "files" and plan.attrs["decoder"].startswith("PIL ")
+    assert plan.attrs["image_size"] == [32, 32] and np.array_equal(plan.sizes, cached["data"].sizes)
+    top, left, h, w = (plan.aug[..., k].astype(int) for k in range(4))
+    assert (top + h <= plan.sizes[:, :1]).all() and (left + w <= plan.sizes[:, 1:]).all()
+    write_view_plan(plan, tmp_path / "views.zarr")
+    back = open_view_plan(tmp_path / "views.zarr")
+    assert back.fingerprint == plan.fingerprint and np.array_equal(back.sizes, plan.sizes)
+    with pytest.raises(UserError, match="crop_flip"):
+        make_view_plan(ViewsConfig(num_views=2), cached["data"])
+
+
+def test_evaluation_resizes_and_centre_crops(folder):
+    """The evaluation view of a file: its centre, 87.5% of the shorter side, resized to the view size."""
+    from torchvision.transforms.v2 import functional as TF
+
+    test = load_split(files_cfg(folder), "test")
+    (x,) = list(eval_views(test, torch.device("cpu"), len(test)))
+    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.uint8
+    for i in (0, 5):
+        image = decode(test.path(i))
+        short = min(image.shape[1:])
+        reference = TF.center_crop(TF.resize(image, [round(32 / 0.875)], antialias=True), [32, 32])
+        assert (x[i].float() - reference.float()).abs().mean() < 6, short  # two antialiased resamplings
+
+
+# ---------------------------------------------------------------- the stages from files
+
+
+def test_the_stages_run_from_files(folder, tmp_path, monkeypatch):
+    from stages import cache_teachers, distill, evaluate, plan_views, pretrain
+
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    params["data"] = {"name": "imagefolder", "root": str(folder), "image_size": 32, "source": "files",
+                      "workers": 1}
+    params["teachers"] = {"cnn": {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}}}
+    params["pretrain"].update(epochs=1, augment=RRC)
+    params["views"]["augment"] = RRC
+    params["distill"].update(teachers=["cnn"], epochs=1, seeds=[0], runs={"kd": {"method": "kd"}})
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runner = CliRunner()
+    for stage, args in ((pretrain, ["--teacher", "cnn"]), (plan_views, []), (cache_teachers, ["--teacher", "cnn"]),
+                        (distill, ["--run", "kd"]), (evaluate, [])):
+        result = runner.invoke(stage.main, [*args, *(["--quiet"] if stage not in (plan_views, evaluate) else [])])
+        assert result.exit_code == 0, (stage.__name__, result.output)
+    assert open_cache(paths.teacher_cache("cnn")).complete
+    assert open_view_plan().attrs["source"] == "files"
+    report = json.loads(paths.evaluate_metrics().read_text())
+    assert set(report["teachers"]) == {"cnn"} and set(report["students"]) == {"kd"}
+    assert report["num_samples"] == 12  # the test split, centre-cropped from its files
