@@ -104,3 +104,18 @@ def test_readme_scaleout_figures_are_the_benchs():
                    f"{eight['distill_allreduce_GB_per_epoch']:.1f} GB per rank per epoch",
                    f"{eight['pretrain_allreduce_MB_per_step']['dpn92']:.0f} MB per rank and step at W = 8"):
         assert figure in section, figure
+
+
+def test_bench_files_runs(tmp_path):
+    """Both parts on tiny generated folders: every stage's peak memory and the side-by-side cache speeds."""
+    from bench.files import main
+
+    out = tmp_path / "files.json"
+    result = main(["--images", "30", "--small", "20", "--views", "2", "--size", "16", "--workers", "0", "1",
+                   "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["command"].startswith("python -m bench.files") and set(saved["memory"]) == {"20", "30"}
+    for stage in ("plan_views", "cache_teachers", "distill"):
+        assert 50 < saved["memory"]["30"][stage]["peak_pss_mib"] <= saved["memory"]["30"][stage]["peak_rss_mib"]
+    assert set(result["cache_speed"]["files"]) == {"0", "1"} and result["cache_speed"]["memory_views_per_s"] > 0
+    assert result["distill_speed"]["files"]["images_per_s"] > 0

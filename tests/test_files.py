@@ -117,7 +117,7 @@ def test_broken_inputs_end_in_one_line_naming_the_file_or_are_skipped_and_counte
     (root / "train" / "c0000" / "zz_not_an_image.jpg").unlink()
     clear_listings()
     strict = load_split(files_cfg(root), "train")
-    with pytest.raises(UserError, match="cannot decode image .*zz_truncated.jpg .*image file is truncated"):
+    with pytest.raises(UserError, match="cannot decode image .*zz_truncated.jpg "):
         list(step_views(strict, None, [torch.tensor([cut])], params, aug, torch.device("cpu")))
     shutil.rmtree(root / "test" / "c0002")
     clear_listings()

@@ -30,13 +30,13 @@ import torch
 
 from pipeline.config import UserError
 
-DECODER = "PIL"  # the library that turns files into pixels; its version is part of a view plan's identity
-
-
 def decoder_identity() -> str:
+    """The decoder and its version: part of a view plan's identity (another decoder may give other pixels).
+    PIL, not torchvision.io: the latter decodes JPEG a little faster (bench.files measures both) but its image
+    decoding is deprecated since torchvision 0.29."""
     import PIL
 
-    return f"{DECODER} {PIL.__version__}"
+    return f"PIL {PIL.__version__}"
 
 
 @dataclass(repr=False)
@@ -169,17 +169,20 @@ def header_size(path: Path) -> tuple[int, int]:
     return height, width
 
 
-def decode(path: Path) -> torch.Tensor:
-    """The image's pixels as (3, H, W) uint8, grey and palette images converted to RGB."""
-    from PIL import Image, UnidentifiedImageError
+def decode(path: Path, tolerate_truncated: bool = False) -> torch.Tensor:
+    """The image's pixels as (3, H, W) uint8 (a channels-last view: the crop reads it once, so no copy is made
+    here), grey and palette images converted to RGB. `tolerate_truncated`: a file cut short is decoded as far as
+    it goes (PIL's LOAD_TRUNCATED_IMAGES), the rest grey."""
+    from PIL import Image, ImageFile, UnidentifiedImageError
 
+    ImageFile.LOAD_TRUNCATED_IMAGES = tolerate_truncated
     try:
         with Image.open(path) as img:
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
+            rgb = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot decode image {path} ({_why(exc, path)}): remove or replace it, or set "
                         f"data.bad_files: skip to decode a cut-short file as far as it goes") from None
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
 
 
 def _why(exc: BaseException, path: Path) -> str:
@@ -288,12 +291,8 @@ class _Views(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str]:
         from pipeline.augment import views_of_image
 
-        if self.tolerate:  # data.bad_files: skip; a cut-short file decodes as far as it goes, the rest grey
-            from PIL import ImageFile
-
-            ImageFile.LOAD_TRUNCATED_IMAGES = True
         try:
-            image = decode(self.root / self.files[j])  # (3, H, W)
+            image = decode(self.root / self.files[j], self.tolerate)  # (3, H, W)
         except UserError as exc:  # reported by the main process in one line, not as a worker's traceback
             return torch.zeros(len(self.params[j]), 3, self.size, self.size, dtype=torch.uint8), exc.message
         return views_of_image(image, torch.from_numpy(self.params[j]), self.aug, self.size), ""
