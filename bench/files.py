@@ -99,7 +99,7 @@ class PeakRSS(threading.Thread):
 
 def stage_params(root: Path, size: int, views: int, workers: int) -> dict:
     params = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
-    params["data"] = {"name": "imagefolder", "root": str(root), "image_size": size, "source": "files",
+    params["data"] = {"name": "imagefolder", "root": str(root.resolve()), "image_size": size, "source": "files",
                       "workers": workers}
     params["teachers"] = {"t": {"arch": TEACHER["arch"], "model": {"width": TEACHER["width"]}, "pretrain": {}}}
     params["views"] = {"num_views": views, "seed": 0, "augment": RRC}
@@ -161,7 +161,7 @@ def cache_pass(data, views: int, work: Path, ckpt: Path) -> float:
 
 def measure_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int]) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    memory_cfg = DataConfig(name="imagefolder", root=str(root), image_size=size)
+    memory_cfg = DataConfig(name="imagefolder", root=str(root.resolve()), image_size=size)
     start = time.perf_counter()
     clear_cache()
     memory = load_split(memory_cfg, "train")  # decode + resize every image once: the memory source's price
