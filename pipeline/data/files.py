@@ -30,6 +30,7 @@ import torch
 
 from pipeline.config import UserError
 
+
 def decoder_identity() -> str:
     """The decoder and its version: part of a view plan's identity (another decoder may give other pixels).
     PIL, not torchvision.io: the latter decodes JPEG a little faster (bench.files measures both) but its image
