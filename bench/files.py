@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = parser.parse_args(argv)
     if not (10 <= a.small <= a.images) or a.views < 1 or not 8 <= a.size <= 1024 or min(a.workers) < 0:
         raise UserError("need 10 <= --small <= --images, --views >= 1, 8 <= --size <= 1024, --workers >= 0")
+    a.workdir = a.workdir.resolve()  # the stages run in folders of their own
     setup_cpu()
     result = {**header("files", torch.device("cpu"), argv, ("torch", "torchvision", "pillow")),
               "teacher": TEACHER, "augment": RRC}
