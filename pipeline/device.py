@@ -4,6 +4,7 @@
     memory_format()     channels_last activations                   tests/test_align.py, tests/test_cuda.py
     fused_optimizer()   one kernel per parameter tensor             tests/test_device.py
     setup_cpu()         threads; denormals flushed to zero          tests/test_device.py
+    bounded_heap()      big buffers mmapped, returned on free       tests/test_device.py (files source only)
     mean_keep_layout()  a mean whose gradient stays channels_last   tests/test_align.py
 
 pipeline.distill.build_trainer is the one place a training step picks among them (docs/design.md section 5).
@@ -49,16 +50,34 @@ def fused_optimizer() -> dict[str, bool]:
     return {"fused": True}
 
 
-def setup_cpu() -> None:
+def setup_cpu(files: bool = False) -> None:
     """Per-process CPU settings every stage starts with.
 
     Threads: every core the machine gives us unless the user pinned OMP_NUM_THREADS.
     Denormals flushed to zero (FTZ/DAZ): late in training some magnitudes fall below 1.2e-38, where x86
     arithmetic slows down many times over; numbers that small carry nothing a network can learn from.
+    `files` (data.source: files): `bounded_heap`.
     """
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     torch.set_flush_denormal(True)
+    if files:
+        bounded_heap()
+
+
+def bounded_heap(threshold: int = 1 << 20) -> bool:
+    """glibc: every allocation over `threshold` bytes gets its own mapping, unmapped when freed. By default glibc
+    raises that threshold to the largest block freed so far (up to 32 MiB); batches that DataLoader workers
+    hand over and a prefetch thread normalises are then carved from the heap and freed on another thread, and
+    the heap kept what they left: a cache pass from files grew with the number of batches (bench.files).
+    A fixed threshold keeps the memory flat. Returns False where there is no glibc (nothing changes)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(-3, threshold) == 1  # M_MMAP_THRESHOLD; setting it also stops its adjustment
+    except (OSError, AttributeError):
+        return False
 
 
 class _MeanKeepLayout(torch.autograd.Function):

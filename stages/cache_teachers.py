@@ -60,7 +60,7 @@ def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, ove
                 if world.main:  # reading needs no help
                     verify_store(teacher, out, cfg.format)
                 return
-            setup_cpu()
+            setup_cpu(files=data_cfg.source == "files")
             plan = open_view_plan(paths.view_plan())
             train = load_split(data_cfg, "train")
             summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,

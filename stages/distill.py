@@ -103,7 +103,7 @@ def _epochs_done(run: str, seed: int) -> int:
 def train_here(s: Settings, seeds: list[int], world: World, dev: torch.device, restart: bool, quiet: bool,
                sync_bn: bool) -> None:
     """The seeds one after another in this process (under torchrun: over all the ranks)."""
-    setup_cpu()
+    setup_cpu(files=s.data.source == "files")
     train = load_split(s.data, "train")
     test = load_split(s.data, scoring_split(s.data))
     plan = open_view_plan(paths.view_plan())

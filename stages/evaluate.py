@@ -104,7 +104,7 @@ def main(params_path: str, device: str) -> None:
         raise UserError("nothing to evaluate: no `teachers` in the params and no student checkpoint under "
                         f"{paths.student_dir('x').parent}; run the pipeline first (dvc repro)")
     dev = resolve_device(device)
-    setup_cpu()
+    setup_cpu(files=data_cfg.source == "files")
 
     test = load_split(data_cfg, "test")
     if skipped_note(test):

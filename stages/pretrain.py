@@ -64,7 +64,7 @@ def main(teacher: str, params_path: str, device: str, restart: bool, quiet: bool
 def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.device, restart: bool, quiet: bool,
                   world: World, sync_bn: bool) -> None:
     """Train (or resume) the teacher into data/teachers/NAME.pt; rank 0 writes and reports."""
-    setup_cpu()
+    setup_cpu(files=data_cfg.source == "files")
     echo = click.echo if world.main else (lambda *_: None)
     train = load_split(data_cfg, "train")
     test = load_split(data_cfg, scoring_split(data_cfg))
@@ -108,7 +108,7 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
 
 def import_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.device) -> None:
     """A teacher trained elsewhere into data/teachers/NAME.pt: its weights checked, its test accuracy measured."""
-    setup_cpu()
+    setup_cpu(files=data_cfg.source == "files")
     train = load_split(data_cfg, "train")
     test = load_split(data_cfg, scoring_split(data_cfg))
     model_kwargs = constructor_kwargs(spec.arch, spec.model, train)
