@@ -60,9 +60,9 @@ def test_a_repro_on_this_machine_does_not_turn_the_readme_check_red(tmp_path):
     figures, and the test command that follows must stay green."""
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
-    for rel in ("README.md", paths.evaluate_metrics(), paths.summary_report()):
+    for rel in (Path("README.md"), paths.evaluate_metrics(), paths.summary_report()):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, tmp_path / rel)
+        (tmp_path / rel).write_text(committed(ROOT, rel))  # as committed: this very clone may have been repro'd
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "x"]):
         subprocess.run(command, cwd=tmp_path, check=True, env={**env, "PATH": "/usr/bin:/bin"})
