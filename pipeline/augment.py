@@ -165,16 +165,27 @@ def views_of_image(image: torch.Tensor, params: torch.Tensor, cfg: AugmentConfig
     """The views `params` (V, P) of one image (C, H, W) uint8 at its own resolution -> (V, C, size, size) uint8.
 
     What a file source does with one decode: every planned box (drawn on this image's own size) is cropped and
-    resized to size x size from the same pixels. On a tensor holding the same image at size x size this equals
-    `apply_views`, bit for bit (one roi_align either way). `none` is the whole image resized.
+    resized to size x size from the same pixels. A box no larger than the view is resized as `apply_views` does
+    (so on a tensor holding the same image at size x size the views are equal, bit for bit); a larger one is cut
+    down with antialiasing by torchvision's own resized crop (bilinear, antialias=True: RandomResizedCrop's
+    transform). `none` is the whole image resized.
     """
+    from torchvision.transforms.v2 import functional as TF
+
     if cfg.kind == "crop_flip":
         raise ValueError("crop_flip pads and crops at the source's own size: views from files need rrc_flip or none")
     params = params.to(image.device, torch.long)  # (V, P)
     v, (c, h, w) = len(params), image.shape
     if cfg.kind == "none":  # the whole image, unflipped
         params = torch.tensor([[0, 0, h, w, 0]], device=image.device).expand(v, 5)
-    out = _resized_crop(image[None], params[:, :4], (size, size), index=torch.zeros(v, dtype=torch.long))
+    out = torch.empty(v, c, size, size, dtype=torch.uint8, device=image.device)
+    small = (params[:, 2] <= size) & (params[:, 3] <= size)  # (V,) upscales: the tensor source's op
+    if small.any():
+        out[small] = _resized_crop(image[None], params[small, :4], (size, size),
+                                   index=torch.zeros(int(small.sum()), dtype=torch.long))
+    for k in torch.nonzero(~small).flatten().tolist():
+        top, left, bh, bw = params[k, :4].tolist()
+        out[k] = TF.resized_crop(image, top, left, bh, bw, [size, size], antialias=True)  # (C, size, size)
     flip = params[:, -1].bool()  # (V,)
     return torch.where(flip[:, None, None, None], out.flip(-1), out)
 
@@ -183,10 +194,9 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, in
                   index: torch.Tensor | None = None) -> torch.Tensor:
     """Crop-and-resize of one box (top, left, height, width) per row to `size` (default: the images' H x W).
 
-    Box i reads image `index[i]` (default: image i). Each output pixel averages a ceil(box/output) grid of
-    bilinear samples in its cell (roi_align's adaptive sampling): one sample at the pixel's centre when the box
-    is no larger than the output (an upscale, and a full-image box is the identity), an antialiased average
-    when the box is larger (a file at native resolution cut down to the training size).
+    Box i reads image `index[i]` (default: image i). One bilinear sample at each output pixel's centre: crops
+    are never larger than the output here (an upscale, no aliasing to average away), and a full-image box is
+    the identity. (`views_of_image` cuts larger boxes down with antialiasing.)
     """
     from torchvision.ops import roi_align
 
@@ -195,7 +205,7 @@ def _resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, in
     top, left, bh, bw = boxes.unbind(1)
     idx = (torch.arange(b, device=images.device) if index is None else index.to(images.device)).float()
     rois = torch.stack([idx, left.float(), top.float(), (left + bw).float(), (top + bh).float()], 1)  # (B, 5)
-    out = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    out = roi_align(images.float(), rois, output_size=size, spatial_scale=1.0, sampling_ratio=1, aligned=True)
     return out.round_().clamp_(0, 255).to(torch.uint8)  # (B, C, size, size)
 
 
