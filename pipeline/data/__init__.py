@@ -93,7 +93,8 @@ class DataConfig:
     limit: int = 0  # 0 = all; else keep the first `limit` images of each split (tiny profiles, tests)
     source: str = "memory"  # memory (the split as one uint8 tensor) | files (imagefolder: decoded per batch)
     bad_files: str = "error"  # files source: error (one line naming the file) | skip (leave unreadable ones out)
-    workers: int = 2  # files source: DataLoader worker processes decoding images (0 = in the main process)
+    workers: int = -1  # files source: DataLoader processes decoding images (0 = the main process, -1 = a core each
+    # but one, which leaves the main process its core: the fastest cache pass on a 2-core CPU, bench.files)
     prefetch: int = 2  # files source: batches each worker decodes ahead
 
     def __post_init__(self) -> None:
@@ -107,7 +108,8 @@ class DataConfig:
         check_choice(self.bad_files, ("error", "skip"), "data.bad_files")
         check(self.source == "memory" or self.name == "imagefolder",
               f"data.source = files reads an image folder: set data.name = imagefolder (not {self.name})")
-        check(0 <= self.workers <= 256, f"data.workers = {self.workers} must be between 0 and 256 processes")
+        check(-1 <= self.workers <= 256, f"data.workers = {self.workers} must be between 0 and 256 processes "
+                                         f"(or -1: one per core but one)")
         check(1 <= self.prefetch <= 64, f"data.prefetch = {self.prefetch} must be between 1 and 64 batches")
 
     def identity(self) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class FileData:
     image_size: int  # the side of the square views a model sees (pixels)
     skipped: list[str] = field(default_factory=list)  # files left out (data.bad_files: skip)
     tolerate_truncated: bool = False  # data.bad_files: skip: a file cut short is decoded as far as it goes
-    workers: int = 2  # DataLoader worker processes decoding images (0 = in the main process)
+    workers: int = 1  # DataLoader worker processes decoding images (0 = in the main process)
     prefetch: int = 2  # batches each worker decodes ahead
 
     @property
@@ -226,7 +226,7 @@ def load_file_split(cfg, split: str, carve) -> FileData:
     where = "train" if split != "test" else next(
         (s for s in ("test", "val") if (root / s).is_dir() or (root / f"{s}.txt").is_file()), "test")
     files, labels, sizes, lengths, skipped, classes = _listed(str(root), where, cfg.bad_files == "skip",
-                                                               max(1, cfg.workers) * 4)
+                                                               8)  # header reads: I/O-bound threads
     index = np.arange(len(files)) if split == "test" else _as_index(carve(cfg, len(files), split), len(files))
     if cfg.limit:
         index = index[: cfg.limit]
@@ -234,7 +234,8 @@ def load_file_split(cfg, split: str, carve) -> FileData:
     return FileData(root=root, files=[files[i] for i in index], labels=torch.as_tensor(labels[index]),
                     sizes=sizes[index], byte_sizes=lengths[index], classes=classes, name=cfg.name, split=split,
                     mean=mean, std=std, image_size=cfg.image_size, skipped=skipped,
-                    tolerate_truncated=cfg.bad_files == "skip", workers=cfg.workers, prefetch=cfg.prefetch)
+                    tolerate_truncated=cfg.bad_files == "skip", prefetch=cfg.prefetch,
+                    workers=cfg.workers if cfg.workers >= 0 else max(1, (os.cpu_count() or 2) - 1))
 
 
 def _as_index(index: torch.Tensor | None, n: int) -> np.ndarray:
