@@ -221,6 +221,8 @@ def load_file_split(cfg, split: str, carve) -> FileData:
         raise UserError("data.source = files needs data.root: a folder with train/<class>/ and test/ (or val/, or "
                         "test.txt / val.txt of 'path label' lines)")
     root = Path(cfg.root).expanduser().absolute()
+    if not root.is_dir():
+        raise UserError(f"data.root {root} does not exist or is not a directory: fix the path")
     if not (root / "train").is_dir():
         raise UserError(f"data.root {root} has no train/ folder: it must hold train/<class>/ folders of images")
     where = "train" if split != "test" else next(
