@@ -76,7 +76,7 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
         "arch": spec.arch,
         "model_kwargs": model_kwargs,
         "config": to_dict(cfg),
-        "data": to_dict(data_cfg),
+        "data": data_cfg.identity(),
         "dataset_fingerprint": train.fingerprint,
     }
 
@@ -118,7 +118,7 @@ def import_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.dev
         "model_kwargs": model_kwargs,
         "weights": spec.weights,
         "weights_sha256": sha256_file(spec.weights) if Path(spec.weights).is_file() else None,
-        "data": to_dict(data_cfg),
+        "data": data_cfg.identity(),
         "dataset_fingerprint": train.fingerprint,
     }
     check_fits_data("teacher", teacher, train.fingerprint, model_kwargs, train,

@@ -371,3 +371,16 @@ def test_imagedata_checks():
         ImageData(images.float(), torch.tensor([0, 1]), ["a", "b"], "x", "train", (0.5,), (0.5,))
     with pytest.raises(ValueError):
         ImageData(images, torch.tensor([0, 1, 1]), ["a", "b"], "x", "train", (0.5,), (0.5,))
+
+
+def test_the_data_identity_of_a_checkpoint_ignores_how_files_are_loaded():
+    """Checkpoints record `DataConfig.identity()`: the keys of the memory source alone (as checkpoints made before
+    the file source recorded them, so they still resume), plus the file source's keys that change the pixels."""
+    from pipeline.data import DataConfig
+
+    before = {"name": "fashion_mnist", "root": None, "val_size": 0, "split_seed": 0, "image_size": 32, "limit": 0}
+    assert DataConfig().identity() == before
+    files = DataConfig(name="imagefolder", root="x", source="files")
+    assert DataConfig(name="imagefolder", root="x", source="files", workers=7, prefetch=9).identity() == files.identity()
+    assert files.identity()["source"] == "files" and "bad_files" not in files.identity()
+    assert DataConfig(name="imagefolder", root="x", source="files", bad_files="skip").identity() != files.identity()
