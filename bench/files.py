@@ -23,6 +23,7 @@ Results go to bench/results/<device>-files.json with the command and library ver
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -108,34 +109,45 @@ def stage_params(root: Path, size: int, views: int, workers: int) -> dict:
     return params
 
 
-def measure_stages(root: Path, work: Path, size: int, views: int, workers: int) -> dict:
-    """Peak RSS (MiB) and wall time (s) of each stage from files, in `work` as the working directory."""
+STAGES = (("plan_views", []), ("cache_teachers", ["--teacher", "t", "--quiet"]),
+          ("distill", ["--run", "kd", "--quiet", "--device", "cpu"]))  # in order, each in the work folder
+
+
+def prepare(work: Path, params: dict) -> None:
+    """A fresh `work` folder holding `params` and a teacher checkpoint that fits its data, as the pretrain stage
+    would leave it."""
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(stage_params(root, size, views, workers), sort_keys=False))
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    clear_cache()
+    clear_listings()
+    with contextlib.chdir(work):
+        fake_teacher(paths.teacher_checkpoint("t"), load_split(build(DataConfig, params["data"], "data"), "train"),
+                     TEACHER["arch"], TEACHER["width"])
+
+
+def run_stage(work: Path, name: str, args: list[str], sample: bool) -> PeakRSS | None:
+    """Run `python -m stages.NAME ARGS` in `work`; with `sample`, its process tree's peak memory meanwhile."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
-    out = {}
-    for name, args in (("plan_views", []), ("teacher", None), ("cache_teachers", ["--teacher", "t", "--quiet"]),
-                       ("distill", ["--run", "kd", "--quiet", "--device", "cpu"])):
-        if args is None:  # a teacher checkpoint that fits the data, as the pretrain stage would leave it
-            cwd = os.getcwd()
-            os.chdir(work)
-            try:
-                cfg = build(DataConfig, stage_params(root, size, views, workers)["data"], "data")
-                fake_teacher(paths.teacher_checkpoint("t"), load_split(cfg, "train"), TEACHER["arch"],
-                             TEACHER["width"])
-            finally:
-                os.chdir(cwd)
-            continue
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}", *args], cwd=work, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sampler = PeakRSS(proc.pid)
-        output, _ = proc.communicate()
+    proc = subprocess.Popen([sys.executable, "-m", f"stages.{name}", *args], cwd=work, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = PeakRSS(proc.pid) if sample else None
+    output, _ = proc.communicate()
+    if sampler is not None:
         sampler.stop.set()
         sampler.join()
-        if proc.returncode != 0:
-            raise UserError(f"stages.{name} failed in {work}: {output.strip().splitlines()[-1:]}")
+    if proc.returncode != 0:
+        raise UserError(f"stages.{name} failed in {work}: {output.strip().splitlines()[-1:]}")
+    return sampler
+
+
+def measure_stages(root: Path, work: Path, size: int, views: int, workers: int) -> dict:
+    """Peak PSS and RSS sums (MiB) and wall time (s) of each stage from files, in `work` as the working directory."""
+    prepare(work, stage_params(root, size, views, workers))
+    out = {}
+    for name, args in STAGES:
+        start = time.perf_counter()
+        sampler = run_stage(work, name, args, sample=True)
         out[name] = {"peak_pss_mib": round(sampler.pss / 2**20, 1), "peak_rss_mib": round(sampler.rss / 2**20, 1),
                      "wall_s": round(time.perf_counter() - start, 2)}
         print(f"  {name:15s} peak PSS {out[name]['peak_pss_mib']:7.1f} MiB  (RSS sum {out[name]['peak_rss_mib']:7.1f})"
@@ -225,25 +237,11 @@ def distill_speed(root: Path, work: Path, size: int, views: int, workers: int) -
     out = {}
     for source in ("memory", "files"):
         folder = work / f"distill_{source}"
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
         params = stage_params(root, size, views, workers)
         params["data"]["source"] = source
-        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1"}
-        cwd = os.getcwd()
-        os.chdir(folder)
-        try:
-            clear_cache()
-            clear_listings()
-            fake_teacher(paths.teacher_checkpoint("t"), load_split(build(DataConfig, params["data"], "data"),
-                                                                   "train"), TEACHER["arch"], TEACHER["width"])
-        finally:
-            os.chdir(cwd)
-        for stage, args in (("plan_views", []), ("cache_teachers", ["--teacher", "t", "--quiet"]),
-                            ("distill", ["--run", "kd", "--quiet", "--device", "cpu"])):
-            subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=folder, env=env, check=True,
-                           capture_output=True)
+        prepare(folder, params)
+        for name, args in STAGES:
+            run_stage(folder, name, args, sample=False)
         seed = yaml.safe_load((folder / paths.student_seed_metrics("kd", 0)).read_text())
         out[source] = {"images_per_s": round(seed["images_per_s"], 1)}
         print(f"  distill from {source}: {seed['images_per_s']:.0f} images/s")
