@@ -468,15 +468,15 @@ def _file_view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data:
     (the chunks are sample-major), so a batch holds whole samples, batch_size // V of them (at least one)."""
     v_count, fmt = layout.num_views, memory_format(device)
     per = max(1, batch_size // v_count)  # samples per batch
-    rows = np.concatenate([np.arange(*layout.rows(k)) for k in pending]) if pending else np.zeros(0, np.int64)
-    batches, marks, at = [], [], 0
+    parts, batches, marks, at = [], [], [], 0  # the samples of each batch; their positions in `rows`; (chunk, start)
     for k in pending:
         start, stop = layout.rows(k)
         for first in range(start, stop, per):
-            count = min(stop, first + per) - first
-            batches.append(np.arange(at, at + count))
+            parts.append(np.arange(first, min(stop, first + per)))
+            batches.append(np.arange(at, at + len(parts[-1])))
             marks.append((k, (first - start) * v_count))
-            at += count
+            at += len(parts[-1])
+    rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # every sample to decode, in order
     views = file_views(data, rows, plan.aug[rows], plan.augment, batches, pin=device.type == "cuda")
     for (k, s), x in zip(marks, views):
         x = x.to(device, non_blocking=True)  # (r * V, 3, S, S) uint8

@@ -29,6 +29,9 @@ import numpy as np
 import torch
 
 from pipeline.config import UserError
+from pipeline.data import MEAN_STD, _class_folders  # the package runs first: no cycle
+
+HEADER_THREADS = 8  # threads reading image headers when a split is listed (I/O-bound: more than the cores)
 
 
 def decoder_identity() -> str:
@@ -105,7 +108,7 @@ def list_split(root: Path, split: str, classes: list[str], extensions: tuple[str
     if not folder.is_dir():
         raise UserError(f"{root} has neither {split}/ (one folder per class) nor {split}.txt ('path label' lines): "
                         f"add one, or point data.root at the dataset folder")
-    found = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    found = _class_folders(folder)
     if found != classes:
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
         raise UserError(f"{folder} has other class folders than the training split (only here: "
@@ -191,7 +194,7 @@ def _why(exc: BaseException, path: Path) -> str:
     return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
-def read_headers(root: Path, files: list[str], skip_bad: bool, workers: int) -> tuple[np.ndarray, list[int]]:
+def read_headers(root: Path, files: list[str], skip_bad: bool, threads: int) -> tuple[np.ndarray, list[int]]:
     """(N, 2) sizes of the readable files and the indices of those left out (only when `skip_bad`)."""
 
     def one(rel: str) -> tuple[int, int] | str:
@@ -202,7 +205,7 @@ def read_headers(root: Path, files: list[str], skip_bad: bool, workers: int) -> 
                 raise
             return exc.message
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:  # opening a file is I/O: threads overlap the waits
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # opening a file is I/O: threads overlap the waits
         found = list(pool.map(one, files, chunksize=256))
     bad = [i for i, size in enumerate(found) if isinstance(size, str)]
     sizes = np.array([s for s in found if not isinstance(s, str)], dtype=np.int64).reshape(-1, 2)
@@ -215,8 +218,6 @@ def read_headers(root: Path, files: list[str], skip_bad: bool, workers: int) -> 
 def load_file_split(cfg, split: str, carve) -> FileData:
     """The `split` of the image folder `cfg.root` as files (see `pipeline.data.load_split`, whose carve of the
     validation split out of train, `carve`, applies here unchanged)."""
-    from pipeline.data import MEAN_STD
-
     if cfg.root is None:
         raise UserError("data.source = files needs data.root: a folder with train/<class>/ and test/ (or val/, or "
                         "test.txt / val.txt of 'path label' lines)")
@@ -227,8 +228,7 @@ def load_file_split(cfg, split: str, carve) -> FileData:
         raise UserError(f"data.root {root} has no train/ folder: it must hold train/<class>/ folders of images")
     where = "train" if split != "test" else next(
         (s for s in ("test", "val") if (root / s).is_dir() or (root / f"{s}.txt").is_file()), "test")
-    files, labels, sizes, lengths, skipped, classes = _listed(str(root), where, cfg.bad_files == "skip",
-                                                               8)  # header reads: I/O-bound threads
+    files, labels, sizes, lengths, skipped, classes = _listed(str(root), where, cfg.bad_files == "skip")
     index = np.arange(len(files)) if split == "test" else _as_index(carve(cfg, len(files), split), len(files))
     if cfg.limit:
         index = index[: cfg.limit]
@@ -245,16 +245,14 @@ def _as_index(index: torch.Tensor | None, n: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _listed(root: str, where: str, skip_bad: bool, threads: int):
+def _listed(root: str, where: str, skip_bad: bool):
     """The files, labels, header sizes and lengths of one folder split, read once per process."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     base = Path(root)
-    classes = sorted(e.name for e in os.scandir(base / "train") if e.is_dir())
-    if not classes:
-        raise UserError(f"{base / 'train'} has no class folders: put each class's images in train/<class>/")
+    classes = _class_folders(base / "train")
     files, labels = list_split(base, where, classes, IMG_EXTENSIONS)
-    sizes, bad = read_headers(base, files, skip_bad, threads)
+    sizes, bad = read_headers(base, files, skip_bad, HEADER_THREADS)
     if bad:
         skipped = [files[i] for i in bad]
         keep = np.setdiff1d(np.arange(len(files)), bad)
