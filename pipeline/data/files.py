@@ -179,13 +179,15 @@ def decode(path: Path, tolerate_truncated: bool = False) -> torch.Tensor:
     it goes (PIL's LOAD_TRUNCATED_IMAGES), the rest grey."""
     from PIL import Image, ImageFile, UnidentifiedImageError
 
-    ImageFile.LOAD_TRUNCATED_IMAGES = tolerate_truncated
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, tolerate_truncated  # PIL's global
     try:
         with Image.open(path) as img:
             rgb = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)  # (H, W, 3)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise UserError(f"cannot decode image {path} ({_why(exc, path)}): remove or replace it, or set "
                         f"data.bad_files: skip to decode a cut-short file as far as it goes") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved  # as the caller had it: other readers in this process decide theirs
     return torch.from_numpy(rgb).permute(2, 0, 1)  # (3, H, W)
 
 
