@@ -51,7 +51,7 @@ from pipeline.distill import DistillConfig, StudentConfig, TrainSet, build_train
 from pipeline.methods import make_method, method_configs
 from pipeline.models import NUM_BLOCKS, build_model, count_parameters
 from pipeline.device import resolve_device, setup_cpu
-from pipeline.cache.slabs import CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader
+from pipeline.cache.slabs import CachedTargets, CacheSlabs, EpochReads, NoTargets, OnlineTargets, SlabLoader
 from pipeline.views import ViewsConfig, make_view_plan
 
 # input shape and classes of each dataset the params may name (imagefolder: data.image_size, 3 channels)
@@ -169,7 +169,7 @@ class Lane:
         v = self.train.num_views
         sync(self.device)  # the steps queued so far belong to the turn's time, not to the epoch start
         start = time.perf_counter()
-        self.targets.start_epoch(self.epoch % v, (self.epoch + 1) % v)
+        self.targets.start_epoch(EpochReads.whole(self.epoch % v, (self.epoch + 1) % v))
         sync(self.device)
         self.switch_s.append(time.perf_counter() - start)
         self.steps = epoch_steps(self.trainer, self.epoch, self.train, self.targets)

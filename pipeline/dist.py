@@ -172,12 +172,12 @@ def shard_weight(local: int, global_: int, world: World) -> float:
     return 1.0 if not world.distributed else local * world.size / global_
 
 
-def epoch_rows(order: torch.Tensor, batch_size: int, world: World) -> torch.Tensor:
-    """Every row this rank trains in the epoch whose permutation is `order` (N,), sorted: the rows of the
-    epoch's teacher slab it needs."""
-    if not world.distributed:
-        return torch.arange(len(order), device=order.device)
-    parts = [shard(order[s:s + batch_size], world) for s in range(0, len(order), batch_size)]
+def epoch_rows(order: torch.Tensor, batch_size: int, world: World, first: int = 0,
+               stop: int | None = None) -> torch.Tensor:
+    """Every row this rank trains in steps [first, stop) (default: all) of the epoch whose permutation is `order`
+    (N,), sorted: the rows of the epoch's teacher slab (or of that part of it) it needs."""
+    stop = -(-len(order) // batch_size) if stop is None else stop
+    parts = [shard(order[s * batch_size:(s + 1) * batch_size], world) for s in range(first, stop)]
     return torch.cat(parts).sort().values
 
 

@@ -36,8 +36,8 @@ from pipeline.align import AlignConfig, align
 from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, normalize
 from pipeline.data import step_views
-from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, NoTargets, OnlineTargets, SlabLoader, open_cache,
-                            validate_caches)
+from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, EpochReads, NoTargets, OnlineTargets,
+                            SlabLoader, open_cache, validate_caches)
 from pipeline.checkpoints import check_fits_data, load_checkpoint, sha256_file
 from pipeline.models import load_teacher
 from pipeline.config import UserError, build, check, check_choice
@@ -66,6 +66,10 @@ class DistillConfig(SGDConfig):
     teachers: list[str] = field(default_factory=list)  # teachers to distill from; [] = every entry of `teachers`
     epochs: int = 20  # passes over the training split; epoch e shows view e mod V
     batch_size: int = 128  # images per optimizer step
+    shuffle: str = "full"  # the epoch's order. full: a uniform permutation, each epoch's teacher slab read whole into
+    # memory; chunks: the caches' chunks in a new order, samples shuffled within windows of `shuffle_window` chunks,
+    # the targets read window by window (memory flat in the number of samples; for data larger than memory)
+    shuffle_window: int = 8  # chunks (cache.chunk_rows samples each) per shuffling window, under shuffle: chunks
     lr: float = 0.1  # peak student learning rate (SGD)
     nesterov: bool = False  # Nesterov momentum
     schedule: str = "cosine"  # cosine | onecycle | constant (pipeline.optim), per optimizer step
@@ -106,6 +110,8 @@ class DistillConfig(SGDConfig):
         check_choice(self.method, METHODS, "distill.method")
         check(self.epochs >= 1, f"distill.epochs = {self.epochs} must be at least 1")
         check(self.batch_size >= 1, f"distill.batch_size = {self.batch_size} must be at least 1")
+        check_choice(self.shuffle, ("full", "chunks"), "distill.shuffle")
+        check(self.shuffle_window >= 1, f"distill.shuffle_window = {self.shuffle_window} must be at least 1 chunk")
         self.check_sgd("distill", self.epochs)
         check(0 <= self.seed < 2**31, f"distill.seed = {self.seed} must be in [0, 2^31)")
         check(len(self.seeds) >= 1 and all(isinstance(v, int) and 0 <= v < 2**31 for v in self.seeds),
@@ -129,6 +135,7 @@ class TrainSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     files: Any = None  # the FileData the images come from (pipeline.data.files), where they are not resident
+    chunk_rows: int = 0  # R, samples per teacher-cache chunk: what distill.shuffle: chunks keeps together
 
     @property
     def num_views(self) -> int:
@@ -260,7 +267,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
 
     Yields (stat names, their batch-weighted values (S,) on the device, batch size) after each step.
     `targets(idx, x, picked) -> Targets` is a pipeline.cache.slabs target source whose `start_epoch` has
-    been called for this epoch's view. A generator, so that train_one_epoch and the throughput
+    been given this epoch's reads (epoch_reads). A generator, so that train_one_epoch and the throughput
     benchmark (which steps several trainers in lock-step) run the very same step loop.
     """
     cfg, dev, method = tr.cfg, tr.device, tr.method
@@ -268,7 +275,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     n, steps = len(data), steps_per_epoch(len(data), cfg)
     total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     view = epoch % data.num_views
-    order = epoch_order(cfg.seed, epoch, n).to(dev)  # (N,)
+    order = order_of(cfg, epoch, data).to(dev)  # (N,)
     rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
@@ -276,6 +283,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     shares = [shard(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], tr.world) for i in range(steps)]
     batches = step_views(data.files, data.images, shares, params, data.augment, dev)  # (b, C, H, W) uint8 each
     for i in range(steps):
+        targets.at_step(i)  # a new part of the epoch: its targets in place, the next part's read ahead
         set_lr(tr.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
         idx = shares[i]  # (b,) this rank's share of the global batch (all of it with one process)
         x = normalize(next(batches), data.mean, data.std)
@@ -383,8 +391,7 @@ def distill(
     ckpt: dict[str, Any] = dict(state or {})
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
-        nxt = (epoch + 1) % data.num_views if epoch + 1 < cfg.epochs else None
-        targets.start_epoch(epoch % data.num_views, nxt, *_rank_rows(tr, epoch, len(data), nxt is not None))
+        targets.start_epoch(epoch_reads(tr, epoch, data))
         stats = train_one_epoch(tr, epoch, data, targets, progress)
         train_time = time.perf_counter() - t0
         row: dict[str, Any] = {"epoch": epoch + 1, "view": epoch % data.num_views, **stats}
@@ -410,13 +417,34 @@ def distill(
     return ckpt
 
 
-def _rank_rows(tr: Trainer, epoch: int, n: int, has_next: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """The sorted samples this rank trains in `epoch` and the next, so that it loads only those slab rows;
-    (None, None) with one process (every row)."""
-    if not tr.world.distributed:
-        return None, None
-    rows = [epoch_rows(epoch_order(tr.cfg.seed, e, n), tr.cfg.batch_size, tr.world).numpy() for e in (epoch, epoch + 1)]
-    return rows[0], rows[1] if has_next else None
+def order_of(cfg: DistillConfig, epoch: int, data: TrainSet) -> torch.Tensor:
+    """The epoch's sample order (N,) on the CPU, as `distill.shuffle` says (pipeline.training.epoch_order)."""
+    if cfg.shuffle == "chunks":
+        return epoch_order(cfg.seed, epoch, len(data), data.chunk_rows or len(data), cfg.shuffle_window)
+    return epoch_order(cfg.seed, epoch, len(data))
+
+
+def epoch_reads(tr: Trainer, epoch: int, data: TrainSet) -> EpochReads:
+    """The teacher rows each part of `epoch` needs on this rank, and the next epoch's first part to read ahead.
+
+    shuffle: full: one part, every sample (under torchrun the rows this rank trains). shuffle: chunks: a part per
+    window's worth of steps (floor(window x R / batch) steps), each the sorted samples its steps train here.
+    """
+    cfg, n = tr.cfg, len(data)
+    steps = steps_per_epoch(n, cfg)
+    per = steps if cfg.shuffle == "full" else max(1, cfg.shuffle_window * (data.chunk_rows or n) // cfg.batch_size)
+
+    def parts(e: int) -> list[tuple[int, np.ndarray | None]]:
+        if cfg.shuffle == "full" and not tr.world.distributed:
+            return [(0, None)]
+        order = order_of(cfg, e, data)
+        return [(first, epoch_rows(order, cfg.batch_size, tr.world, first, min(steps, first + per)).numpy())
+                for first in range(0, steps, per)]
+
+    ahead = None
+    if epoch + 1 < cfg.epochs:
+        ahead = ((epoch + 1) % data.num_views, parts(epoch + 1)[0][1])
+    return EpochReads(epoch % data.num_views, parts(epoch), ahead)
 
 
 # ---------------------------------------------------------------- what a run starts from
@@ -444,10 +472,12 @@ class TargetSources:
     caches: dict[str, Any] = field(default_factory=dict)  # teacher name -> TeacherCache
     models: list[nn.Module] = field(default_factory=list)  # the live teachers (online)
     autocast: bool = False  # online teachers under bf16 autocast on CUDA (cache.autocast)
+    chunk_rows: int = 0  # R of the (first) cache, else the params' cache.chunk_rows: the unit shuffle: chunks moves
 
-    def targets(self, feature_blocks, device: torch.device):
+    def targets(self, feature_blocks, device: torch.device, by_chunk: bool = False):
+        """`by_chunk` (shuffle: chunks): read the caches chunk by chunk, a part of the epoch at a time."""
         if self.caches:
-            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device))
+            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device, by_chunk))
         if self.models:
             return OnlineTargets(self.models, self.align_cfg, feature_blocks, device, self.autocast)
         return NoTargets()
@@ -458,7 +488,7 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
     """The run's target sources: every teacher's cache validated against the plan and the data, or with `online`
     every teacher loaded and checked against the data; nothing without teachers."""
     if not teachers:  # scratch
-        return TargetSources(cache_cfg.align_config, None, {})
+        return TargetSources(cache_cfg.align_config, None, {}, chunk_rows=cache_cfg.chunk_rows)
     if online:
         models, hashes = [], {}
         for name in teachers:
@@ -468,12 +498,14 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
                             f"retrain it with python -m stages.pretrain --teacher {name} --restart")
             models.append(model)
             hashes[name] = sha256_file(path)
-        return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast)
+        return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast,
+                             chunk_rows=cache_cfg.chunk_rows)
     caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format)) for t in teachers], plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)
     align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
     hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(teachers, caches)}
-    return TargetSources(align_cfg, caches[0].blocks, hashes, caches=dict(zip(teachers, caches)))
+    return TargetSources(align_cfg, caches[0].blocks, hashes, caches=dict(zip(teachers, caches)),
+                         chunk_rows=caches[0].layout.chunk_rows)
 
 
 def load_student_init(student: nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:

@@ -186,6 +186,8 @@ def run_identity(s: Settings, cfg: DistillConfig, model_kwargs: dict[str, Any], 
                  train, plan, hashes: dict[str, Any], align_cfg) -> dict[str, Any]:
     """What a seed's checkpoint must share with the settings to be resumed (pipeline.checkpoints.load_resumable)."""
     shared = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in NOT_SHARED}
+    if cfg.shuffle == "full":  # the default order: checkpoints made before the chunk order existed still resume
+        shared = {k: v for k, v in shared.items() if k not in ("shuffle", "shuffle_window")}
     return {
         "method": s.method,
         "online": s.is_online,

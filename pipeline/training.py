@@ -1,7 +1,8 @@
 """What pretraining and distillation share: the seeded epoch order, the logging cadence, the throughput measure
 and evaluation without augmentation.
 
-    epoch_order(seed, epoch, n)   the epoch's permutation: a function of (seed, epoch) alone, whatever the world
+    epoch_order(seed, epoch, n)   the epoch's permutation: a function of (seed, epoch) alone, whatever the world;
+                                  with `block`, a chunk-window order whose windows read a few cache chunks each
     log_due(step, steps, every)   whether step `step` updates the progress bar (the loops' only host syncs)
     images_per_s(n, seconds)      throughput over the training steps alone (evaluation and checkpoints excluded)
     predict_logits(), evaluate()  the model on un-augmented images, in eval mode
@@ -20,10 +21,23 @@ from pipeline.device import autocast, memory_format
 LOG_EVERY = 25  # steps between progress-bar updates, unless a config says otherwise (distill.log_every)
 
 
-def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+def epoch_order(seed: int, epoch: int, n: int, block: int = 0, window: int = 1) -> torch.Tensor:
     """The epoch's permutation of the N samples (CPU, int64): the same for every rank and world size, and after a
-    resume."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))  # (N,)
+    resume.
+
+    block = 0: a uniform permutation. block = R > 0 (the teacher caches' chunk rows): the chunks [kR, (k+1)R) in
+    a random order, cut into windows of `window` chunks, the samples shuffled within each window; so the steps of
+    one window read only its chunks (FFCV's quasi-random order, for targets that do not fit in memory).
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if block <= 0:
+        return torch.randperm(n, generator=gen)  # (N,)
+    chunks = torch.randperm(-(-n // block), generator=gen)  # (n_chunks,)
+    parts = []
+    for w in range(0, len(chunks), window):
+        rows = torch.cat([torch.arange(k * block, min(n, (k + 1) * block)) for k in chunks[w:w + window].tolist()])
+        parts.append(rows[torch.randperm(len(rows), generator=gen)])  # (<= window * R,) this window's samples
+    return torch.cat(parts)  # (N,)
 
 
 def log_due(step: int, steps: int, every: int = LOG_EVERY) -> bool:

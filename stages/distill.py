@@ -121,7 +121,8 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
     cfg = replace(s.distill, seed=seed)
     sources = open_sources(s.teachers, s.online, s.cache, plan, train, dev)
     method = make_method(s.method, s.options, s.teachers, sources.blocks)  # the caches' block names
-    targets, align_cfg = sources.targets(method.feature_blocks, dev), sources.align_cfg
+    targets = sources.targets(method.feature_blocks, dev, by_chunk=cfg.shuffle == "chunks")
+    align_cfg = sources.align_cfg
     model_kwargs = method.student_kwargs(constructor_kwargs(s.student.arch, s.student.model, train))
     torch.manual_seed(cfg.seed)
     student = build_model(s.student.arch, **model_kwargs)
@@ -148,7 +149,7 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
         write_json(paths.student_seed_metrics(s.run_name, seed), seed_metrics(s, base, ckpt, str(dev)))
 
     data = TrainSet(resident(train, dev), train.labels.to(dev), plan.aug, plan.augment, train.mean, train.std,
-                    files=train if train.source == "files" else None)
+                    files=train if train.source == "files" else None, chunk_rows=sources.chunk_rows)
     try:
         ckpt = distill(trainer, data, test, targets, state, save, progress=not quiet)
     finally:

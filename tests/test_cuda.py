@@ -28,7 +28,7 @@ from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, epoch_steps
 from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
-from pipeline.cache.slabs import NoTargets
+from pipeline.cache.slabs import EpochReads, NoTargets
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan
 from stages import distill as distill_stage
 from test_methods import assert_trains_alike, trained_steps
@@ -129,7 +129,7 @@ def test_training_steps_never_wait_for_the_gpu(tiny_pipeline, method, options):
     data-dependent shape): CUDA's sync debug mode turns any into an error. The epoch's setup (its batch
     order and view parameters copied to the device) happens on the first step, before the check."""
     trainer, data, targets = cuda_trainer(tiny_pipeline, method, options)
-    targets.start_epoch(0, 1)
+    targets.start_epoch(EpochReads.whole(0, 1))
     steps = epoch_steps(trainer, 0, data, targets)
     next(steps)
     torch.cuda.synchronize()
@@ -154,7 +154,7 @@ def test_cached_targets_on_cuda_equal_the_live_teachers(tiny_pipeline):
     x = normalize(apply_views(data.images[idx], params[idx], data.augment), data.mean, data.std)
     x = x.contiguous(memory_format=torch.channels_last)
     for source_c, source_o, picked in ((cached, online, [0, 1]), (cached_meal, online_meal, [1])):
-        source_c.start_epoch(1, None)
+        source_c.start_epoch(EpochReads.whole(1))
         tc, to = source_c(idx, x, picked), source_o(idx, x, picked)
         torch.testing.assert_close(tc.logits, to.logits, rtol=1e-2, atol=1e-2)
         if tc.blocks is not None:

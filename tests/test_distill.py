@@ -24,7 +24,7 @@ from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, train_one_epoch
 from pipeline.methods import make_method, method_configs
 from pipeline.models import build_model
-from pipeline.cache.slabs import CacheSlabs, SlabLoader
+from pipeline.cache.slabs import CacheSlabs, EpochReads, SlabLoader
 from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
 from stages import distill as distill_stage
@@ -68,8 +68,11 @@ class Recorder:
     def __init__(self, inner):
         self.inner, self.seen = inner, []
 
-    def start_epoch(self, *args, **kwargs):
-        self.inner.start_epoch(*args, **kwargs)
+    def start_epoch(self, reads):
+        self.inner.start_epoch(reads)
+
+    def at_step(self, step):
+        self.inner.at_step(step)
 
     def __call__(self, idx, x, picked):
         tgt = self.inner(idx, x, picked)
@@ -97,7 +100,7 @@ def test_cached_and_online_training_see_the_same_targets(tiny_pipeline, method):
         recorder = Recorder(source)
         history = []
         for epoch in range(cfg.epochs):
-            recorder.start_epoch(epoch % 2, (epoch + 1) % 2)
+            recorder.start_epoch(EpochReads.whole(epoch % 2, (epoch + 1) % 2))
             history.append(train_one_epoch(trainer, epoch, data, recorder, progress=False))
         return recorder.seen, history, student
 
@@ -397,3 +400,84 @@ def test_killing_the_stage_kills_its_seed_processes_and_each_seed_resumes(tiny_p
     assert all(0 < e < 400 for e in done.values())
     resumed = run("--method", "kd", "--seed", "0")
     assert resumed.exit_code == 0 and f"resuming after epoch {done[0]}" in resumed.output, resumed.output
+
+
+# ---------------------------------------------------------------- shuffle: chunks (targets larger than memory)
+
+
+def test_the_chunk_order_is_a_seeded_permutation_whose_windows_are_whole_chunks():
+    from pipeline.training import epoch_order
+
+    n, r, w = 1000, 64, 3
+    assert torch.equal(epoch_order(5, 2, n), torch.randperm(n, generator=torch.Generator().manual_seed(5 * 100_003 + 2)))
+    order = epoch_order(5, 2, n, r, w)
+    assert torch.equal(order.sort().values, torch.arange(n)) and torch.equal(order, epoch_order(5, 2, n, r, w))
+    assert not torch.equal(order, epoch_order(5, 3, n, r, w))
+    pos, windows = 0, 0
+    while pos < n:  # each window: every sample of `w` whole chunks (the last chunk, 1000 - 960 rows, is short)
+        start, seen = pos, set()
+        while True:
+            seen.add(int(order[pos]) // r)
+            pos += 1
+            assert len(seen) <= w
+            if pos - start == sum(min(n, (k + 1) * r) - k * r for k in seen) and (len(seen) == w or pos == n):
+                break
+        windows += 1
+    assert windows == -(-(-(-n // r)) // w)
+    first = order[:w * r]
+    assert not torch.equal(first, first.sort().values)  # shuffled within the window
+
+
+def chunk_reads_setup(n=1000, r=64, window=3, batch=50, world=None):
+    import numpy as np
+
+    from pipeline.cache.slabs import ArraySlabs, CachedTargets
+    from pipeline.dist import World
+    from pipeline.distill import Trainer, epoch_reads, order_of
+
+    rng = np.random.default_rng(0)
+    arrays = [{"logits": rng.standard_normal((n, 2, 10)).astype(np.float16),
+               "b1": rng.standard_normal((n, 2, 4)).astype(np.float16)} for _ in range(2)]
+    cfg = DistillConfig(shuffle="chunks", shuffle_window=window, batch_size=batch, epochs=3)
+    data = TrainSet(None, torch.zeros(n, dtype=torch.int64), np.zeros((n, 2, 5), np.int16), None, (0.0,), (1.0,),
+                    chunk_rows=r)
+    tr = Trainer(None, cfg, None, None, None, None, torch.device("cpu"), None, None, world or World())
+    source = ArraySlabs(["a", "b"], arrays, ["b1"], chunk_rows=r)
+    loader = SlabLoader(source, (0,), torch.device("cpu"), by_chunk=True)
+    return arrays, cfg, data, tr, loader, CachedTargets(loader), epoch_reads, order_of
+
+
+def test_reading_by_parts_gives_each_step_its_targets_reading_each_chunk_once_in_bounded_memory():
+    """shuffle: chunks: every step gets exactly the whole view's targets for its samples, each cache chunk is read
+    once per epoch (the chunks a part shares with the next are kept), and no slab holds more than a window and a
+    batch of rows, whatever N."""
+    from pipeline.dist import World, shard
+
+    n, r, window, batch = 1000, 64, 3, 50
+    arrays, cfg, data, tr, loader, targets, epoch_reads, order_of = chunk_reads_setup(n, r, window, batch)
+    for epoch in range(3):
+        view = epoch % 2
+        targets.start_epoch(epoch_reads(tr, epoch, data))
+        order, held = order_of(cfg, epoch, data), 0
+        for i in range(-(-n // batch)):
+            targets.at_step(i)
+            idx = order[i * batch:(i + 1) * batch]
+            got = targets(idx, None, [0, 1])
+            for k in range(2):
+                assert torch.equal(got.logits[k].half(), torch.from_numpy(arrays[k]["logits"][idx.numpy(), view]))
+                assert torch.equal(got.blocks[0][k].half(), torch.from_numpy(arrays[k]["b1"][idx.numpy(), view]))
+            held = max(held, targets.slab.rows.shape[1])
+            assert len(loader.kept) <= 2 * window + 1
+        assert held <= window * r + batch
+    assert loader.chunk_reads == 3 * -(-n // r)  # each chunk once an epoch (epoch 2 read nothing ahead)
+    loader.close()
+    # under torchrun a rank's parts hold only its shares, with the same targets
+    _, _, _, tr1, loader1, mine, _, _ = chunk_reads_setup(n, r, window, batch, World(1, 2))
+    mine.start_epoch(epoch_reads(tr1, 1, data))
+    order = order_of(cfg, 1, data)
+    for i in range(-(-n // batch)):
+        mine.at_step(i)
+        idx = shard(order[i * batch:(i + 1) * batch], World(1, 2))
+        assert torch.equal(mine(idx, None, [1]).logits[0].half(), torch.from_numpy(arrays[1]["logits"][idx.numpy(), 1]))
+        assert mine.slab.rows.shape[1] <= (window * r + batch) // 2 + 1
+    loader1.close()

@@ -204,7 +204,7 @@ def test_launch_runs_the_plain_command_with_one_process_and_torchrun_with_more(w
 
 
 def test_a_rank_loads_only_its_rows_of_the_slab_and_gets_the_same_targets(work):
-    from pipeline.cache.slabs import CachedTargets, CacheSlabs, SlabLoader
+    from pipeline.cache.slabs import CachedTargets, CacheSlabs, EpochReads, SlabLoader
 
     caches = {t: open_cache(paths.teacher_cache(t)) for t in ("t1", "t2")}
     full = CachedTargets(SlabLoader(CacheSlabs(caches), (0, 2), torch.device("cpu")))
@@ -212,8 +212,8 @@ def test_a_rank_loads_only_its_rows_of_the_slab_and_gets_the_same_targets(work):
     order = torch.randperm(96, generator=torch.Generator().manual_seed(3))
     rank = World(1, 2)
     rows = epoch_rows(order, BATCH, rank).numpy()
-    full.start_epoch(1, None)
-    mine.start_epoch(1, None, rows)
+    full.start_epoch(EpochReads.whole(1))
+    mine.start_epoch(EpochReads.whole(1, rows=rows))
     assert mine.slab.rows.shape[1] == len(rows) == 46 and full.slab.rows.shape[1] == 96  # rank 1: 12+12+12+10
     for start in range(0, 96, BATCH):
         idx = shard(order[start:start + BATCH], rank)

@@ -64,7 +64,7 @@ def folder(tmp_path_factory) -> Path:
 def test_a_split_is_its_files_labels_and_header_sizes(folder):
     train, test = load_split(files_cfg(folder), "train"), load_split(files_cfg(folder), "test")
     assert (len(train), len(test), train.num_classes, train.in_channels) == (36, 12, 3, 3)
-    assert train.classes == ["c0000", "c0001", "c0002"] and train.labels.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    assert train.classes == ["c0000", "c0001", "c0002"] and train.labels.tolist() == [0, 1, 2] * 12  # round-robin
     for i in (0, 7, 35):
         with Image.open(train.path(i)) as img:
             assert tuple(train.sizes[i]) == (img.height, img.width)  # from the header
@@ -251,7 +251,9 @@ def test_the_stages_run_from_files(folder, tmp_path, monkeypatch):
     params["teachers"] = {"cnn": {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}}}
     params["pretrain"].update(epochs=1, augment=RRC)
     params["views"]["augment"] = RRC
-    params["distill"].update(teachers=["cnn"], epochs=1, seeds=[0], runs={"kd": {"method": "kd"}})
+    params["cache"]["chunk_rows"] = 8  # 36 samples: 5 chunks, read by distill 2 at a time (shuffle: chunks)
+    params["distill"].update(teachers=["cnn"], epochs=2, seeds=[0], runs={"kd": {"method": "kd"}}, batch_size=8,
+                             shuffle="chunks", shuffle_window=2)
     Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runner = CliRunner()
     for stage, args in ((pretrain, ["--teacher", "cnn"]), (plan_views, []), (cache_teachers, ["--teacher", "cnn"]),

@@ -487,21 +487,29 @@ def _load_imagefolder(root: Path | None, image_size: int) -> tuple[ImageData, Im
                         f"{', '.join(only_test) or '-'}): make them match")
     out = []
     for split, directory in (("train", train_dir), ("test", test_dir)):
-        paths, labels = [], []
-        for index, name in enumerate(classes):
+        per_class = []
+        for name in classes:
             files = sorted(p for p in (directory / name).rglob("*")
                            if p.is_file() and p.name.lower().endswith(IMG_EXTENSIONS))
             if not files:
                 raise UserError(f"{directory / name} holds no images ({', '.join(IMG_EXTENSIONS)}): "
                                 f"add some or remove the class folder")
-            paths += files
-            labels += [index] * len(files)
+            per_class.append(files)
+        paths, labels = round_robin(per_class)
         workers = max(1, min(8, os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:  # PIL decodes and resizes without the GIL
             arrays = list(pool.map(functools.partial(_read_image, size=image_size), paths))
         images = np.stack(arrays).transpose(0, 3, 1, 2)  # (N, 3, S, S)
         out.append(_data(np.ascontiguousarray(images), np.array(labels), classes, "imagefolder", split))
     return out[0], out[1]
+
+
+def round_robin(per_class: list[list]) -> tuple[list, list[int]]:
+    """Each class's files (in name order) -> (files, labels) numbered round-robin over the classes: class 0's
+    first file, class 1's first, ..., then every class's second. Any run of consecutive samples, a teacher-cache
+    chunk above all, then holds many classes, which `distill.shuffle: chunks` relies on to mix batches."""
+    keyed = sorted((rank, label, f) for label, files in enumerate(per_class) for rank, f in enumerate(files))
+    return [f for _, _, f in keyed], [label for _, label, _ in keyed]
 
 
 def _class_folders(directory: Path) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.config import UserError
-from pipeline.data import MEAN_STD, _class_folders  # the package runs first: no cycle
+from pipeline.data import MEAN_STD, _class_folders, round_robin  # the package runs first: no cycle
 
 HEADER_THREADS = 8  # threads reading image headers when a split is listed (I/O-bound: more than the cores)
 
@@ -113,15 +113,14 @@ def list_split(root: Path, split: str, classes: list[str], extensions: tuple[str
         extra, missing = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
         raise UserError(f"{folder} has other class folders than the training split (only here: "
                         f"{', '.join(extra) or '-'}; missing here: {', '.join(missing) or '-'}): make them match")
-    files, labels = [], []
-    for label, name in enumerate(classes):
+    per_class = []
+    for name in classes:
         mine = sorted(_image_files(folder / name, extensions))
         if not mine:
             raise UserError(f"{folder / name} holds no images ({', '.join(extensions)}): add some or remove the "
                             f"class folder from every split")
-        files += [(folder / name / f).relative_to(root).as_posix() for f in mine]
-        labels += [label] * len(mine)
-    return files, labels
+        per_class.append([(folder / name / f).relative_to(root).as_posix() for f in mine])
+    return round_robin(per_class)
 
 
 def _image_files(folder: Path, extensions: tuple[str, ...]) -> Iterator[str]:
