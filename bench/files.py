@@ -12,8 +12,10 @@ A. Memory, flat in the dataset's size: `plan_views`, `cache_teachers` and `disti
 B. Speed, side by side in this process on the --small folder: the cache pass (pipeline.cache.write.cache_teacher)
    at V = --views from files, for each worker count of --workers, against the same pass from memory (the folder
    loaded once as a tensor at --size, which that source needs first: its load time is shown apart). Goal: files
-   at least 0.7x the views per second of memory. Then one distill epoch (kd from that cache) from files and from
-   memory, images per second of the training steps. And the decoder: PIL against torchvision.io, one thread.
+   at least 0.7x the views per second of memory. Then one distill epoch (kd from that cache) from memory, and from
+   files for each worker count and a prefetch depth of 2 and 4 batches, images per second of the training steps
+   (pinning is for a GPU: not measured here). And the decoder: PIL against torchvision.io, one thread, and PIL's
+   decode plus one 224-px view per image (bench.scaleout's --decode-ms).
 
 The teacher is the tiny profile's (a student_cnn at width 0.5, randomly initialised, BatchNorm calibrated), a
 cheap forward that leaves the decoding exposed: a real teacher makes the file source's share of the time smaller.
@@ -227,26 +229,75 @@ def decoder_speed(root: Path, images: int = 300) -> dict:
     finally:
         torch.set_num_threads(threads)
     out["same_pixels"] = bool(same)
+    view = decode_and_view_ms(files)
     print(f"  decode, ms per image: PIL {out['pil']:.2f}, torchvision.io {out['torchvision_io']:.2f} "
-          f"(same pixels: {same})")
-    return {"ms_per_image": out, "images": len(files)}
+          f"(same pixels: {same}); PIL decode + one {VIEW_PX}-px RandomResizedCrop view {view:.2f} "
+          f"(what a distill epoch from files costs per image; bench.scaleout's --decode-ms)")
+    return {"ms_per_image": out, "images": len(files), f"decode_and_view_{VIEW_PX}_ms": view}
 
 
-def distill_speed(root: Path, work: Path, size: int, views: int, workers: int) -> dict:
-    """Images per second of one kd epoch's training steps from files and from memory (the stage's own measure)."""
+VIEW_PX = 224  # the view side of the ImageNet recipes, for the per-image cost of an epoch from files
+
+
+def decode_and_view_ms(files: list[Path]) -> float:
+    """Milliseconds per image, one thread: PIL decode plus one planned ImageNet-style view (scale 0.08-1) cut and
+    resized to VIEW_PX, as a distill or pretrain epoch from files does per image (warm second round kept)."""
+    import numpy as np
+
+    from pipeline.augment import AugmentConfig, plan_views, views_of_image
+    from pipeline.data.files import decode
+
+    cfg = AugmentConfig(kind="rrc_flip", flip=True, scale_min=0.08)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(2):
+            start = time.perf_counter()
+            for i, f in enumerate(files):
+                image = decode(f)
+                params = plan_views(cfg, 0, np.array([i]), np.array([0]), image.shape[1], image.shape[2])[0]
+                views_of_image(image, torch.from_numpy(params), cfg, VIEW_PX)
+            ms = 1000 * (time.perf_counter() - start) / len(files)
+    finally:
+        torch.set_num_threads(threads)
+    return round(ms, 3)
+
+
+def distill_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int],
+                  prefetches: tuple[int, ...] = (2, 4)) -> dict:
+    """Images per second of one kd epoch's training steps from memory, and from files for each decoding worker
+    count and prefetch depth (the stage's own measure; the plan and cache are made once, then distill reruns)."""
     out = {}
     for source in ("memory", "files"):
         folder = work / f"distill_{source}"
-        params = stage_params(root, size, views, workers)
+        params = stage_params(root, size, views, max(worker_counts))
         params["data"]["source"] = source
         prepare(folder, params)
         for name, args in STAGES:
             run_stage(folder, name, args, sample=False)
-        seed = yaml.safe_load((folder / paths.student_seed_metrics("kd", 0)).read_text())
-        out[source] = {"images_per_s": round(seed["images_per_s"], 1)}
-        print(f"  distill from {source}: {seed['images_per_s']:.0f} images/s")
-    out["files_to_memory"] = round(out["files"]["images_per_s"] / out["memory"]["images_per_s"], 3)
+        if source == "memory":
+            out["memory"] = {"images_per_s": _seed_speed(folder)}
+            print(f"  distill from memory: {out['memory']['images_per_s']:.0f} images/s")
+            continue
+        out["files"] = {}
+        for workers in worker_counts:
+            for prefetch in prefetches:
+                params["data"].update(workers=workers, prefetch=prefetch)  # neither enters any identity
+                (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+                run_stage(folder, "distill", [*STAGES[-1][1], "--restart"], sample=False)
+                speed = _seed_speed(folder)
+                out["files"][f"workers {workers} prefetch {prefetch}"] = {
+                    "images_per_s": speed, "ratio_to_memory": round(speed / out["memory"]["images_per_s"], 3)}
+                print(f"  distill from files, {workers} worker(s), prefetch {prefetch}: {speed:.0f} images/s")
+    best = max(out["files"], key=lambda k: out["files"][k]["images_per_s"])
+    out["best_files"] = best
+    out["files_to_memory"] = out["files"][best]["ratio_to_memory"]
     return out
+
+
+def _seed_speed(folder: Path) -> float:
+    seed = yaml.safe_load((folder / paths.student_seed_metrics("kd", 0)).read_text())
+    return round(seed["images_per_s"], 1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -283,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"B. speed on {a.small:,} images, V = {a.views}, {a.size} px:")
         result["decode"] = decoder_speed(small)
         result["cache_speed"] = measure_speed(small, a.workdir / "speed", a.size, a.views, a.workers)
-        result["distill_speed"] = distill_speed(small, a.workdir / "speed", a.size, a.views, max(a.workers))
+        result["distill_speed"] = distill_speed(small, a.workdir / "speed", a.size, a.views, a.workers)
     out = a.out or RESULTS / f"{result['device']}-files.json"
     if out.exists() and (a.skip_memory or a.skip_speed):  # one part rerun: keep the other's figures and command
         kept = json.loads(out.read_text())

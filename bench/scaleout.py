@@ -1,6 +1,7 @@
 """Scale-out on paper: what a profile's caches weigh and what its all-reduces move, from counted parameters.
 
     python -m bench.scaleout --params profiles/gpu.yaml [--world 1 2 4 8 16]
+    python -m bench.scaleout --params profiles/imagenet.yaml --images 1281167 --classes 1000
 
 Nothing is trained or timed: the models of the profile are built (randomly initialised) to count their
 parameters and BatchNorm channels, and the sizes follow from the cache contract and the ring all-reduce:
@@ -10,7 +11,13 @@ parameters and BatchNorm channels, and the sizes follow from the cache contract 
 - DDP (and pipeline.dist.average_gradients for the discriminators) all-reduces every fp32 gradient once per
   step; a ring all-reduce sends, and receives, 2 (W - 1) / W x the buffer per rank;
 - SyncBatchNorm all-reduces, per BatchNorm layer and step, the count, mean and variance forward (1 + 2 C
-  floats) and the two gradient sums backward (2 C): 1 + 4 C floats per layer.
+  floats) and the two gradient sums backward (2 C): 1 + 4 C floats per layer;
+- the teacher targets a rank holds: under distill.shuffle: full the epoch's slab and the next one's (2 N / W
+  rows); under shuffle: chunks at most the kept chunks of the last read (2 w + 1 whole chunks of R rows) and two
+  parts of w R / W rows (pipeline.cache.slabs), whatever N;
+- from files (data.source: files), an epoch decodes each image once: a GPU training at G images/s needs G
+  decodes/s from its share of the cores, each doing 1000 / decode_ms; the epoch takes N / (W min(G, decodes/s)).
+  G (--gpu-images-per-s) and decode_ms (--decode-ms) are inputs, with their sources printed.
 
 Prints a table per world size and writes bench/results/paper-scaleout-<profile>.json.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch.nn as nn
@@ -36,6 +44,10 @@ from pipeline.runs import read_settings
 DATASETS = {"cifar10": (50_000, 10, 3), "cifar100": (50_000, 100, 3), "svhn": (73_257, 10, 3),
             "fashion_mnist": (60_000, 10, 1)}
 GB = 1e9
+FILES_RESULT = Path("bench/results/cpu-files.json")  # its decode_and_view_224_ms: --decode-ms's default
+# FKD's ResNet-50 with stored soft labels: 486.77 s per ImageNet epoch on 8 V100s (its paper, Table 9)
+FKD_IMAGES_PER_S_PER_GPU = 1_281_167 / 486.77 / 8
+CORES_PER_GPU = 16  # the lent H100 machine's cores (one GPU, 16 cores)
 
 
 def bn_channels(model: nn.Module) -> tuple[int, int]:
@@ -44,12 +56,17 @@ def bn_channels(model: nn.Module) -> tuple[int, int]:
     return len(bns), sum(m.num_features for m in bns)
 
 
-def estimate(params_path: str, worlds: list[int]) -> dict:
+def estimate(params_path: str, worlds: list[int], images: int = 0, classes_: int = 0, decode_ms: float = 0.0,
+             gpu_images_per_s: float = FKD_IMAGES_PER_S_PER_GPU, cores_per_gpu: int = CORES_PER_GPU) -> dict:
     params = load_params(params_path)
     data = build(DataConfig, section(params, "data"), "data")
-    if data.name not in DATASETS:
-        raise SystemExit(f"bench.scaleout knows the sizes of {', '.join(DATASETS)}, not {data.name}")
-    n_all, classes, channels = DATASETS[data.name]
+    if images and classes_:
+        n_all, classes, channels = images, classes_, 3
+    elif data.name in DATASETS:
+        n_all, classes, channels = DATASETS[data.name]
+    else:
+        raise SystemExit(f"bench.scaleout knows the sizes of {', '.join(DATASETS)}, not {data.name}: "
+                         f"give --images N --classes C")
     n = (data.limit or n_all) - data.val_size
     views = int(section(params, "views").get("num_views", 8))
 
@@ -78,6 +95,10 @@ def estimate(params_path: str, worlds: list[int]) -> dict:
     p_disc = max(info["discriminator_params"] for info in runs.values())  # the largest game's
     batch = s.distill.batch_size
     pre_batch = int(section(params, "pretrain").get("batch_size", 128))
+    k_max = max(info["teachers"] for info in runs.values())
+    chunk_rows = s.cache.chunk_rows
+    window = s.distill.shuffle_window
+    decodes_per_gpu = cores_per_gpu * 1000 / decode_ms if decode_ms else None
     rows = []
     for w in worlds:
         ring = 2 * (w - 1) / w  # of the buffer, sent (and received) by each rank
@@ -92,8 +113,18 @@ def estimate(params_path: str, worlds: list[int]) -> dict:
             "distill_slab_MB_per_epoch": max(info["teachers"] for info in runs.values()) * n * per_pair / w / 1e6,
             "pretrain_allreduce_MB_per_step": {t: ring * 4 * p / 1e6 for t, p in teachers.items()},
             "pretrain_steps_per_epoch": math.ceil(n / pre_batch),
+            "targets_MB_held_full": k_max * per_pair * 2 * n / w / 1e6,
+            "targets_MB_held_chunks": k_max * per_pair * min(n, (2 * window + 1) * chunk_rows
+                                                           + 2 * window * chunk_rows / w) / 1e6,
         })
+        if decodes_per_gpu:
+            rate = min(gpu_images_per_s, decodes_per_gpu)
+            rows[-1].update(decode_images_per_s_needed_per_gpu=gpu_images_per_s,
+                            decode_images_per_s_per_gpu=decodes_per_gpu, epoch_s=n / (w * rate),
+                            bound="decode" if decodes_per_gpu < gpu_images_per_s else "gpu")
     return {"profile": params_path, "num_samples": n, "num_views": views, "num_classes": classes,
+            "source": data.source, "shuffle": s.distill.shuffle, "chunk_rows": chunk_rows, "shuffle_window": window,
+            "decode_ms": decode_ms or None, "gpu_images_per_s": gpu_images_per_s, "cores_per_gpu": cores_per_gpu,
             "block_lengths": lengths, "bytes_per_pair_per_teacher": per_pair,
             "store_GB_per_teacher": store / GB, "stores_GB_total": store * len(teachers) / GB,
             "teacher_params": teachers, "student": s.student.arch, "student_params": p_student,
@@ -104,9 +135,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="profiles/gpu.yaml")
     ap.add_argument("--world", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--images", type=int, default=0, help="training images (an image folder's; else the dataset's)")
+    ap.add_argument("--classes", type=int, default=0, help="classes (an image folder's)")
+    ap.add_argument("--decode-ms", type=float, default=None,
+                    help=f"ms per image per core to decode and cut a view [default: {FILES_RESULT}'s measure]")
+    ap.add_argument("--gpu-images-per-s", type=float, default=FKD_IMAGES_PER_S_PER_GPU,
+                    help="student training images/s per GPU [default: FKD's ResNet-50 on a V100, 329]")
+    ap.add_argument("--cores-per-gpu", type=int, default=CORES_PER_GPU, help="decoding cores per GPU")
     ap.add_argument("--out", default=None, help="[default: bench/results/paper-scaleout-<profile>.json]")
     args = ap.parse_args(argv)
-    est = estimate(args.params, args.world)
+    decode_ms = args.decode_ms
+    if decode_ms is None and FILES_RESULT.is_file():
+        decode_ms = json.loads(FILES_RESULT.read_text()).get("decode", {}).get("decode_and_view_224_ms")
+    est = estimate(args.params, args.world, args.images, args.classes, decode_ms or 0.0, args.gpu_images_per_s,
+                   args.cores_per_gpu)
     print(f"{args.params}: N = {est['num_samples']:,} samples x V = {est['num_views']} views, C = "
           f"{est['num_classes']}, blocks L = {est['block_lengths']}: {est['bytes_per_pair_per_teacher']} bytes per "
           f"(sample, view) per teacher")
@@ -127,8 +169,19 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['world']:>3} {row['distill_allreduce_MB_per_step']:>12.1f} "
               f"{row['distill_sync_bn_MB_per_step']:>14.3f} {row['distill_allreduce_GB_per_epoch']:>9.1f} "
               f"{row['distill_slab_MB_per_epoch']:>13.0f} {row['pretrain_allreduce_MB_per_step'][big]:>24.1f}")
+    print(f"teacher targets held per rank: shuffle: full {est['rows'][0]['targets_MB_held_full']:,.0f} MB at W = "
+          f"{est['rows'][0]['world']} (grows with N); shuffle: chunks (R = {est['chunk_rows']}, w = "
+          f"{est['shuffle_window']}) {est['rows'][0]['targets_MB_held_chunks']:,.0f} MB (flat in N)")
+    if est["rows"][0].get("epoch_s"):
+        print(f"from files: {est['decode_ms']:.2f} ms per image per core (decode + one view), {est['cores_per_gpu']} "
+              f"cores per GPU: {est['rows'][0]['decode_images_per_s_per_gpu']:,.0f} images/s per GPU against "
+              f"{est['gpu_images_per_s']:,.0f} the GPU trains")
+        print(f"{'W':>3} {'epoch min':>10} {'bound':>7} {'epochs/day':>11}")
+        for row in est["rows"]:
+            print(f"{row['world']:>3} {row['epoch_s'] / 60:>10.1f} {row['bound']:>7} {86400 / row['epoch_s']:>11.1f}")
     out = Path(args.out or Path("bench/results") / f"paper-scaleout-{Path(args.params).stem}.json")
-    out.write_text(json.dumps({"command": f"python -m bench.scaleout --params {args.params}", **est}, indent=1))
+    command = " ".join(["python -m bench.scaleout", *(argv if argv is not None else sys.argv[1:])])
+    out.write_text(json.dumps({"command": command, **est}, indent=1))
     print(f"-> {out}")
     return est
 

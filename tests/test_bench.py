@@ -91,6 +91,27 @@ def test_bench_scaleout_paper_figures_follow_from_the_counted_parameters(tmp_pat
     assert json.loads((tmp_path / "s.json").read_text())["command"].startswith("python -m bench.scaleout")
 
 
+def test_the_imagenet_plan_holds_the_file_source_and_chunked_targets(tmp_path):
+    """profiles/imagenet.yaml on paper: 1,000 classes of full fp16 logits and three 32-value blocks per pair, the
+    targets a rank holds flat in N under shuffle: chunks, and the epoch bound by decoding or by the GPU."""
+    from bench.scaleout import main
+
+    n = 1_281_167
+    args = ["--params", str(ROOT / "profiles" / "imagenet.yaml"), "--images", str(n), "--classes", "1000",
+            "--world", "1", "8", "--out", str(tmp_path / "i.json")]
+    est = main([*args, "--decode-ms", "4", "--gpu-images-per-s", "3000", "--cores-per-gpu", "16"])
+    one, eight = est["rows"]
+    assert est["bytes_per_pair_per_teacher"] == (1000 + 3 * 32) * 2 and est["source"] == "files"
+    assert est["store_GB_per_teacher"] == pytest.approx(n * 8 * 2192 / 1e9)
+    assert one["targets_MB_held_chunks"] == pytest.approx(2 * 2192 * (17 * 8192 + 16 * 8192) / 1e6)
+    assert one["targets_MB_held_full"] == pytest.approx(2 * 2192 * 2 * n / 1e6)  # every sample, twice
+    assert one["decode_images_per_s_per_gpu"] == 4000 and one["bound"] == "gpu"
+    assert eight["epoch_s"] == pytest.approx(n / (8 * 3000))
+    slow = main([*args, "--decode-ms", "8", "--gpu-images-per-s", "3000"])["rows"][1]
+    assert slow["bound"] == "decode" and slow["epoch_s"] == pytest.approx(n / (8 * 2000))
+    assert "--images 1281167" in json.loads((tmp_path / "i.json").read_text())["command"]
+
+
 def test_readme_scaleout_figures_are_the_benchs():
     from bench.scaleout import estimate
 
@@ -118,4 +139,7 @@ def test_bench_files_runs(tmp_path):
     for stage in ("plan_views", "cache_teachers", "distill"):
         assert 50 < saved["memory"]["30"][stage]["peak_pss_mib"] <= saved["memory"]["30"][stage]["peak_rss_mib"]
     assert set(result["cache_speed"]["files"]) == {"0", "1"} and result["cache_speed"]["memory_views_per_s"] > 0
-    assert result["distill_speed"]["files"]["images_per_s"] > 0
+    speeds = result["distill_speed"]["files"]
+    assert set(speeds) == {f"workers {w} prefetch {p}" for w in (0, 1) for p in (2, 4)}
+    assert all(v["images_per_s"] > 0 for v in speeds.values()) and result["distill_speed"]["best_files"] in speeds
+    assert 0 < result["decode"]["decode_and_view_224_ms"]
