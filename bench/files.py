@@ -9,7 +9,8 @@ A. Memory, flat in the dataset's size: `plan_views`, `cache_teachers` and `disti
    the RSS of each stage's whole process tree (its DataLoader workers included) every 0.1 s: the RSS sum counts
    the pages a forked worker shares with its parent once per process (an upper bound), the PSS sum splits them.
    Goal: under 2 GB, and the large folder within 1.2x of the small one.
-B. Speed, side by side in this process on the --small folder: the cache pass (pipeline.cache.write.cache_teacher)
+B. Speed, side by side in this process on the --small folder, --repeats interleaved rounds (medians of the
+   per-round ratios): the cache pass (pipeline.cache.write.cache_teacher)
    at V = --views from files, for each worker count of --workers, against the same pass from memory (the folder
    loaded once as a tensor at --size, which that source needs first: its load time is shown apart). Goal: files
    at least 0.7x the views per second of memory. Then one distill epoch (kd from that cache) from memory, and from
@@ -29,6 +30,7 @@ import contextlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -173,27 +175,37 @@ def cache_pass(data, views: int, work: Path, ckpt: Path) -> float:
     return len(data) * views / seconds
 
 
-def measure_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int]) -> dict:
+def measure_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int], repeats: int) -> dict:
+    """The cache pass from memory and from files with each worker count, interleaved, `repeats` rounds: the ratio
+    of each round's files pass to that round's memory pass, median and range (the machine drifts between rounds)."""
     work.mkdir(parents=True, exist_ok=True)
     memory_cfg = DataConfig(name="imagefolder", root=str(root.resolve()), image_size=size)
     start = time.perf_counter()
     clear_cache()
     memory = load_split(memory_cfg, "train")  # decode + resize every image once: the memory source's price
     load_s = time.perf_counter() - start
-    out = {"memory_load_s": round(load_s, 2), "images": len(memory), "views": views, "size": size}
+    out = {"memory_load_s": round(load_s, 2), "images": len(memory), "views": views, "size": size, "rounds": repeats}
     # a teacher per source (their fingerprints differ); the same weights, so the same work per view
-    ckpt_memory = fake_teacher(work / "memory.pt", memory, TEACHER["arch"], TEACHER["width"])
-    out["memory_views_per_s"] = round(cache_pass(memory, views, work, ckpt_memory), 1)
-    print(f"  memory: load {load_s:.1f} s, cache {out['memory_views_per_s']:.0f} views/s")
-    out["files"] = {}
+    sources = {"memory": (memory, fake_teacher(work / "memory.pt", memory, TEACHER["arch"], TEACHER["width"]))}
     for workers in worker_counts:
         clear_listings()
         files = load_split(DataConfig(**{**memory_cfg.__dict__, "source": "files", "workers": workers}), "train")
-        ckpt = fake_teacher(work / f"files{workers}.pt", files, TEACHER["arch"], TEACHER["width"])
-        rate = cache_pass(files, views, work, ckpt)
-        out["files"][str(workers)] = {"views_per_s": round(rate, 1),
-                                      "ratio_to_memory": round(rate / out["memory_views_per_s"], 3)}
-        print(f"  files, {workers} worker(s): cache {rate:.0f} views/s = {rate / out['memory_views_per_s']:.2f}x memory")
+        sources[str(workers)] = (files, fake_teacher(work / f"files{workers}.pt", files, TEACHER["arch"],
+                                                     TEACHER["width"]))
+    rates: dict[str, list[float]] = {name: [] for name in sources}
+    for _ in range(repeats):
+        for name, (data, ckpt) in sources.items():
+            rates[name].append(cache_pass(data, views, work, ckpt))
+    out["memory_views_per_s"] = round(statistics.median(rates["memory"]), 1)
+    print(f"  memory: load {load_s:.1f} s, cache {out['memory_views_per_s']:.0f} views/s (median of {repeats})")
+    out["files"] = {}
+    for workers in map(str, worker_counts):
+        ratios = [f / m for f, m in zip(rates[workers], rates["memory"])]
+        out["files"][workers] = {"views_per_s": round(statistics.median(rates[workers]), 1),
+                                 "ratio_to_memory": round(statistics.median(ratios), 3),
+                                 "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+        print(f"  files, {workers} worker(s): cache {out['files'][workers]['views_per_s']:.0f} views/s = "
+              f"{out['files'][workers]['ratio_to_memory']:.2f}x memory (rounds {min(ratios):.2f}-{max(ratios):.2f})")
     return out
 
 
@@ -263,33 +275,44 @@ def decode_and_view_ms(files: list[Path]) -> float:
     return round(ms, 3)
 
 
-def distill_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int],
+def distill_speed(root: Path, work: Path, size: int, views: int, worker_counts: list[int], repeats: int,
                   prefetches: tuple[int, ...] = (2, 4)) -> dict:
     """Images per second of one kd epoch's training steps from memory, and from files for each decoding worker
-    count and prefetch depth (the stage's own measure; the plan and cache are made once, then distill reruns)."""
-    out = {}
+    count and prefetch depth (the stage's own measure). The plan and cache are made once per source; then the
+    distill stage reruns, every variant once a round for `repeats` rounds: medians, and the ratio to the round's
+    memory run."""
+    folders, variants = {}, {"memory": None}
     for source in ("memory", "files"):
-        folder = work / f"distill_{source}"
+        folders[source] = work / f"distill_{source}"
         params = stage_params(root, size, views, max(worker_counts))
         params["data"]["source"] = source
-        prepare(folder, params)
+        prepare(folders[source], params)
         for name, args in STAGES:
-            run_stage(folder, name, args, sample=False)
-        if source == "memory":
-            out["memory"] = {"images_per_s": _seed_speed(folder)}
-            print(f"  distill from memory: {out['memory']['images_per_s']:.0f} images/s")
-            continue
-        out["files"] = {}
-        for workers in worker_counts:
-            for prefetch in prefetches:
-                params["data"].update(workers=workers, prefetch=prefetch)  # neither enters any identity
-                (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-                run_stage(folder, "distill", [*STAGES[-1][1], "--restart"], sample=False)
-                speed = _seed_speed(folder)
-                out["files"][f"workers {workers} prefetch {prefetch}"] = {
-                    "images_per_s": speed, "ratio_to_memory": round(speed / out["memory"]["images_per_s"], 3)}
-                print(f"  distill from files, {workers} worker(s), prefetch {prefetch}: {speed:.0f} images/s")
-    best = max(out["files"], key=lambda k: out["files"][k]["images_per_s"])
+            run_stage(folders[source], name, args, sample=False)
+    files_params = yaml.safe_load((folders["files"] / "params.yaml").read_text())
+    for workers in worker_counts:
+        for prefetch in prefetches:
+            variants[f"workers {workers} prefetch {prefetch}"] = {"workers": workers, "prefetch": prefetch}
+    speeds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, data in variants.items():
+            folder = folders["memory" if data is None else "files"]
+            if data is not None:  # neither workers nor prefetch enters any identity: the cache stays valid
+                files_params["data"].update(data)
+                (folder / "params.yaml").write_text(yaml.safe_dump(files_params, sort_keys=False))
+            shutil.rmtree(folder / paths.student_checkpoint("kd", 0).parent)  # a finished seed is never retrained
+            run_stage(folder, "distill", list(STAGES[-1][1]), sample=False)
+            speeds[name].append(_seed_speed(folder))
+    out = {"rounds": repeats, "memory": {"images_per_s": statistics.median(speeds["memory"])}, "files": {}}
+    print(f"  distill from memory: {out['memory']['images_per_s']:.0f} images/s (median of {repeats})")
+    for name in list(variants)[1:]:
+        ratios = [f / m for f, m in zip(speeds[name], speeds["memory"])]
+        out["files"][name] = {"images_per_s": statistics.median(speeds[name]),
+                              "ratio_to_memory": round(statistics.median(ratios), 3),
+                              "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+        print(f"  distill from files, {name}: {out['files'][name]['images_per_s']:.0f} images/s = "
+              f"{out['files'][name]['ratio_to_memory']:.2f}x memory (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    best = max(out["files"], key=lambda k: out["files"][k]["ratio_to_memory"])
     out["best_files"] = best
     out["files_to_memory"] = out["files"][best]["ratio_to_memory"]
     return out
@@ -308,12 +331,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=64, help="the views' side (pixels)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3], help="DataLoader workers to try")
     parser.add_argument("--workdir", type=Path, default=Path("datasets/bench_files"), help="folders and stages")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved speed runs (medians)")
     parser.add_argument("--skip-memory", action="store_true", help="part B only")
     parser.add_argument("--skip-speed", action="store_true", help="part A only")
     parser.add_argument("--out", type=Path, default=None)
     a = parser.parse_args(argv)
-    if not (10 <= a.small <= a.images) or a.views < 1 or not 8 <= a.size <= 1024 or min(a.workers) < 0:
-        raise UserError("need 10 <= --small <= --images, --views >= 1, 8 <= --size <= 1024, --workers >= 0")
+    if (not (10 <= a.small <= a.images) or a.views < 1 or not 8 <= a.size <= 1024 or min(a.workers) < 0
+            or a.repeats < 1):
+        raise UserError("need 10 <= --small <= --images, --views >= 1, 8 <= --size <= 1024, --workers >= 0, "
+                        "--repeats >= 1")
     a.workdir = a.workdir.resolve()  # the stages run in folders of their own
     setup_cpu()
     result = {**header("files", torch.device("cpu"), argv, ("torch", "torchvision", "pillow")),
@@ -333,8 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.skip_speed:
         print(f"B. speed on {a.small:,} images, V = {a.views}, {a.size} px:")
         result["decode"] = decoder_speed(small)
-        result["cache_speed"] = measure_speed(small, a.workdir / "speed", a.size, a.views, a.workers)
-        result["distill_speed"] = distill_speed(small, a.workdir / "speed", a.size, a.views, a.workers)
+        result["cache_speed"] = measure_speed(small, a.workdir / "speed", a.size, a.views, a.workers, a.repeats)
+        result["distill_speed"] = distill_speed(small, a.workdir / "speed", a.size, a.views, a.workers, a.repeats)
     out = a.out or RESULTS / f"{result['device']}-files.json"
     if out.exists() and (a.skip_memory or a.skip_speed):  # one part rerun: keep the other's figures and command
         kept = json.loads(out.read_text())

@@ -133,7 +133,7 @@ def test_bench_files_runs(tmp_path):
 
     out = tmp_path / "files.json"
     result = main(["--images", "30", "--small", "20", "--views", "2", "--size", "16", "--workers", "0", "1",
-                   "--workdir", str(tmp_path / "work"), "--out", str(out)])
+                   "--repeats", "2", "--workdir", str(tmp_path / "work"), "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["command"].startswith("python -m bench.files") and set(saved["memory"]) == {"20", "30"}
     for stage in ("plan_views", "cache_teachers", "distill"):
