@@ -205,7 +205,10 @@ class SlabLoader:
         self.prefetch(view, rows)
         host, widths = self.pending.pop(key).result()
         self.current = None  # drop the old slab before keeping the new one
-        held = None if rows is None else torch.from_numpy(rows).to(self.device)
+        held = None
+        if rows is not None:  # which samples the rows are: copied like the rows, without a host sync on CUDA
+            held = torch.from_numpy(rows)
+            held = (held.pin_memory() if self.device.type == "cuda" else held).to(self.device, non_blocking=True)
         self.current = Slab(view, host.to(self.device, non_blocking=True), widths[0], self.feature_blocks,
                             tuple(widths[1:]), held)
         self.current_key = key
