@@ -88,7 +88,8 @@ def estimate(params_path: str, worlds: list[int], images: int = 0, classes_: int
         r = read_settings(params, None, None, None, False, run)
         method = make_method(r.method, r.options, r.teachers)
         dims = method.discriminators(classes, r.cache.align_config.lengths(len(method.block_names)))
-        p_disc = count_parameters(Discriminators(dims, method.game.discriminator)) if dims else 0
+        game = method.game
+        p_disc = count_parameters(Discriminators(dims, game.discriminator, game.d_reduction)) if dims else 0
         runs[run] = {"method": r.method, "teachers": len(r.teachers), "discriminator_params": p_disc,
                      "batch_size": r.distill.batch_size, "epochs": r.distill.epochs}
 

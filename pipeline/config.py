@@ -99,6 +99,12 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def without_defaults(values: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """`values` less each key of `later` that holds the default given there: what keys added after checkpoints
+    were made contribute to an identity, so that those checkpoints still resume while the keys keep defaults."""
+    return {k: v for k, v in values.items() if not (k in later and v == later[k])}
+
+
 def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

@@ -46,7 +46,7 @@ from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, sha
 from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import METHODS, Method, StudentOut, Targets, load_plugins
 from pipeline.methods.games import Game, make_game
-from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
+from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr, sgd_lr
 from pipeline.training import LOG_EVERY, epoch_order, images_per_s, log_due
 from pipeline.models.cifar import set_pooling
 
@@ -72,7 +72,7 @@ class DistillConfig(SGDConfig):
     shuffle_window: int = 8  # chunks (cache.chunk_rows samples each) per shuffling window, under shuffle: chunks
     lr: float = 0.1  # peak student learning rate (SGD)
     nesterov: bool = False  # Nesterov momentum
-    schedule: str = "cosine"  # cosine | onecycle | constant (pipeline.optim), per optimizer step
+    schedule: str = "cosine"  # cosine | onecycle | constant | step (pipeline.optim), per optimizer step
     warmup_epochs: float = 0.0  # linear warm-up length (epochs)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # the run is trained once per seed, one
     # checkpoint each (data/student/RUN/seedS.pt); evaluate reports the mean and spread over them
@@ -200,9 +200,9 @@ def build_trainer(method: Method, cfg: DistillConfig, student: nn.Module, num_cl
         student = sync_batchnorm(student, world, device)
     student.to(device=device, memory_format=memory_format(device))
     dims = method.discriminators(num_classes, align_cfg.lengths(len(method.block_names)))  # name -> input size
-    discs = Discriminators(dims, method.game.discriminator).to(device) if dims else None
+    discs = Discriminators(dims, method.game.discriminator, method.game.d_reduction).to(device) if dims else None
     game = make_game(method.game, discs, method.disc_weights(), world) if discs is not None else None
-    groups = param_groups(student, cfg.weight_decay) + (game.student_groups(cfg.lr) if game else [])
+    groups = param_groups(student, cfg.weight_decay, cfg.decay_all) + (game.student_groups(cfg.lr) if game else [])
     opt = make_sgd(groups, cfg)
     # The one speed choice of the step: the layout-keeping mean for an eager student (docs/design.md
     # section 5); compiled, the plain mean, which the compiler fuses and lays out itself.
@@ -273,7 +273,6 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     cfg, dev, method = tr.cfg, tr.device, tr.method
     tr.student.train()
     n, steps = len(data), steps_per_epoch(len(data), cfg)
-    total_steps, warmup = steps * cfg.epochs, int(cfg.warmup_epochs * steps)
     view = epoch % data.num_views
     order = order_of(cfg, epoch, data).to(dev)  # (N,)
     rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
@@ -284,7 +283,7 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     batches = step_views(data.files, data.images, shares, params, data.augment, dev)  # (b, C, H, W) uint8 each
     for i in range(steps):
         targets.at_step(i)  # a new part of the epoch: its targets in place, the next part's read ahead
-        set_lr(tr.opt, lr_at(epoch * steps + i, total_steps, cfg.lr, warmup, cfg.schedule))
+        set_lr(tr.opt, sgd_lr(cfg, epoch * steps + i, steps, cfg.epochs))
         idx = shares[i]  # (b,) this rank's share of the global batch (all of it with one process)
         x = normalize(next(batches), data.mean, data.std)
         x = x.contiguous(memory_format=fmt)  # (B, C, H, W) float32, the view the teachers saw

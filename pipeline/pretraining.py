@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.augment import AugmentConfig, normalize, plan_views
-from pipeline.config import UserError, build, check, to_dict
+from pipeline.config import UserError, build, check
 from pipeline.data import ImageData, resident, source_sizes, step_views
 from pipeline.device import autocast, memory_format
 from pipeline.dist import World, all_reduce_sum, barrier, shard, shard_weight, sync_batchnorm, wrap_ddp
-from pipeline.optim import SGDConfig, lr_at, make_sgd, param_groups, set_lr
+from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr, sgd_lr
 from pipeline.training import epoch_order, evaluate, images_per_s, log_due
 
 
@@ -32,7 +32,7 @@ class PretrainConfig(SGDConfig):
     # SGDConfig's fields lead, in its order; redeclared here are those whose defaults are pretraining's own
     lr: float = 0.2  # peak learning rate (SGD)
     nesterov: bool = True  # Nesterov momentum (when momentum > 0)
-    schedule: str = "onecycle"  # cosine | onecycle | constant (pipeline.optim), per optimizer step
+    schedule: str = "onecycle"  # cosine | onecycle | constant | step (pipeline.optim), per optimizer step
     warmup_epochs: float = 1.0  # linear warm-up length (epochs)
     epochs: int = 10  # passes over the training split
     batch_size: int = 256  # images per optimizer step
@@ -99,8 +99,6 @@ def train_one_epoch(
     aug = cfg.augment_config
     n = len(labels)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup = int(cfg.warmup_epochs * steps_per_epoch)
     order = epoch_order(cfg.seed, epoch, n).to(device)  # (N,)
     views = torch.from_numpy(plan_views(aug, cfg.seed, np.arange(n), np.array([epoch]), *source_sizes(data))[:, 0])
     views = views.to(device)  # (N, P)
@@ -111,7 +109,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.long)
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
     for i in bar:
-        set_lr(optimizer, lr_at(epoch * steps_per_epoch + i, total_steps, cfg.lr, warmup, cfg.schedule))
+        set_lr(optimizer, sgd_lr(cfg, epoch * steps_per_epoch + i, steps_per_epoch, cfg.epochs))
         idx = steps[i]  # (b,) this rank's share of the global batch (all of it with one process)
         x = normalize(next(batches), data.mean, data.std)  # (b, C, H, W)
         x = x.contiguous(memory_format=fmt)
@@ -151,7 +149,7 @@ def pretrain(
     if sync_bn:
         model = sync_batchnorm(model, world, device)
     model.to(device=device, memory_format=memory_format(device))
-    optimizer = make_sgd(param_groups(model, cfg.weight_decay), cfg)
+    optimizer = make_sgd(param_groups(model, cfg.weight_decay, cfg.decay_all), cfg)
     progress = progress and world.main
     history: list[dict[str, float]] = []
     start_epoch, wall = 0, 0.0
@@ -181,7 +179,7 @@ def pretrain(
                        f"{tested_text}  {elapsed:.1f}s")
         ckpt.update(model={k: v.cpu() for k, v in model.state_dict().items()}, optimizer=optimizer.state_dict(),
                     epoch=epoch + 1, history=history, wall_time_s=wall, test_acc=test_stats.get("accuracy"),
-                    finished=last, config=to_dict(cfg))
+                    finished=last)  # the config is the caller's: it is part of the checkpoint's identity
         if world.main:
             save(ckpt)
         barrier(world)  # the epoch's checkpoint is on disk before any rank starts the next epoch

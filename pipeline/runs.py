@@ -33,11 +33,12 @@ import torch
 from pipeline import paths
 from pipeline.cache import CacheConfig
 from pipeline.checkpoints import write_json
-from pipeline.config import UserError, build, section, to_dict
+from pipeline.config import UserError, build, section, to_dict, without_defaults
 from pipeline.data import DataConfig, shape_of
 from pipeline.distill import DistillConfig, StudentConfig
 from pipeline.methods import METHODS, distill_teachers, method_configs
 from pipeline.models import build_model, constructor_kwargs
+from pipeline.optim import LATER_KEYS
 
 # run names become file names (data/student/<run>.pt) and DVC stage names (distill@<run>)
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -186,13 +187,15 @@ def run_identity(s: Settings, cfg: DistillConfig, model_kwargs: dict[str, Any], 
                  train, plan, hashes: dict[str, Any], align_cfg) -> dict[str, Any]:
     """What a seed's checkpoint must share with the settings to be resumed (pipeline.checkpoints.load_resumable)."""
     shared = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in NOT_SHARED}
-    if cfg.shuffle == "full":  # the default order: checkpoints made before the chunk order existed still resume
-        shared = {k: v for k, v in shared.items() if k not in ("shuffle", "shuffle_window")}
+    later = {**LATER_KEYS, "shuffle": "full", "shuffle_window": 8}
+    if cfg.shuffle == "full":  # the window is unused then: no reason to refuse a checkpoint over it
+        later["shuffle_window"] = cfg.shuffle_window
+    shared = without_defaults(shared, later)  # checkpoints made before these keys existed still resume
     return {
         "method": s.method,
         "online": s.is_online,
         "distill": shared,
-        "options": to_dict(s.options),
+        "options": without_defaults(to_dict(s.options), {"d_reduction": 2}),
         "student": {**to_dict(s.student), "init": init},
         "student_init_sha256": init_sha,
         "model_kwargs": model_kwargs,

@@ -27,12 +27,13 @@ import torch
 
 from pipeline import paths
 from pipeline.checkpoints import check_fits_data, load_resumable, save_checkpoint, sha256_file, write_json
-from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict
+from pipeline.config import DEFAULT_PARAMS, build, load_params, section, to_dict, without_defaults
 from pipeline.data import DataConfig, load_split, scoring_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, World, check_shards, collective_errors, start, stop
 from pipeline.models.external import load_weights
 from pipeline.models import build_model, constructor_kwargs, count_parameters
+from pipeline.optim import LATER_KEYS
 from pipeline.pretraining import pretrain, teacher_spec
 from pipeline.training import evaluate
 
@@ -75,7 +76,7 @@ def train_teacher(teacher: str, spec, cfg, data_cfg: DataConfig, dev: torch.devi
         "teacher": teacher,
         "arch": spec.arch,
         "model_kwargs": model_kwargs,
-        "config": to_dict(cfg),
+        "config": without_defaults(to_dict(cfg), LATER_KEYS),  # a checkpoint from before those keys resumes
         "data": data_cfg.identity(),
         "dataset_fingerprint": train.fingerprint,
     }

@@ -105,7 +105,7 @@ def test_sgd_checks_name_the_section():
     for values, message in (({"lr": 0.0}, "pretrain.lr = 0.0 must be positive"),
                             ({"momentum": 1.0}, "pretrain.momentum = 1.0 must be in [0, 1)"),
                             ({"weight_decay": -1.0}, "pretrain.weight_decay = -1.0 must be >= 0"),
-                            ({"schedule": "step"}, "pretrain.schedule = 'step' is not one of cosine, onecycle, constant"),
+                            ({"schedule": "steps"}, "pretrain.schedule = 'steps' is not one of cosine, onecycle, constant, step"),
                             ({"warmup_epochs": 11.0}, "pretrain.warmup_epochs = 11.0 must be in [0, epochs]")):
         with pytest.raises(UserError) as exc:
             build(PretrainConfig, values, "pretrain")

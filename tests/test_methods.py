@@ -541,3 +541,100 @@ def test_anc_data_term_is_the_squared_distance_summed_over_classes():
     s, t = torch.randn(6, 10), torch.randn(1, 6, 10)
     terms = method.losses(StudentOut(s, [torch.rand(6, 8)]), Targets(t, [torch.rand(1, 6, 8)]), None)
     torch.testing.assert_close(terms["l2_logits"], ((t[0] - s) ** 2).sum(1).mean())
+
+
+# ---------------------------------------------------------------- MEAL V2's ImageNet recipe, piece by piece
+
+
+def official_discriminator_widths(outputs_size: int, k: int) -> list[int]:
+    """MEAL V2's models/discriminator.py: conv1 D -> D // K, conv2 -> (D // K) // K, conv3 -> 2 (1x1 convs)."""
+    first = outputs_size // k
+    return [outputs_size, first, first // k, 2]
+
+
+@pytest.mark.parametrize("dim,k", [(1000, 8), (1000, 2), (10, 2), (64, 4)])
+def test_the_discriminator_widths_are_the_official_codes_for_any_reduction(dim, k):
+    disc = Discriminators({"logits": dim}, "official", reduction=k)
+    linears = disc.discs[0].linears
+    assert [linears[0].in_features] + [m.out_features for m in linears] == official_discriminator_widths(dim, k)
+    x = torch.randn(6, dim)
+    torch.testing.assert_close(disc.discs[0](x), official_reference(disc.discs[0], x))
+    if (dim, k) == (1000, 8):
+        assert [m.out_features for m in linears] == [125, 15, 2]  # 1000 -> 125 -> 15 -> 2
+    method = make_method("meal_v2", options("meal_v2", discriminator="official", d_reduction=k), TEACHERS)
+    trainer = build_trainer(method, build(DistillConfig, {"method": "meal_v2"}, "distill"),
+                            build_model("student_cnn", dim, 1, width=0.25), dim, ALIGN, torch.device("cpu"))
+    assert [m.out_features for m in trainer.discs.discs[0].linears] == official_discriminator_widths(dim, k)[1:]
+
+
+def test_the_step_schedule_is_multisteplr_stepped_once_an_epoch():
+    """The official train loops: MultiStepLR(optimizer, milestones, gamma), scheduler.step() after each epoch;
+    every optimizer step of epoch e runs at its rate."""
+    from pipeline.optim import sgd_lr
+
+    epochs, steps = 180, 7
+    cfg = build(DistillConfig, {"method": "kd", "lr": 0.01, "schedule": "step", "milestones": [100],
+                                "gamma": 0.1, "epochs": epochs}, "distill")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    official = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[100], gamma=0.1)
+    for epoch in range(epochs):
+        want = opt.param_groups[0]["lr"]
+        got = [sgd_lr(cfg, epoch * steps + i, steps, epochs) for i in range(steps)]
+        assert got == pytest.approx([want] * steps, rel=1e-12), epoch
+        opt.step()
+        official.step()
+    assert sgd_lr(cfg, 100 * steps - 1, steps, epochs) == 0.01
+    assert sgd_lr(cfg, 100 * steps, steps, epochs) == pytest.approx(1e-3)
+    two = build(DistillConfig, {"method": "kd", "schedule": "step", "milestones": [2, 5], "gamma": 0.5,
+                                "epochs": 8}, "distill")
+    assert [sgd_lr(two, e * 3, 3, 8) / two.lr for e in range(8)] == [1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25]
+
+
+@pytest.mark.parametrize("values,fragment", [
+    ({"schedule": "step"}, "must be increasing epochs in (0, 20]"),
+    ({"schedule": "step", "milestones": [5, 3]}, "must be increasing"),
+    ({"schedule": "step", "milestones": [30]}, "in (0, 20]"),
+    ({"milestones": [5]}, "set schedule: step, or milestones: []"),
+    ({"schedule": "step", "milestones": [5], "gamma": 0}, "distill.gamma = 0.0 must be in (0, 1]"),
+])
+def test_bad_step_schedules_are_one_line(values, fragment):
+    with pytest.raises(UserError) as err:
+        build(DistillConfig, {"method": "kd", "epochs": 20, **values}, "distill")
+    assert fragment in err.value.message and "\n" not in err.value.message
+
+
+def test_decay_all_decays_every_parameter_as_the_official_sgd():
+    """decay_all: one group, weight decay on BatchNorm and biases too: one SGD step equals
+    torch.optim.SGD(model.parameters(), weight_decay=wd), the official optimizers' call."""
+    import copy
+
+    from pipeline.optim import make_sgd, param_groups
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10, 1)
+    ref = copy.deepcopy(model)
+    cfg = build(DistillConfig, {"method": "kd", "lr": 0.1, "weight_decay": 0.01, "decay_all": True}, "distill")
+    ours = make_sgd(param_groups(model, cfg.weight_decay, cfg.decay_all), cfg)
+    official = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    x = torch.randn(4, 1, 28, 28)
+    for m, opt in ((model, ours), (ref, official)):
+        m(x)[0].sum().backward()
+        opt.step()
+    for (k, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, msg=k)
+    assert len(param_groups(model, 0.01)) == 2  # the default: BatchNorm and biases undecayed
+
+
+def test_the_new_keys_leave_old_identities_alone():
+    """Keys added after checkpoints were made (the step schedule, decay_all, the shuffle, D's reduction) enter a
+    run's or a teacher's identity only when set: at their defaults the identity is the one of before."""
+    from pipeline.config import to_dict, without_defaults
+    from pipeline.optim import LATER_KEYS
+    from pipeline.pretraining import PretrainConfig
+
+    before = {"lr", "momentum", "nesterov", "weight_decay", "schedule", "warmup_epochs"}
+    pre = without_defaults(to_dict(build(PretrainConfig, {}, "pretrain")), LATER_KEYS)
+    assert before <= set(pre) and not set(LATER_KEYS) & set(pre)
+    stepped = without_defaults(to_dict(build(PretrainConfig, {"schedule": "step", "milestones": [3]}, "pretrain")),
+                               LATER_KEYS)
+    assert stepped["milestones"] == [3]

@@ -53,6 +53,7 @@ class GameConfig:
     d_weight_decay: float = 0.0  # L2 penalty on discriminator weights (official cooperative: 5e-4)
     d_l1: float = 0.0  # L1 penalty on discriminator weights, added to D's loss (ANC's "L1" regularisation)
     discriminator: str = "mlp"  # mlp (ours: LeakyReLU, one logit) | official (MEAL's: ReLU after every layer, 2 columns)
+    d_reduction: int = 2  # D's width reduction per layer, D -> D/r -> D/r^2 -> out (MEAL V2's ImageNet D: 8)
 
     def check_game(self, where: str) -> None:
         check_choice(self.adversarial, GAMES, f"{where}.adversarial")
@@ -62,6 +63,7 @@ class GameConfig:
         check(self.d_weight_decay >= 0, f"{where}.d_weight_decay = {self.d_weight_decay} must be >= 0")
         check(self.d_l1 >= 0, f"{where}.d_l1 = {self.d_l1} must be >= 0")
         check_choice(self.discriminator, DISCRIMINATOR_KINDS, f"{where}.discriminator")
+        check(self.d_reduction >= 1, f"{where}.d_reduction = {self.d_reduction} must be at least 1")
 
 
 REGISTRY: dict[str, type["Method"]] = {}  # method name -> class, in registration order

@@ -1,7 +1,9 @@
 """Discriminators that tell teacher vectors from student vectors, and the losses of the game.
 
 One small MLP per discriminated output (MEAL: each selected block and the logits; MEAL V2: the final
-outputs; ANC: the last block), each D -> D/2 -> D/4 -> K, of one of two kinds (`discriminator`):
+outputs; ANC: the last block), each D -> D/r -> D/r^2 -> K with the width reduction r (`d_reduction`: 2, or
+MEAL V2's 8 on ImageNet's 1,000 classes: 1000 -> 125 -> 15 -> 2, each division floored as the official code's),
+of one of two kinds (`discriminator`):
 
 - `mlp`, ours: LeakyReLU between the layers, no activation after the last, K = 1 logit of "teacher";
   BCE on that logit.
@@ -28,15 +30,16 @@ SLOPE = 0.2  # LeakyReLU's negative slope in every hidden layer of the `mlp` kin
 
 
 class Discriminator(nn.Module):
-    """One discriminator: (N, D) -> (N, K) scores, D -> D/2 -> D/4 -> K (K = 1 `mlp`, 2 `official`)."""
+    """One discriminator: (N, D) -> (N, K) scores, D -> D/r -> D/r^2 -> K (K = 1 `mlp`, 2 `official`)."""
 
     def __init__(self, linears: list[nn.Linear], kind: str):
         super().__init__()
         self.linears, self.kind = nn.ModuleList(linears), kind
 
     @staticmethod
-    def widths(dim: int, kind: str) -> list[int]:
-        return [dim, max(1, dim // 2), max(1, dim // 4), 1 if kind == "mlp" else 2]
+    def widths(dim: int, kind: str, reduction: int = 2) -> list[int]:
+        hidden = max(1, dim // reduction)
+        return [dim, hidden, max(1, hidden // reduction), 1 if kind == "mlp" else 2]
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """`frozen`: no gradient reaches the weights (the student's turn of the alternating game)."""
@@ -73,11 +76,11 @@ class Discriminators(nn.Module):
     the second layers...), each initialised as nn.Linear initialises (as nn.Conv2d with a 1x1 kernel does).
     """
 
-    def __init__(self, dims: dict[str, int], kind: str = "mlp"):
+    def __init__(self, dims: dict[str, int], kind: str = "mlp", reduction: int = 2):
         super().__init__()
         check_choice(kind, KINDS, "discriminator")
         self.names, self.kind = list(dims), kind
-        widths = {name: Discriminator.widths(d, kind) for name, d in dims.items()}
+        widths = {name: Discriminator.widths(d, kind, reduction) for name, d in dims.items()}
         layers: dict[str, list[nn.Linear]] = {name: [] for name in dims}
         for i in range(3):
             for name in self.names:
