@@ -3,12 +3,14 @@
     python -m stages.cache_teachers --teacher resnet18 [--format zarr|h5|...] [--device auto|cpu|cuda]
     python -m stages.cache_teachers --teacher resnet18 --verify     # check every chunk's checksum, write nothing
     python -m stages.cache_teachers --teacher resnet18 --repair     # rebuild only the chunks that fail it
+    python -m stages.cache_teachers --plan                          # every store's size and the free space
 
 Reads data/teachers/<name>.pt and data/views.zarr, writes data/cache/<name>.zarr (or .h5): raw fp16
 logits (N, V, C) and the aligned block features (N, V, L) (pipeline.cache). Killed and rerun, it
 resumes from the first chunk not yet written; a cache made from another checkpoint, view plan or
 align spec is refused unless --overwrite is given (the old one is replaced only once the new one is
-complete). Every chunk is checksummed; one process writes a store at a time (`<store>.lock`).
+complete). Every chunk is checksummed; one process writes a store at a time (`<store>.lock`). A store that
+does not fit on its filesystem is refused before anything is written.
 
     torchrun --nproc_per_node N -m stages.cache_teachers --teacher resnet18    # N ranks share the chunks
 
@@ -21,20 +23,23 @@ writer without MPI). The --format choices are the registered store formats (pipe
 from __future__ import annotations
 
 import click
+import torch
 
 from pipeline import paths
 from pipeline.cache.read import CacheConfig, rerun_hint
 from pipeline.cache.store import FORMATS
-from pipeline.cache.write import cache_teacher, verify_cache
+from pipeline.cache.plan import free_bytes, plan_lines, store_plan
+from pipeline.cache.write import block_channels, cache_teacher, verify_cache
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
 from pipeline.device import resolve_device, setup_cpu
 from pipeline.dist import DistConfig, collective_errors, start, stop
-from pipeline.views import open_view_plan
+from pipeline.models import build_model, constructor_kwargs, load_teacher
+from pipeline.views import ViewsConfig, open_view_plan
 
 
 @click.command()
-@click.option("--teacher", required=True, help="Teacher name: reads data/teachers/NAME.pt.")
+@click.option("--teacher", default=None, help="Teacher name: reads data/teachers/NAME.pt (--plan: every teacher).")
 @click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default=None,
               help="Store format [default: params cache.format].")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
@@ -42,15 +47,21 @@ from pipeline.views import open_view_plan
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made from another checkpoint, plan or align spec.")
 @click.option("--verify", is_flag=True, help="Check every chunk of the existing cache against its checksum; write nothing.")
 @click.option("--repair", is_flag=True, help="Verify every chunk and rebuild the damaged ones (the rest is kept).")
+@click.option("--plan", "show_plan", is_flag=True,
+              help="Print each store's bytes per array, per (sample, view) and in all, and the free space; write nothing.")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, overwrite: bool, verify: bool,
-         repair: bool, params_path: str, quiet: bool) -> None:
+def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | None, overwrite: bool, verify: bool,
+         repair: bool, show_plan: bool, params_path: str, quiet: bool) -> None:
     """Cache one teacher's logits and aligned features over the planned views; resumable."""
     params = load_params(params_path)
     data_cfg = build(DataConfig, section(params, "data"), "data")
     overrides = {k: v for k, v in (("format", fmt), ("batch_size", batch_size)) if v is not None}
     cfg = build(CacheConfig, {**section(params, "cache"), **overrides}, "cache")
+    if show_plan:
+        return print_plan(params, cfg, data_cfg, [teacher] if teacher else list(params.get("teachers") or {}))
+    if teacher is None:
+        raise UserError("give --teacher NAME (a teacher of the params), or --plan to size every teacher's store")
     dist_cfg = build(DistConfig, section(params, "dist"), "dist")
     out = paths.teacher_cache(teacher, cfg.format)
     world, dev = start(dist_cfg, resolve_device(device))
@@ -70,6 +81,33 @@ def main(teacher: str, fmt: str | None, device: str, batch_size: int | None, ove
     if world.main:
         click.echo(f"{summary['teacher']}: {summary['chunks_written']} of {summary['chunks']} chunks written, "
                    f"cache complete -> {out}")
+
+
+def print_plan(params: dict, cfg: CacheConfig, data_cfg: DataConfig, teachers: list[str]) -> None:
+    """--plan: each teacher's store sized from the data, the views and the teacher's blocks (its checkpoint, or
+    the model its spec builds before it is trained), and the free space where the stores go."""
+    train = load_split(data_cfg, "train")
+    views = build(ViewsConfig, section(params, "views"), "views").num_views
+    plans = []
+    for name in teachers:
+        blocks = block_channels(_model_of(params, name, train), train, torch.device("cpu"))
+        lengths = dict(zip(blocks, cfg.align_config.lengths(len(blocks))))
+        plans.append(store_plan(name, paths.teacher_cache(name, cfg.format), len(train), views, train.num_classes,
+                                lengths))
+    for line in plan_lines(plans, free_bytes(paths.teacher_cache(teachers[0], cfg.format)) if plans else 0):
+        click.echo(line)
+
+
+def _model_of(params: dict, name: str, train):
+    """The teacher from its checkpoint if pretrained, else as its params entry builds it (the shapes are what
+    matter; the pretrain stage checks the entry in full)."""
+    path = paths.teacher_checkpoint(name)
+    if path.is_file():
+        return load_teacher(path)[0]
+    spec = (params.get("teachers") or {}).get(name)
+    if not isinstance(spec, dict) or "arch" not in spec:
+        raise UserError(f"teacher '{name}' has no entry with an arch under `teachers` in the params: add one")
+    return build_model(spec["arch"], **constructor_kwargs(spec["arch"], spec.get("model") or {}, train)).eval()
 
 
 def verify_store(teacher: str, out, fmt: str) -> None:

@@ -412,3 +412,50 @@ def _tiny_cache(tmp_path: Path) -> Path:
     out = tmp_path / "tiny.zarr"
     cache_teacher(fake_teacher(tmp_path / "tiny.pt", data), out, plan, data, config(), progress=False)
     return out
+
+
+# ---------------------------------------------------------------- the storage plan
+
+
+def test_the_plan_matches_the_written_store_and_a_store_that_cannot_fit_is_refused_unwritten(setup, tmp_path,
+                                                                                            monkeypatch):
+    import shutil as sh
+
+    from pipeline.cache import plan as store_plans
+    from pipeline.cache.write import block_channels
+
+    out = tmp_path / "t.zarr"
+    build_cache(setup, out)
+    blocks = block_channels(load_teacher(setup["ckpt"])[0], setup["data"], torch.device("cpu"))
+    plan = store_plans.store_plan("t", out, N, V, 10, dict(zip(blocks, config().align_config.lengths(len(blocks)))))
+    with open_cache(out) as cache:
+        written = {name: cache.array(name) for name in ["logits", *cache.blocks]}
+        assert {("logits" if k == "logits" else f"features/{k}"): int(np.prod(a.shape)) * a.dtype.itemsize
+                for k, a in written.items()} == {k: N * V * b for k, b in plan.arrays.items()}
+    assert plan.pair_bytes == 2 * (10 + sum(config().align_config.lengths(3)))
+    assert plan.total_bytes == N * V * plan.pair_bytes
+
+    real = sh.disk_usage
+    monkeypatch.setattr(store_plans.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=plan.total_bytes - 1))  # one byte short
+    fresh = tmp_path / "u.zarr"
+    with pytest.raises(UserError) as err:
+        build_cache(setup, fresh)
+    line = err.value.message
+    assert f"the cache of t needs {store_plans.human(plan.total_bytes)} at {fresh}" in line and "\n" not in line
+    assert "--plan" in line and not fresh.exists()  # refused before anything was written
+    assert build_cache(setup, out)["chunks_written"] == 0  # a complete store needs no room
+    monkeypatch.setattr(store_plans.shutil, "disk_usage", lambda p: real(p)._replace(free=plan.total_bytes))
+    assert build_cache(setup, fresh)["chunks_written"] == 3  # exactly enough
+
+
+def test_the_stage_prints_the_plan_of_every_teacher_before_any_is_trained(tiny_params):
+    result = CliRunner().invoke(cache_stage.main, ["--plan"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    teachers = list(yaml.safe_load(tiny_params.read_text())["teachers"])
+    assert [line.split(":")[0] for line in lines if not line.startswith(" ") and not line.startswith("all")] == teachers
+    assert lines[-1].startswith(f"all {len(teachers)} store(s): ") and "free where they go" in lines[-1]
+    assert "logits" in lines[1] and "bytes per (sample, view)" in lines[1]
+    line = one_line_error(CliRunner().invoke(cache_stage.main, []))
+    assert "give --teacher NAME" in line

@@ -36,7 +36,8 @@ import pipeline
 from pipeline.align import align_all
 from pipeline.augment import apply_views, normalize
 from pipeline.data.files import FileData, file_views
-from pipeline.cache.read import CACHE_FORMAT, CacheConfig, rerun_hint
+from pipeline.cache.plan import check_room, store_plan
+from pipeline.cache.read import CACHE_FORMAT, CacheConfig, open_cache, rerun_hint
 from pipeline.cache.store import (FORMATS, Layout, create_store, damaged_chunks, format_of, layout_from_attrs, open_store,
                                   writer_lock)
 from pipeline.checkpoints import changed_settings, check_fits_data, disk_errors, remove_path, sha256_file, swap_in
@@ -104,7 +105,7 @@ def cache_teacher(checkpoint: str | Path, out: str | Path, plan: ViewPlan, data,
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
     job = dataclasses.replace(CacheJob(**options), teacher=options.get("teacher") or checkpoint.stem)
     model, ckpt = _load_checked(checkpoint, job.teacher, plan, data, device)
-    attrs = identity_attrs(job.teacher, checkpoint, ckpt, plan, cfg, _block_channels(model, data, device), device)
+    attrs = identity_attrs(job.teacher, checkpoint, ckpt, plan, cfg, block_channels(model, data, device), device)
     layout = chunk_layout(attrs, cfg)
     attrs.update(layout.to_attrs())
     world = job.world
@@ -167,7 +168,7 @@ def chunk_layout(attrs: dict[str, Any], cfg: CacheConfig) -> Layout:
                   max(1, -(-n // n_chunks)), cfg.codec, cfg.checksum)
 
 
-def _block_channels(model, data, device: torch.device) -> dict[str, int]:
+def block_channels(model, data, device: torch.device) -> dict[str, int]:
     """The teacher's feature blocks (block1, block2...) -> their channel counts, from one forward of blanks."""
     with torch.no_grad():
         _, feats = model(torch.zeros(2, *data.view_shape, device=device))
@@ -224,12 +225,27 @@ def _prepare_main(out: Path, attrs: dict[str, Any], layout: Layout, job: CacheJo
     """Rank 0: hold the writer lock (taken before the store is created, resumed, repaired or swapped) and
     make the store ready: created, resumed or staged (`_prepare_store`), its damaged chunks cleared (repair)."""
     held.enter_context(writer_lock(out))
+    _check_room(out, layout, job)  # before the store is created or resumed: nothing written yet
     store, staging = _prepare_store(out, attrs, layout, job.overwrite, job.repair)
     held.callback(store.close)
     stored = _layout_of(store.attrs)  # a resumed store keeps its layout
     damaged = _clear_damaged(store, dataclasses.replace(layout, **stored), job.teacher) if job.repair else []
     done = store.done()
     return store, staging, Prepared(str(store.path), stored, [k for k in range(len(done)) if not done[k]], damaged)
+
+
+def _check_room(out: Path, layout: Layout, job: CacheJob) -> None:
+    """The chunks still to write must fit where the store goes: all of them for a new or staged (--overwrite)
+    store, those not yet done for a resumed one (a store that does not open is refused by _prepare_store)."""
+    todo, rows = layout.n_chunks, layout.chunk_rows
+    if out.exists() and not job.overwrite:
+        try:
+            with open_cache(out) as old:
+                todo, rows = old.num_chunks - old.done_chunks, old.layout.chunk_rows
+        except (UserError, OSError, KeyError, ValueError):
+            pass
+    pair = store_plan(job.teacher, out, 1, 1, layout.num_classes, dict(zip(layout.blocks, layout.feature_lengths)))
+    check_room(out, todo * rows * layout.num_views * pair.pair_bytes, f"the cache of {job.teacher}")
 
 
 def _finish(store, out: Path, staging: Path | None, teacher: str) -> None:
