@@ -3,6 +3,7 @@
     python -m stages.cache_teachers --teacher resnet18 [--format zarr|h5|...] [--device auto|cpu|cuda]
     python -m stages.cache_teachers --teacher resnet18 --verify     # check every chunk's checksum, write nothing
     python -m stages.cache_teachers --teacher resnet18 --repair     # rebuild only the chunks that fail it
+    python -m stages.cache_teachers --teacher resnet18 --verify --recompute 64   # + rerun the teacher on 64 pairs
     python -m stages.cache_teachers --plan                          # every store's size and the free space
 
 Reads data/teachers/<name>.pt and data/views.zarr, writes data/cache/<name>.zarr (or .h5): raw fp16
@@ -29,6 +30,7 @@ from pipeline import paths
 from pipeline.cache.read import CacheConfig, rerun_hint
 from pipeline.cache.store import FORMATS
 from pipeline.cache.plan import free_bytes, plan_lines, store_plan
+from pipeline.cache.recompute import recompute_check
 from pipeline.cache.write import block_channels, cache_teacher, verify_cache
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
 from pipeline.data import DataConfig, load_split
@@ -46,13 +48,16 @@ from pipeline.views import ViewsConfig, open_view_plan
 @click.option("--batch-size", type=int, default=None, help="(sample, view) pairs per forward [default: params cache.batch_size].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache made from another checkpoint, plan or align spec.")
 @click.option("--verify", is_flag=True, help="Check every chunk of the existing cache against its checksum; write nothing.")
+@click.option("--recompute", type=click.IntRange(min=1), default=None,
+              help="With --verify: rerun the teacher on this many random cached (sample, view) pairs, replaying their "
+                   "views, and compare with the store (pipeline.cache.recompute).")
 @click.option("--repair", is_flag=True, help="Verify every chunk and rebuild the damaged ones (the rest is kept).")
 @click.option("--plan", "show_plan", is_flag=True,
               help="Print each store's bytes per array, per (sample, view) and in all, and the free space; write nothing.")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | None, overwrite: bool, verify: bool,
-         repair: bool, show_plan: bool, params_path: str, quiet: bool) -> None:
+         recompute: int | None, repair: bool, show_plan: bool, params_path: str, quiet: bool) -> None:
     """Cache one teacher's logits and aligned features over the planned views; resumable."""
     params = load_params(params_path)
     data_cfg = build(DataConfig, section(params, "data"), "data")
@@ -62,6 +67,8 @@ def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | No
         return print_plan(params, cfg, data_cfg, [teacher] if teacher else list(params.get("teachers") or {}))
     if teacher is None:
         raise UserError("give --teacher NAME (a teacher of the params), or --plan to size every teacher's store")
+    if recompute is not None and not verify:
+        raise UserError("--recompute N checks a written store: give it with --verify")
     dist_cfg = build(DistConfig, section(params, "dist"), "dist")
     out = paths.teacher_cache(teacher, cfg.format)
     world, dev = start(dist_cfg, resolve_device(device))
@@ -70,6 +77,8 @@ def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | No
             if verify:
                 if world.main:  # reading needs no help
                     verify_store(teacher, out, cfg.format)
+                    if recompute:
+                        recompute_store(teacher, out, cfg.format, data_cfg, recompute, dev)
                 return
             setup_cpu(files=data_cfg.source == "files")
             plan = open_view_plan(paths.view_plan())
@@ -108,6 +117,26 @@ def _model_of(params: dict, name: str, train):
     if not isinstance(spec, dict) or "arch" not in spec:
         raise UserError(f"teacher '{name}' has no entry with an arch under `teachers` in the params: add one")
     return build_model(spec["arch"], **constructor_kwargs(spec["arch"], spec.get("model") or {}, train)).eval()
+
+
+def recompute_store(teacher: str, out, fmt: str, data_cfg: DataConfig, count: int, dev) -> None:
+    """--verify --recompute N: the teacher rerun on N random cached pairs; one line per array, exit 1 on a mismatch."""
+    setup_cpu(files=data_cfg.source == "files")
+    report = recompute_check(out, paths.teacher_checkpoint(teacher), open_view_plan(paths.view_plan()),
+                             load_split(data_cfg, "train"), count, dev)
+    for name, error in report.worst.items():
+        click.echo(f"  {name:24s} largest relative error {error:.2e} (tolerance {report.tolerance:.0e})")
+    if not report.ok:
+        worst: dict[tuple[int, int], tuple[str, float]] = {}  # each differing pair's worst array
+        for i, v, name, e in report.bad:
+            if e > worst.get((i, v), ("", -1.0))[1]:
+                worst[(i, v)] = (name, e)
+        shown = "; ".join(f"sample {i} view {v} ({name} off by {e:.0%})"
+                          for (i, v), (name, e) in list(worst.items())[:5])
+        raise UserError(f"cache {out} does not hold what teacher {teacher} computes on the planned views: "
+                        f"{len(worst)} of {len(report.pairs)} pairs differ, e.g. {shown}: rebuild it with "
+                        f"{rerun_hint(teacher, fmt, overwrite=True)}")
+    click.echo(f"{teacher}: {len(report.pairs)} random cached (sample, view) pairs recomputed, all within tolerance")
 
 
 def verify_store(teacher: str, out, fmt: str) -> None:

@@ -459,3 +459,53 @@ def test_the_stage_prints_the_plan_of_every_teacher_before_any_is_trained(tiny_p
     assert "logits" in lines[1] and "bytes per (sample, view)" in lines[1]
     line = one_line_error(CliRunner().invoke(cache_stage.main, []))
     assert "give --teacher NAME" in line
+
+
+# ---------------------------------------------------------------- the self-check that reruns the teacher
+
+
+def test_recompute_passes_a_true_store_and_catches_other_views_and_other_weights(setup, tmp_path):
+    from pipeline.cache.recompute import recompute_check
+
+    out = tmp_path / "t.zarr"
+    build_cache(setup, out)
+    cpu = torch.device("cpu")
+    good = recompute_check(out, setup["ckpt"], setup["plan"], setup["data"], 40, cpu)
+    assert good.ok and len(good.pairs) == 40 and len(set(map(tuple, good.pairs.tolist()))) == 40
+    assert set(good.worst) == {"logits", "block1", "block2", "block3"} and max(good.worst.values()) < 2e-3
+    # views from another augmentation (another plan seed): the checksums pass, the meaning does not
+    other_views = tmp_path / "views.zarr"
+    build_cache(setup, other_views, plan=make_view_plan(ViewsConfig(num_views=V, seed=7), setup["data"]))
+    bad = recompute_check(other_views, setup["ckpt"], setup["plan"], setup["data"], 40, cpu)
+    assert not bad.ok and bad.worst["logits"] > 0.05 and {name for _, _, name, _ in bad.bad} >= {"logits"}
+    # numbers from another checkpoint's weights
+    ckpt2 = fake_teacher(tmp_path / "teachers" / "t.pt", setup["data"], width=0.25, seed=1)
+    other_weights = tmp_path / "w.zarr"
+    build_cache(setup, other_weights, ckpt=ckpt2)
+    bad = recompute_check(other_weights, setup["ckpt"], setup["plan"], setup["data"], 40, cpu)
+    assert not bad.ok and len(bad.bad) >= 40  # every pair, in some array
+    assert recompute_check(out, setup["ckpt"], setup["plan"], setup["data"], 10_000, cpu).pairs.shape == (N * V, 2)
+
+
+def test_the_stage_recomputes_and_exits_non_zero_naming_the_pairs(tiny_params):
+    from stages import plan_views as plan_stage, pretrain as pretrain_stage
+
+    for stage, args in ((pretrain_stage, ["--teacher", "lenet", "--quiet"]), (plan_stage, []),
+                        (cache_stage, ["--teacher", "lenet", "--quiet"])):
+        result = CliRunner().invoke(stage.main, args)
+        assert result.exit_code == 0, result.output
+    ok = CliRunner().invoke(cache_stage.main, ["--teacher", "lenet", "--verify", "--recompute", "16"])
+    assert ok.exit_code == 0, ok.output
+    assert "16 random cached (sample, view) pairs recomputed, all within tolerance" in ok.output
+    assert "logits" in ok.output and "largest relative error" in ok.output
+    params = yaml.safe_load(tiny_params.read_text())
+    params["pretrain"]["seed"] = 1  # the same teacher retrained from another seed: other weights behind the store
+    tiny_params.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert CliRunner().invoke(pretrain_stage.main, ["--teacher", "lenet", "--quiet", "--restart"]).exit_code == 0
+    bad = CliRunner().invoke(cache_stage.main, ["--teacher", "lenet", "--verify", "--recompute", "16"])
+    assert bad.exit_code != 0 and "largest relative error" in bad.output  # the report, then the one error line
+    line = bad.output.strip().splitlines()[-1]
+    assert line.startswith("Error: cache data/cache/lenet.zarr does not hold what teacher lenet computes")
+    assert "of 16 pairs differ, e.g. sample " in line and "--overwrite" in line
+    assert "--recompute N checks a written store" in one_line_error(
+        CliRunner().invoke(cache_stage.main, ["--teacher", "lenet", "--recompute", "4"]))

@@ -132,6 +132,11 @@ class TeacherCache:
         return int(self._done.sum())
 
     @property
+    def done(self) -> np.ndarray:
+        """(n_chunks,) uint8: 1 where chunk k's rows are written."""
+        return self._done
+
+    @property
     def num_chunks(self) -> int:
         return len(self._done)
 

@@ -104,7 +104,7 @@ def cache_teacher(checkpoint: str | Path, out: str | Path, plan: ViewPlan, data,
     """
     checkpoint, out, device = Path(checkpoint), Path(out), torch.device(device)
     job = dataclasses.replace(CacheJob(**options), teacher=options.get("teacher") or checkpoint.stem)
-    model, ckpt = _load_checked(checkpoint, job.teacher, plan, data, device)
+    model, ckpt = load_checked_teacher(checkpoint, job.teacher, plan, data, device)
     attrs = identity_attrs(job.teacher, checkpoint, ckpt, plan, cfg, block_channels(model, data, device), device)
     layout = chunk_layout(attrs, cfg)
     attrs.update(layout.to_attrs())
@@ -289,7 +289,7 @@ def verify_cache(out: str | Path) -> dict[int, list[str]]:
 # ---------------------------------------------------------------- checks and store preparation
 
 
-def _load_checked(checkpoint: Path, teacher: str, plan: ViewPlan, data, device: torch.device):
+def load_checked_teacher(checkpoint: Path, teacher: str, plan: ViewPlan, data, device: torch.device):
     """The teacher (model, checkpoint dict), once it is known to fit the plan and the data."""
     if not checkpoint.is_file():
         raise UserError(f"teacher checkpoint {checkpoint} not found: run python -m stages.pretrain "
@@ -443,7 +443,7 @@ def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan
             n = (stop - start) * layout.num_views
             if s == 0:
                 buffers = {name: np.empty((n, width), dtype=np.float16) for name, width in layout.widths().items()}
-            for buffer, value in zip(buffers.values(), _teacher_outputs(model, x, align_cfg, use_autocast)):
+            for buffer, value in zip(buffers.values(), teacher_outputs(model, x, align_cfg, use_autocast)):
                 buffer[s:s + len(x)] = value  # (b, W) of the chunk's (n, W)
             bar.update(len(x))
             if s + len(x) == n:  # chunk k complete: hand it to the writer, start the next
@@ -499,7 +499,7 @@ def _file_view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data:
         yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
 
-def _teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool) -> list[np.ndarray]:
+def teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool) -> list[np.ndarray]:
     """The teacher's logits (b, C) and aligned blocks (b, L_i) of one input batch, as float16 arrays."""
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
         logits, feats = model(x)  # (b, C), [(b, C_i, H_i, W_i) or (b, D_i)]
