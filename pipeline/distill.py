@@ -476,7 +476,7 @@ class TargetSources:
     def targets(self, feature_blocks, device: torch.device, by_chunk: bool = False):
         """`by_chunk` (shuffle: chunks): read the caches chunk by chunk, a part of the epoch at a time."""
         if self.caches:
-            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device, by_chunk))
+            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device, by_chunk))  # top-k: dense
         if self.models:
             return OnlineTargets(self.models, self.align_cfg, feature_blocks, device, self.autocast)
         return NoTargets()
@@ -499,7 +499,8 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
             hashes[name] = sha256_file(path)
         return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast,
                              chunk_rows=cache_cfg.chunk_rows)
-    caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format)) for t in teachers], plan,
+    caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format), cache_cfg.leftover) for t in teachers],
+                             plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)
     align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
     hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(teachers, caches)}

@@ -204,6 +204,8 @@ def run_identity(s: Settings, cfg: DistillConfig, model_kwargs: dict[str, Any], 
         "view_plan": plan.fingerprint,
         "teachers": hashes,
         "align": to_dict(align_cfg) if s.teachers else None,  # scratch compares no features
+        # a top-k store's leftover mass as it is read: in the identity only when not the default (spread)
+        **({"leftover": s.cache.leftover} if s.cache.leftover != "spread" else {}),
     }
 
 

@@ -102,7 +102,7 @@ def print_plan(params: dict, cfg: CacheConfig, data_cfg: DataConfig, teachers: l
         blocks = block_channels(_model_of(params, name, train), train, torch.device("cpu"))
         lengths = dict(zip(blocks, cfg.align_config.lengths(len(blocks))))
         plans.append(store_plan(name, paths.teacher_cache(name, cfg.format), len(train), views, train.num_classes,
-                                lengths))
+                                lengths, cfg.topk if cfg.logits == "topk" else 0))
     for line in plan_lines(plans, free_bytes(paths.teacher_cache(teachers[0], cfg.format)) if plans else 0):
         click.echo(line)
 

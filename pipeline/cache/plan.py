@@ -16,9 +16,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.cache.store import Layout
 from pipeline.config import UserError
-
-VALUE_BYTES = 2  # every cached value is fp16
 
 
 @dataclass
@@ -39,9 +38,12 @@ class StorePlan:
 
 
 def store_plan(teacher: str, path: Path, num_samples: int, num_views: int, num_classes: int,
-               lengths: dict[str, int]) -> StorePlan:
-    """The plan of one store: `lengths` block name -> L, the aligned length of its vector."""
-    arrays = {"logits": num_classes * VALUE_BYTES, **{f"features/{b}": n * VALUE_BYTES for b, n in lengths.items()}}
+               lengths: dict[str, int], topk: int = 0) -> StorePlan:
+    """The plan of one store: `lengths` block name -> L, the aligned length of its vector; `topk` k of a
+    `cache.logits: topk` store (0: full logits). The arrays are `Layout.widths`'s, at their dtypes' sizes."""
+    layout = Layout(num_samples, num_views, num_classes, tuple(lengths), tuple(lengths.values()), 1, "none",
+                    topk=topk)
+    arrays = {name: width * layout.dtype(name).itemsize for name, width in layout.widths().items()}
     return StorePlan(teacher, Path(path), num_samples, num_views, arrays)
 
 

@@ -26,6 +26,7 @@ from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.cache.store import (DEFAULT_FORMAT, FORMATS, ChunkError, format_of, layout_from_attrs, open_store,
                                   read_view)
+from pipeline.cache.topk import LEFTOVER, dense_logits
 from pipeline.config import UserError, build, check, check_choice
 
 CACHE_FORMAT = 2  # bump when the layout or the meaning of an attr changes (2: checksummed chunks)
@@ -50,12 +51,20 @@ class CacheConfig:
     queue_chunks: int = 2  # finished chunks waiting for the writer thread (bounds memory)
     prefetch_batches: int = 4  # augmented input batches prepared ahead of the teacher forward
     autocast: bool = False  # bf16 autocast on CUDA: faster, but logits carry bf16 (8-bit) precision
+    logits: str = "full"  # full: every class's logit | topk: the `topk` largest, their classes and the log-sum-exp
+    # of all C (about 4k + 2 bytes per (sample, view) instead of 2C; pipeline.cache.topk)
+    topk: int = 5  # k, the logits kept per (sample, view) under logits: topk
+    leftover: str = "spread"  # how a top-k store's targets treat the mass outside the k classes when read: spread
+    # (FKD's marginal smoothing: evenly over the other C - k classes) | renormalize (the k classes only)
 
     def __post_init__(self) -> None:
         check_choice(self.format, FORMATS, "cache.format")
         build(AlignConfig, self.align, "cache.align")
         check(self.batch_size >= 1, f"cache.batch_size = {self.batch_size} must be at least 1")
         check(self.chunk_rows >= 1, f"cache.chunk_rows = {self.chunk_rows} must be at least 1")
+        check_choice(self.logits, ("full", "topk"), "cache.logits")
+        check(1 <= self.topk < 65_535, f"cache.topk = {self.topk} must be in [1, 65535)")
+        check_choice(self.leftover, LEFTOVER, "cache.leftover")
         codecs = FORMATS[self.format].codecs
         check(self.codec in codecs, f"cache.codec = {self.codec!r} is not available for format {self.format}: "
                                     f"choose one of {', '.join(codecs)}")
@@ -77,8 +86,9 @@ def rerun_hint(teacher: str, fmt: str, overwrite: bool = False, repair: bool = F
 class TeacherCache:
     """One teacher's cache, open for reading (zarr or h5 alike)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, leftover: str = "spread"):
         self.path = Path(path)
+        self.leftover = leftover  # a top-k store's leftover mass, when its logits are read (pipeline.cache.topk)
         self.format = format_of(self.path)
         guess = self.path.name.split(".")[0]
         if not self.path.exists():
@@ -170,6 +180,8 @@ class TeacherCache:
         """View `view` of every sample: {"logits": (N, C), "<block>": (N, L), ...}, float16 in RAM.
 
         `names` limits the read to some of them (e.g. ["logits"]); `rows` (sorted sample indexes) to some samples.
+        A top-k store's logits come back dense, its leftover mass treated as `self.leftover` says
+        (pipeline.cache.topk).
         """
         if not 0 <= view < self.num_views:
             raise IndexError(f"view {view} out of range: {self.path} has {self.num_views} views")
@@ -179,6 +191,11 @@ class TeacherCache:
             if name != "logits" and name not in self.blocks:
                 raise KeyError(f"{self.path} has no array {name!r}; it has logits, {', '.join(self.blocks)}")
             try:
+                if name == "logits" and self.layout.topk:  # a top-k store: the dense logits its targets mean
+                    parts = [read_view(self._store, self.layout, f"topk/{a}", view, rows)
+                             for a in ("logits", "classes", "lse")]
+                    out[name] = dense_logits(*parts, self.num_classes, self.leftover).astype(np.float16)
+                    continue
                 array = "logits" if name == "logits" else f"features/{name}"
                 out[name] = read_view(self._store, self.layout, array, view, rows)
             except ChunkError as err:  # checksummed chunks: a damaged one is named, with how to rebuild it
@@ -187,7 +204,10 @@ class TeacherCache:
         return out
 
     def array(self, name: str):
-        """The lazy on-disk array (zarr.Array or h5py.Dataset) `logits` or a block name, (N, V, W)."""
+        """The lazy on-disk array (zarr.Array or h5py.Dataset) `logits` or a block name, (N, V, W); or any array
+        by its stored name (`topk/logits`, `features/block1`: the keys of `layout.widths()`)."""
+        if name in self.layout.widths():
+            return self._store.array(name)
         return self._store.array("logits" if name == "logits" else f"features/{name}")
 
     def close(self) -> None:
@@ -205,8 +225,9 @@ class TeacherCache:
                 f"V={self.num_views}, C={self.num_classes}, blocks={self.dims}, {state})")
 
 
-def open_cache(path: str | Path) -> TeacherCache:
-    return TeacherCache(path)
+def open_cache(path: str | Path, leftover: str = "spread") -> TeacherCache:
+    """The store at `path`, open for reading; `leftover`: how a top-k store's logits are read (cache.leftover)."""
+    return TeacherCache(path, leftover)
 
 
 def validate_caches(

@@ -56,7 +56,7 @@ def pick_pairs(done: np.ndarray, chunk_rows: int, num_samples: int, num_views: i
 
 def _stored_rows(array, pairs: np.ndarray, chunk_rows: int) -> np.ndarray:
     """The stored rows (n, W) of the pairs, one read per (chunk, view) touched (a read costs a whole chunk)."""
-    out = np.empty((len(pairs), array.shape[-1]), dtype=np.float16)
+    out = np.empty((len(pairs), array.shape[-1]), dtype=array.dtype)
     keys = pairs[:, 0] // chunk_rows * array.shape[1] + pairs[:, 1]  # (chunk, view) as one number
     for key in np.unique(keys):
         at = np.flatnonzero(keys == key)
@@ -97,12 +97,12 @@ def recompute_check(store: str | Path, checkpoint: str | Path, plan, data, count
         pairs = pick_pairs(cache.done, layout.chunk_rows, layout.num_samples, layout.num_views, count, seed)
         pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # sample-major: reads in store order
         stored = {name: _stored_rows(cache.array(name), pairs, layout.chunk_rows)
-                  for name in ["logits", *cache.blocks]}  # (n, W) each, checksums verified on read
+                  for name in layout.widths()}  # (n, W) each as stored, checksums verified on read
     model, _ = load_checked_teacher(Path(checkpoint), teacher, plan, data, device)
     model.to(memory_format=memory_format(device))
     fresh: dict[str, list[np.ndarray]] = {name: [] for name in stored}
     for x in _views(pairs, plan, data, device, batch_size):
-        for name, value in zip(stored, teacher_outputs(model, x, align_cfg, use_autocast)):
+        for name, value in zip(stored, teacher_outputs(model, x, align_cfg, use_autocast, layout.topk)):
             fresh[name].append(value)
     report = RecomputeReport(pairs, {}, tolerance)
     for name, want in stored.items():

@@ -1,6 +1,9 @@
 """The on-disk layout of one teacher cache, in any registered store format (zarr v3, HDF5), and the writer lock.
 
-    logits             (N, V, C)  float16   dims (sample, view, class)
+    logits             (N, V, C)  float16   dims (sample, view, class)      cache.logits: full
+    topk/logits        (N, V, k)  float16   dims (sample, view, rank)       cache.logits: topk, instead:
+    topk/classes       (N, V, k)  uint16    dims (sample, view, rank)         the k largest logits, their
+    topk/lse           (N, V, 1)  float16   dims (sample, view, one)          classes and log-sum-exp of all C
     features/<block>   (N, V, L)  float16   dims (sample, view, feature)
     done               (n_chunks,) uint8    dims (chunk,)   1 once chunk k's rows are written
     attrs              identity and layout (see pipeline.cache.write.identity_attrs), `complete`
@@ -12,7 +15,8 @@ array that no other chunk index shares. Ownership is a function of k alone, what
 writers. R and the codec were chosen by measurement (`python -m bench.cache_io --sweep`, see
 `pipeline.cache.CacheConfig`).
 
-Float arrays use NaN as the fill value, so a region nobody wrote reads as NaN, never as plausible zeros;
+Float arrays use NaN as the fill value (the uint16 class indexes 65,535), so a region nobody wrote reads as
+NaN, never as plausible zeros;
 `done` is what says which rows are real. Every chunk carries a checksum (zarr v3's crc32c codec, HDF5's
 Fletcher32 filter), verified on every read; `read_rows` names the chunk a failed read or a NaN belongs
 to (`ChunkError`), so a damaged store ends in one line saying which chunk to rebuild. HDF5 cannot hold
@@ -53,8 +57,10 @@ import numpy as np
 
 from pipeline.checkpoints import exclusive_lock
 
-DIMS = {"logits": ("sample", "view", "class")}
+DIMS = {"logits": ("sample", "view", "class"), "topk/logits": ("sample", "view", "rank"),
+        "topk/classes": ("sample", "view", "rank"), "topk/lse": ("sample", "view", "one")}
 FEATURE_DIMS = ("sample", "view", "feature")
+UNWRITTEN_INDEX = np.iinfo(np.uint16).max  # the fill of a uint16 array: no class index (C <= 65,535) is this
 
 
 @dataclass(frozen=True)
@@ -67,14 +73,22 @@ class Layout:
     chunk_rows: int  # R, sample rows per chunk (the write and resume unit)
     codec: str  # one of the format's `codecs`
     checksum: bool = True  # a checksum on every chunk (zarr: crc32c, h5: Fletcher32), verified on read
+    topk: int = 0  # 0: full logits (N, V, C); k: the top-k logits, their classes and the log-sum-exp instead
 
     @property
     def n_chunks(self) -> int:
         return -(-self.num_samples // self.chunk_rows)
 
     def widths(self) -> dict[str, int]:
-        """Array name -> last-axis width: logits first, then the blocks in order."""
-        return {"logits": self.num_classes, **{f"features/{b}": n for b, n in zip(self.blocks, self.feature_lengths)}}
+        """Array name -> last-axis width: the logits (or their top-k form) first, then the blocks in order."""
+        logits = ({"logits": self.num_classes} if not self.topk else
+                  {"topk/logits": self.topk, "topk/classes": self.topk, "topk/lse": 1})
+        return {**logits, **{f"features/{b}": n for b, n in zip(self.blocks, self.feature_lengths)}}
+
+    @staticmethod
+    def dtype(name: str) -> np.dtype:
+        """Every array is fp16 but the top-k class indexes, uint16."""
+        return np.dtype(np.uint16 if name == "topk/classes" else np.float16)
 
     def rows(self, k: int) -> tuple[int, int]:
         """The sample rows [start, stop) of chunk k."""
@@ -92,6 +106,7 @@ def layout_from_attrs(attrs: dict[str, Any]) -> Layout:
         num_samples=attrs["num_samples"], num_views=attrs["num_views"], num_classes=attrs["num_classes"],
         blocks=tuple(attrs["blocks"]), feature_lengths=tuple(attrs["dims"][b] for b in attrs["blocks"]),
         chunk_rows=attrs["chunk_rows"], codec=attrs["codec"], checksum=bool(attrs.get("checksum", False)),
+        topk=int(attrs.get("topk", 0)),  # stores from before top-k hold full logits and no such attr
     )
 
 
@@ -113,7 +128,7 @@ def read_rows(store, layout: Layout, name: str, k: int, view: int | None = None)
     except Exception as exc:  # zarr: ValueError on a checksum mismatch; h5py: OSError from the filter
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
         raise ChunkError(name, k, (start, stop), f"is damaged ({type(exc).__name__}: {first})") from None
-    if np.isnan(value).any():
+    if np.isnan(value).any() if value.dtype.kind == "f" else (value == UNWRITTEN_INDEX).any():
         raise ChunkError(name, k, (start, stop), "holds unwritten (NaN) values")
     return value
 
@@ -122,7 +137,7 @@ def read_view(store, layout: Layout, name: str, view: int, rows: np.ndarray | No
     """View `view` of array `name`, read and verified chunk by chunk: every sample (N, W), or only the sorted
     sample indexes `rows` (n, W) (a rank's rows: each chunk is read, only its rows are kept in memory)."""
     wanted = np.arange(layout.num_samples) if rows is None else np.asarray(rows, dtype=np.int64)
-    out = np.empty((len(wanted), layout.widths()[name]), dtype=np.float16)
+    out = np.empty((len(wanted), layout.widths()[name]), dtype=layout.dtype(name))
     bounds = np.searchsorted(wanted, [layout.rows(k)[0] for k in range(layout.n_chunks)] + [layout.num_samples])
     for k in range(layout.n_chunks):
         lo, hi = bounds[k], bounds[k + 1]
@@ -264,9 +279,10 @@ class ZarrStore:
         checksum = [Crc32cCodec()] if layout.checksum else []
         compressors = (_zarr_compressors(layout.codec) or []) + checksum or None
         for name, width in layout.widths().items():
+            dtype = layout.dtype(name)
             root.create_array(
-                name, shape=(layout.num_samples, layout.num_views, width),
-                chunks=(layout.chunk_rows, 1, width), dtype="float16", fill_value=np.nan,
+                name, shape=(layout.num_samples, layout.num_views, width), chunks=(layout.chunk_rows, 1, width),
+                dtype=dtype, fill_value=np.nan if dtype.kind == "f" else UNWRITTEN_INDEX,
                 compressors=compressors, dimension_names=DIMS.get(name, FEATURE_DIMS),
             )
         # one zarr chunk per marker, so writers of different chunks never rewrite each other's markers
@@ -359,9 +375,11 @@ class H5Store:
         kwargs = _h5_filters(layout.codec)
         with h5py.File(path, "w-") as f:
             for name, width in layout.widths().items():
+                dtype = layout.dtype(name)
                 ds = f.create_dataset(
-                    name, shape=(layout.num_samples, layout.num_views, width), dtype="float16",
-                    chunks=(min(layout.chunk_rows, layout.num_samples), 1, width), fillvalue=np.nan,
+                    name, shape=(layout.num_samples, layout.num_views, width), dtype=dtype,
+                    chunks=(min(layout.chunk_rows, layout.num_samples), 1, width),
+                    fillvalue=np.nan if dtype.kind == "f" else UNWRITTEN_INDEX,
                     fletcher32=layout.checksum, **kwargs,
                 )
                 for axis, label in enumerate(DIMS.get(name, FEATURE_DIMS)):

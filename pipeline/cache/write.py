@@ -62,6 +62,7 @@ IDENTITY = {
     "blocks": "blocks",
     "align": "align spec",
     "dtype": "dtype",
+    "topk": "logits kept (top-k)",  # absent (full logits) in stores from before top-k, and in full-logit stores
 }
 
 
@@ -155,6 +156,7 @@ def identity_attrs(teacher: str, checkpoint: Path, ckpt: dict, plan: ViewPlan, c
         "compute": "bf16-autocast" if cfg.autocast and device.type == "cuda" else "fp32",
         "software_version": pipeline.__version__,
         "complete": False,
+        **({"topk": cfg.topk} if cfg.logits == "topk" else {}),  # full logits: the attrs of before, unchanged
     })
 
 
@@ -165,7 +167,7 @@ def chunk_layout(attrs: dict[str, Any], cfg: CacheConfig) -> Layout:
     n_chunks = max(1, -(-n // cfg.chunk_rows))
     blocks = tuple(attrs["blocks"])
     return Layout(n, attrs["num_views"], attrs["num_classes"], blocks, tuple(attrs["dims"][b] for b in blocks),
-                  max(1, -(-n // n_chunks)), cfg.codec, cfg.checksum)
+                  max(1, -(-n // n_chunks)), cfg.codec, cfg.checksum, int(attrs.get("topk", 0)))
 
 
 def block_channels(model, data, device: torch.device) -> dict[str, int]:
@@ -244,7 +246,8 @@ def _check_room(out: Path, layout: Layout, job: CacheJob) -> None:
                 todo, rows = old.num_chunks - old.done_chunks, old.layout.chunk_rows
         except (UserError, OSError, KeyError, ValueError):
             pass
-    pair = store_plan(job.teacher, out, 1, 1, layout.num_classes, dict(zip(layout.blocks, layout.feature_lengths)))
+    pair = store_plan(job.teacher, out, 1, 1, layout.num_classes, dict(zip(layout.blocks, layout.feature_lengths)),
+                      layout.topk)
     check_room(out, todo * rows * layout.num_views * pair.pair_bytes, f"the cache of {job.teacher}")
 
 
@@ -442,8 +445,9 @@ def _run_chunks(model, store, layout: Layout, pending: list[int], plan: ViewPlan
             start, stop = layout.rows(k)
             n = (stop - start) * layout.num_views
             if s == 0:
-                buffers = {name: np.empty((n, width), dtype=np.float16) for name, width in layout.widths().items()}
-            for buffer, value in zip(buffers.values(), teacher_outputs(model, x, align_cfg, use_autocast)):
+                buffers = {name: np.empty((n, width), dtype=layout.dtype(name))
+                           for name, width in layout.widths().items()}
+            for buffer, value in zip(buffers.values(), teacher_outputs(model, x, align_cfg, use_autocast, layout.topk)):
                 buffer[s:s + len(x)] = value  # (b, W) of the chunk's (n, W)
             bar.update(len(x))
             if s + len(x) == n:  # chunk k complete: hand it to the writer, start the next
@@ -499,12 +503,20 @@ def _file_view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data:
         yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
 
-def teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool) -> list[np.ndarray]:
-    """The teacher's logits (b, C) and aligned blocks (b, L_i) of one input batch, as float16 arrays."""
+def teacher_outputs(model, x: torch.Tensor, align_cfg, use_autocast: bool, topk: int = 0) -> list[np.ndarray]:
+    """The arrays of one input batch, in `Layout.widths` order: the teacher's logits (b, C) as float16, or with
+    `topk` its k largest logits (b, k) float16, their classes (b, k) uint16 and the log-sum-exp of all C logits
+    (b, 1) float16; then the aligned blocks (b, L_i) float16."""
     with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=use_autocast):
         logits, feats = model(x)  # (b, C), [(b, C_i, H_i, W_i) or (b, D_i)]
-        outputs = [logits.float(), *align_all(feats, align_cfg)]  # (b, C), (b, L_i) per block
-    return [value.to(torch.float16).cpu().numpy() for value in outputs]
+        blocks = [b.to(torch.float16).cpu().numpy() for b in align_all(feats, align_cfg)]  # (b, L_i) per block
+        logits = logits.float()
+    if not topk:
+        return [logits.to(torch.float16).cpu().numpy(), *blocks]
+    values, classes = logits.topk(topk, dim=1)  # (b, k) each, largest first
+    lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (b, 1), in fp32 before rounding
+    return [values.to(torch.float16).cpu().numpy(), classes.cpu().numpy().astype(np.uint16),
+            lse.to(torch.float16).cpu().numpy(), *blocks]
 
 
 def _checked_chunk(buffers: dict[str, np.ndarray], start: int, stop: int, views: int,
