@@ -60,8 +60,8 @@ def check_room(path: Path, need: int, what: str) -> None:
     free = free_bytes(path)
     if need > free:
         raise UserError(f"{what} needs {human(need)} at {path} but its filesystem has {human(free)} free: free space "
-                        f"there, or point the cache elsewhere (python -m stages.cache_teachers --plan shows every "
-                        f"store's size)")
+                        f"there and rerun, or point the cache elsewhere (python -m stages.cache_teachers --plan shows "
+                        f"every store's size)")
 
 
 def human(n: float) -> str:
