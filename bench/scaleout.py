@@ -7,7 +7,8 @@ Nothing is trained or timed: the models of the profile are built (randomly initi
 parameters and BatchNorm channels, and the sizes follow from the cache contract and the ring all-reduce:
 
 - a teacher's store holds, per (sample, view), C logits and L_b values per cached block, in fp16:
-  bytes = N x V x (C + sum_b L_b) x 2 (raw, cache.codec none); a rank reads 1/W of the epoch's view slab;
+  bytes = N x V x (C + sum_b L_b) x 2 (raw, cache.codec none), or with cache.logits: topk 4k + 2 bytes in place
+  of the 2C of the logits (pipeline.cache.plan); a rank reads 1/W of the epoch's view slab;
 - DDP (and pipeline.dist.average_gradients for the discriminators) all-reduces every fp32 gradient once per
   step; a ring all-reduce sends, and receives, 2 (W - 1) / W x the buffer per rank;
 - SyncBatchNorm all-reduces, per BatchNorm layer and step, the count, mean and variance forward (1 + 2 C
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from pipeline.cache.plan import store_plan
 from pipeline.config import build, load_params, section
 from pipeline.data import DataConfig
 from pipeline.methods.discriminators import Discriminators
@@ -77,7 +79,9 @@ def estimate(params_path: str, worlds: list[int], images: int = 0, classes_: int
     first = next(iter(params["distill"]["runs"]))
     s = read_settings(params, None, None, None, False, first)
     lengths = s.cache.align_config.lengths(3)  # the zoo's three blocks
-    per_pair = (classes + sum(lengths)) * 2  # bytes per (sample, view) per teacher
+    topk = s.cache.topk if s.cache.logits == "topk" else 0
+    per_pair = store_plan("", Path("."), 1, 1, classes, {f"block{i + 1}": n for i, n in enumerate(lengths)},
+                          topk).pair_bytes  # bytes per (sample, view) per teacher: full fp16 logits, or the top-k form
     store = n * views * per_pair
 
     student = build_model(s.student.arch, classes, channels, **s.student.model)
