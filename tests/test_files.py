@@ -265,3 +265,42 @@ def test_the_stages_run_from_files(folder, tmp_path, monkeypatch):
     report = json.loads(paths.evaluate_metrics().read_text())
     assert set(report["teachers"]) == {"cnn"} and set(report["students"]) == {"kd"}
     assert report["num_samples"] == 12  # the test split, centre-cropped from its files
+
+
+def test_a_thousand_classes_end_to_end_from_topk_caches(tmp_path, monkeypatch):
+    """The 1,000-class path on a tiny generated folder (2 training images a class, small JPEGs): a top-k cache
+    (k = 5), then KD, MEAL and MEAL V2 from it, MEAL V2 with the official discriminator at K = 8
+    (1000 -> 125 -> 15 -> 2) on a step schedule, and evaluate."""
+    from stages import cache_teachers, distill, evaluate, plan_views, pretrain
+
+    root = generate(tmp_path / "k", "--classes", "1000", "--train-per-class", "2", "--test-per-class", "1",
+                    "--min-side", "20", "--max-side", "40", "--grey-every", "0", "--workers", "2")
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((REPO / "profiles" / "tiny.yaml").read_text())
+    params["data"] = {"name": "imagefolder", "root": str(root), "image_size": 16, "source": "files", "workers": 1}
+    params["teachers"] = {"cnn": {"arch": "student_cnn", "model": {"width": 0.25}, "pretrain": {}}}
+    params["pretrain"].update(epochs=1, augment=RRC, batch_size=250)
+    params["views"].update(num_views=2, augment=RRC)
+    params["cache"].update(logits="topk", topk=5, chunk_rows=500, batch_size=250)
+    options = {"adversarial": "cooperative", "discriminator": "official", "d_reduction": 8, "d_optimizer": "sgd",
+               "adv_weight": 1.0, "d_lr": 0.01}
+    params["distill"].update(teachers=["cnn"], epochs=2, seeds=[0], batch_size=250, schedule="step", milestones=[1],
+                             gamma=0.1, shuffle="chunks", shuffle_window=2,
+                             meal_v2={**params["distill"]["meal_v2"], **options},
+                             runs={"kd": {"method": "kd"}, "meal": {"method": "meal"}, "meal_v2": {"method": "meal_v2"}})
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runner = CliRunner()
+    steps = [(pretrain, ["--teacher", "cnn"]), (plan_views, []), (cache_teachers, ["--teacher", "cnn"])]
+    steps += [(distill, ["--run", run]) for run in ("kd", "meal", "meal_v2")] + [(evaluate, [])]
+    for stage, args in steps:
+        result = runner.invoke(stage.main, [*args, *(["--quiet"] if stage not in (plan_views, evaluate) else [])])
+        assert result.exit_code == 0, (stage.__name__, result.output)
+    with open_cache(paths.teacher_cache("cnn")) as cache:
+        assert cache.num_classes == 1000 and cache.layout.topk == 5 and cache.complete
+    ckpt = torch.load(paths.student_checkpoint("meal_v2", 0), weights_only=False)
+    widths = [tuple(w.shape) for k, w in ckpt["discriminators"].items() if k.endswith("weight")]
+    assert widths == [(125, 1000), (15, 125), (2, 15)]  # the official D at K = 8
+    lrs = [row["lr"] for row in ckpt["history"]]
+    assert lrs[0] == pytest.approx(params["distill"]["lr"]) and lrs[1] == pytest.approx(params["distill"]["lr"] * 0.1)
+    report = json.loads(paths.evaluate_metrics().read_text())
+    assert set(report["students"]) == {"kd", "meal", "meal_v2"} and report["num_samples"] == 1000
