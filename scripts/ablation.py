@@ -10,6 +10,9 @@ the validation images, cached, then every run trained through the pipeline's own
 score per seed is its final-epoch accuracy on the validation split (`data.val_size`), which the distill stage
 evaluates on instead of the test split when val_size > 0. Everything resumes: rerun it after a kill.
 
+    python scripts/ablation.py --runs kd,meal_v2 --topk 1,2,3,5 --work ablation/topk \\
+        --out bench/results/cpu-topk_val.json                     # the same runs from top-k caches (issue 30)
+
     python scripts/ablation.py --params profiles/anc_fmnist.yaml --val-size 0 --work anc \\
         --runs scratch,anc_none,anc_l1,anc_l2,anc_adv --out bench/results/cpu-anc_fmnist.json
 
@@ -73,8 +76,10 @@ def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = Non
               help="Runs of the profile's distill.runs, or of EXTRA_RUNS (meal_v2_ft, anc_lambda1, anc_lambda01, scratch_2x).")
 @click.option("--baseline-code", default=None,
               help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
+@click.option("--topk", default="", help="Comma-separated k: each run also from top-k caches (cache.logits: topk) of "
+                                         "the same teachers and views, one folder topk<k> each.")
 @click.option("--out", default=str(ROOT / "bench" / "results" / "cpu-ablation_val.json"), show_default=True)
-def main(params_path, work, val_size, seeds, only, baseline_code, out):
+def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
     base = yaml.safe_load(Path(params_path).read_text())
     base["data"]["val_size"] = val_size
     seeds = [int(s) for s in seeds.split(",")]
@@ -101,6 +106,10 @@ def main(params_path, work, val_size, seeds, only, baseline_code, out):
         old["data"]["val_size"] = val_size
         folders["baseline"] = (old, {f"{r}_s{s}": {**old["distill"]["runs"][r], "seed": s}
                                      for r in BASELINE_RUNS for s in seeds})
+    for k in [int(v) for v in topk.split(",") if v]:  # the same runs from the compact form of the same teachers
+        compact = json.loads(json.dumps(base))
+        compact["cache"].update(logits="topk", topk=k)
+        folders[f"topk{k}"] = (compact, dict(named))
     for name, (params, named) in folders.items():
         params = json.loads(json.dumps(params))
         params["distill"]["runs"] = named
@@ -112,10 +121,12 @@ def main(params_path, work, val_size, seeds, only, baseline_code, out):
         click.echo(f"pretrain {teacher}")
         stage(main_dir, ["stages.pretrain", "--teacher", teacher], log)
     stage(main_dir, ["stages.plan_views"], log)
-    if baseline_code:  # the teachers and views are shared; the caches too where the align spec is the same
-        data = work / "baseline" / "data"
+    for name in folders:  # the teachers and views are shared; the caches too where the cache params are the same
+        if name == "profile":
+            continue
+        data = work / name / "data"
         data.mkdir(exist_ok=True)
-        shared = ["teachers", "views.zarr"] + (["cache"] if folders["baseline"][0]["cache"] == base["cache"] else [])
+        shared = ["teachers", "views.zarr"] + (["cache"] if folders[name][0]["cache"] == base["cache"] else [])
         for item in shared:
             if not (data / item).exists():
                 (data / item).symlink_to((main_dir / "data" / item).resolve())
@@ -132,6 +143,9 @@ def main(params_path, work, val_size, seeds, only, baseline_code, out):
 
     for run in folders["profile"][1]:  # scratch first: meal_v2_ft starts from it
         train("profile", run)
+    for name in (n for n in folders if n.startswith("topk")):
+        for run in folders[name][1]:
+            train(name, run)
     if baseline_code:
         with ThreadPoolExecutor(2) as pool:  # that code trains one seed per process: two at a time
             list(pool.map(lambda run: train("baseline", run), folders["baseline"][1]))
@@ -140,6 +154,10 @@ def main(params_path, work, val_size, seeds, only, baseline_code, out):
     for run in folders["profile"][1]:
         metrics = json.loads((work / "profile" / "metrics" / "distill" / f"{run}.json").read_text())
         results[run] = dict(zip(metrics["seeds"], metrics["test_acc"]))  # the validation split's, final epoch
+    for name in (n for n in folders if n.startswith("topk")):
+        for run in folders[name][1]:
+            metrics = json.loads((work / name / "metrics" / "distill" / f"{run}.json").read_text())
+            results[f"{run} (top-{name[4:]})"] = dict(zip(metrics["seeds"], metrics["test_acc"]))
     for run in folders.get("baseline", (None, {}))[1]:
         name, seed = run.rsplit("_s", 1)
         metrics = json.loads((work / "baseline" / "metrics" / "distill" / f"{run}.json").read_text())

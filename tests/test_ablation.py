@@ -40,3 +40,26 @@ def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root)
     assert "| scratch |" in result.output
     bad = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--runs", "nope"])
     assert bad.exit_code != 0 and "nope" in bad.output
+
+
+def test_ablation_trains_the_same_runs_from_topk_caches_of_the_same_teachers(tmp_path, fashion_root):
+    spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
+    params["data"].update(root=str(fashion_root), limit=128)
+    params["teachers"] = {"cnn": params["teachers"]["cnn"]}
+    params["distill"]["epochs"] = 1
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--work", str(tmp_path / "w"),
+                                                "--val-size", "64", "--seeds", "0", "--runs", "kd", "--topk", "2",
+                                                "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {r["run"] for r in json.loads(out.read_text())["rows"]} == {"kd", "kd (top-2)"}
+    compact = tmp_path / "w" / "topk2" / "data"
+    assert (compact / "teachers").is_symlink() and not (compact / "cache").is_symlink()  # its own top-k caches
+    from pipeline.cache import open_cache
+
+    with open_cache(compact / "cache" / "cnn.zarr") as cache:
+        assert cache.layout.topk == 2
