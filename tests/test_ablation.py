@@ -14,7 +14,8 @@ from click.testing import CliRunner
 ROOT = Path(__file__).parents[1]
 
 
-def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root):
+def tiny_ablation(tmp_path: Path, fashion_root):
+    """scripts/ablation.py as a module, and a tiny profile (one teacher, 128 images, one epoch) in tmp_path."""
     spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
@@ -23,6 +24,11 @@ def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root)
     params["teachers"] = {"cnn": params["teachers"]["cnn"]}
     params["distill"]["epochs"] = 1
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
+    return ablation
+
+
+def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root):
+    ablation = tiny_ablation(tmp_path, fashion_root)
     out = tmp_path / "out.json"
     result = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--work", str(tmp_path / "w"),
                                                 "--val-size", "64", "--seeds", "0,1", "--runs", "scratch,meal_v2_ft",
@@ -43,14 +49,7 @@ def test_ablation_runs_each_seed_on_the_validation_split(tmp_path, fashion_root)
 
 
 def test_ablation_trains_the_same_runs_from_topk_caches_of_the_same_teachers(tmp_path, fashion_root):
-    spec = importlib.util.spec_from_file_location("ablation", ROOT / "scripts" / "ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    params = yaml.safe_load((ROOT / "profiles" / "tiny.yaml").read_text())
-    params["data"].update(root=str(fashion_root), limit=128)
-    params["teachers"] = {"cnn": params["teachers"]["cnn"]}
-    params["distill"]["epochs"] = 1
-    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(params))
+    ablation = tiny_ablation(tmp_path, fashion_root)
     out = tmp_path / "out.json"
     result = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--work", str(tmp_path / "w"),
                                                 "--val-size", "64", "--seeds", "0", "--runs", "kd", "--topk", "2",

@@ -552,6 +552,11 @@ def test_topk_targets_are_the_full_softmax_on_the_kept_classes_and_the_leftover_
                                rtol=2e-2, atol=2e-4)
     assert (r[others] < 1e-10).all() and np.array_equal(q.argmax(1), p.argmax(1))
     assert recompute_check(top, setup["ckpt"], setup["plan"], setup["data"], 30, torch.device("cpu")).ok
+    from pipeline.cache import soft_labels
+
+    frame, whole = soft_labels(top, top_k=3, plan=setup["plan"]), soft_labels(full, top_k=3, plan=setup["plan"])
+    assert (frame["top1_class"] == whole["top1_class"]).all()  # the pandas face reads the compact form too
+    np.testing.assert_allclose(frame["top1_prob"], whole["top1_prob"], rtol=2e-2)
     # the acceptance's figure: 1,000 classes, k = 5, three blocks of 32
     assert store_plan("t", top, 1, 1, 1000, {"b1": 32, "b2": 32, "b3": 32}, 5).pair_bytes == 214  # <= 240
     assert store_plan("t", top, 1, 1, 1000, {"b1": 32, "b2": 32, "b3": 32}).pair_bytes == 2192  # full logits
