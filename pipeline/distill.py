@@ -40,6 +40,7 @@ from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, EpochReads, 
                             SlabLoader, open_cache, validate_caches)
 from pipeline.checkpoints import check_fits_data, load_checkpoint, sha256_file
 from pipeline.models import load_teacher
+from pipeline.models.external import load_weights
 from pipeline.config import UserError, build, check, check_choice
 from pipeline.device import autocast, memory_format, mean_keep_layout
 from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, shard_weight, sync_batchnorm, wrap_ddp
@@ -55,7 +56,8 @@ from pipeline.models.cifar import set_pooling
 class StudentConfig:
     arch: str = "student_cnn"  # a name from pipeline.models.ZOO
     model: dict[str, Any] = field(default_factory=lambda: {"width": 1.0, "dropout": 0.0})  # constructor kwargs
-    init: str = ""  # a checkpoint to start from (MEAL V2 fine-tunes a pretrained student): a student's
+    init: str = ""  # weights to start from (MEAL V2 fine-tunes a pretrained student): a state dict or .safetensors
+    # file made elsewhere (e.g. torchvision's pretrained ResNet-50), or a student's
     # data/student/RUN/seed{seed}.pt ("{seed}" becomes the seed trained) or a teacher's
     # data/teachers/NAME.pt of this arch and kwargs; "" = random init
 
@@ -510,9 +512,17 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
 
 def load_student_init(student: nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:
     """`student.init` into `student`: the weights of a student checkpoint (data/student/RUN/seedS.pt) or a teacher
-    checkpoint of the same architecture and kwargs (dropout aside). Returns the file's sha256."""
+    checkpoint of the same architecture and kwargs (dropout aside), or a plain weights file made elsewhere (a
+    torch state dict or .safetensors, as torchvision's pretrained weights or a training script leave them, checked
+    key by key against the student). Returns the file's sha256."""
     path = Path(init)
+    if path.suffix == ".safetensors":
+        load_weights(student, path, arch)
+        return sha256_file(path)
     ckpt = load_checkpoint(path, "student.init checkpoint", "train that run first, or fix student.init")
+    if not isinstance(ckpt, dict) or "arch" not in ckpt:  # not one of ours: a state dict from elsewhere
+        load_weights(student, path, arch)
+        return sha256_file(path)
     weights = ckpt.get("student", ckpt.get("model"))
     theirs = {k: v for k, v in (ckpt.get("model_kwargs") or {}).items() if k != "dropout"}
     ours = {k: v for k, v in model_kwargs.items() if k != "dropout"}

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import pipeline.distill
 from pipeline import paths
 from pipeline.cache import open_cache
-from pipeline.config import build
+from pipeline.config import UserError, build
 from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, train_one_epoch
 from pipeline.methods import make_method, method_configs
@@ -482,3 +482,29 @@ def test_reading_by_parts_gives_each_step_its_targets_reading_each_chunk_once_in
         assert torch.equal(mine(idx, None, [1]).logits[0].half(), torch.from_numpy(arrays[1]["logits"][idx.numpy(), 1]))
         assert mine.slab.rows.shape[1] <= (window * r + batch) // 2 + 1
     loader1.close()
+
+
+def test_student_init_takes_a_plain_weights_file_made_elsewhere(tmp_path):
+    """MEAL V2 starts from a pretrained student: student.init may be a state dict (wrapped, DDP-prefixed, as
+    training scripts leave them) or a safetensors file, checked key by key; a file of another model is one line."""
+    from safetensors.torch import save_file
+
+    from pipeline.distill import load_student_init
+    from pipeline.models import build_model
+
+    torch.manual_seed(1)
+    trained = build_model("student_cnn", 10, 1, width=0.25)
+    state = {f"module.{k}": v for k, v in trained.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "w.pth")
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    kwargs = {"num_classes": 10, "in_channels": 1, "width": 0.25}
+    for name in ("w.pth", "w.safetensors"):
+        torch.manual_seed(2)
+        student = build_model("student_cnn", 10, 1, width=0.25)
+        sha = load_student_init(student, "student_cnn", str(tmp_path / name), kwargs)
+        assert len(sha) == 64 and all(torch.equal(a, b) for a, b in zip(student.state_dict().values(),
+                                                                          trained.state_dict().values()))
+    torch.save(build_model("student_cnn", 10, 1, width=0.5).state_dict(), tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not fit student_cnn: .*mis-shaped"):
+        load_student_init(build_model("student_cnn", 10, 1, width=0.25), "student_cnn", str(tmp_path / "other.pth"),
+                          kwargs)
