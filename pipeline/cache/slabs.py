@@ -73,10 +73,8 @@ class ArraySlabs:
         self.num_views = int(arrays[0]["logits"].shape[1])
         self.num_samples = int(arrays[0]["logits"].shape[0])
         self.chunk_rows = chunk_rows or self.num_samples
-        self.reads = 0  # read() calls: what a test of "each chunk once an epoch" counts
 
     def read(self, view: int, names: Sequence[str], rows: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
-        self.reads += 1
         pick = slice(None) if rows is None else rows
         return [{k: np.ascontiguousarray(a[k][pick, view]).astype(np.float16) for k in names} for a in self.arrays]
 
