@@ -36,7 +36,7 @@ from pipeline.align import AlignConfig, align
 from pipeline.align import mean as plain_mean
 from pipeline.augment import AugmentConfig, normalize
 from pipeline.data import step_views
-from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, EpochReads, NoTargets, OnlineTargets,
+from pipeline.cache import (CacheConfig, CachedTargets, CacheSlabs, EpochReads, FkdTargets, NoTargets, OnlineTargets,
                             SlabLoader, open_cache, validate_caches)
 from pipeline.checkpoints import check_fits_data, load_checkpoint, sha256_file
 from pipeline.models import load_teacher
@@ -47,6 +47,7 @@ from pipeline.dist import World, all_reduce_sum, barrier, epoch_rows, shard, sha
 from pipeline.methods.discriminators import Discriminators
 from pipeline.methods import METHODS, Method, StudentOut, Targets, load_plugins
 from pipeline.methods.games import Game, make_game
+from pipeline.mix import MixPlan, mixed_labels
 from pipeline.optim import SGDConfig, make_sgd, param_groups, set_lr, sgd_lr
 from pipeline.training import LOG_EVERY, epoch_order, images_per_s, log_due
 from pipeline.models.cifar import set_pooling
@@ -72,6 +73,9 @@ class DistillConfig(SGDConfig):
     # memory; chunks: the caches' chunks in a new order, samples shuffled within windows of `shuffle_window` chunks,
     # the targets read window by window (memory flat in the number of samples; for data larger than memory)
     shuffle_window: int = 8  # chunks (cache.chunk_rows samples each) per shuffling window, under shuffle: chunks
+    mix_targets: str = "exact"  # a mixing plan's teacher targets (views.mix). exact: the teachers' outputs on the
+    # mixed image (the caches); fkd: FKD's approximation, the two samples' soft labels on their unmixed views mixed
+    # by lambda (caches of `cache_teachers --unmixed`), for comparison
     lr: float = 0.1  # peak student learning rate (SGD)
     nesterov: bool = False  # Nesterov momentum
     schedule: str = "cosine"  # cosine | onecycle | constant | step (pipeline.optim), per optimizer step
@@ -114,6 +118,9 @@ class DistillConfig(SGDConfig):
         check(self.batch_size >= 1, f"distill.batch_size = {self.batch_size} must be at least 1")
         check_choice(self.shuffle, ("full", "chunks"), "distill.shuffle")
         check(self.shuffle_window >= 1, f"distill.shuffle_window = {self.shuffle_window} must be at least 1 chunk")
+        check_choice(self.mix_targets, ("exact", "fkd"), "distill.mix_targets")
+        check(self.mix_targets == "exact" or self.shuffle == "full",
+              "distill.mix_targets: fkd reads a sample's partner, anywhere in the view: it needs distill.shuffle: full")
         self.check_sgd("distill", self.epochs)
         check(0 <= self.seed < 2**31, f"distill.seed = {self.seed} must be in [0, 2^31)")
         check(len(self.seeds) >= 1 and all(isinstance(v, int) and 0 <= v < 2**31 for v in self.seeds),
@@ -138,6 +145,8 @@ class TrainSet:
     std: tuple[float, ...]
     files: Any = None  # the FileData the images come from (pipeline.data.files), where they are not resident
     chunk_rows: int = 0  # R, samples per teacher-cache chunk: what distill.shuffle: chunks keeps together
+    mix: MixPlan | None = None  # the plan's mixing (N, V, ...) numpy (pipeline.mix); None: plain views
+    num_classes: int = 0  # C, for the mixed labels' probability targets
 
     @property
     def num_views(self) -> int:
@@ -250,7 +259,8 @@ def train_step(tr: Trainer, x: torch.Tensor, y: torch.Tensor, tgt: Targets | Non
     values = torch.stack(list(terms.values())).detach()  # (T,) float32, "adv" last where there is a game
     own = [k for k in terms if k != "adv"]
     names = ["loss", *own, "train_acc"]
-    parts = [values.sum().view(1), values[:len(own)], (logits.detach().argmax(1) == y).float().mean().view(1)]
+    hard = y if y.dim() == 1 else y.argmax(1)  # mixed labels: accuracy against the heavier of the two
+    parts = [values.sum().view(1), values[:len(own)], (logits.detach().argmax(1) == hard).float().mean().view(1)]
     if game is not None:  # per discriminator: its loss, its accuracy and the student's term against it
         names += [f"{key}_{name}" for key in ("d_loss", "d_acc", "adv") for name in tr.discs.names]
         parts += [played.d_loss, played.d_acc, played.adv.detach()]
@@ -280,16 +290,18 @@ def epoch_steps(tr: Trainer, epoch: int, data: TrainSet, targets) -> Iterator[tu
     rng = random.Random(cfg.seed * 1_000_003 + epoch)  # the teacher draws (MEAL: one teacher per step)
     torch.manual_seed(cfg.seed * 10_007 + epoch)  # dropout masks: the same after a resume
     params = torch.from_numpy(np.ascontiguousarray(data.aug[:, view])).to(dev)  # (N, P)
+    mix = data.mix.take(slice(None), view) if data.mix is not None else None  # (N, ...) the view's pairs
+    pairs = mix.to(dev) if mix is not None else None
     fmt = memory_format(dev)
     shares = [shard(order[i * cfg.batch_size:(i + 1) * cfg.batch_size], tr.world) for i in range(steps)]
-    batches = step_views(data.files, data.images, shares, params, data.augment, dev)  # (b, C, H, W) uint8 each
+    batches = step_views(data.files, data.images, shares, params, data.augment, dev, mix)  # (b, C, H, W) uint8 each
     for i in range(steps):
         targets.at_step(i)  # a new part of the epoch: its targets in place, the next part's read ahead
         set_lr(tr.opt, sgd_lr(cfg, epoch * steps + i, steps, cfg.epochs))
         idx = shares[i]  # (b,) this rank's share of the global batch (all of it with one process)
         x = normalize(next(batches), data.mean, data.std)
         x = x.contiguous(memory_format=fmt)  # (B, C, H, W) float32, the view the teachers saw
-        y = data.labels[idx]
+        y = data.labels[idx] if pairs is None else mixed_labels(data.labels, idx, pairs.take(idx), data.num_classes)
         picked = method.pick(rng)
         tgt = targets(idx, x, picked) if picked else None
         names, values = train_step(tr, x, y, tgt, shard_weight(len(idx), min(cfg.batch_size, n - i * cfg.batch_size),
@@ -434,9 +446,10 @@ def epoch_reads(tr: Trainer, epoch: int, data: TrainSet) -> EpochReads:
     cfg, n = tr.cfg, len(data)
     steps = steps_per_epoch(n, cfg)
     per = steps if cfg.shuffle == "full" else max(1, cfg.shuffle_window * (data.chunk_rows or n) // cfg.batch_size)
+    whole = cfg.shuffle == "full" and (not tr.world.distributed or cfg.mix_targets == "fkd")  # fkd: any partner
 
     def parts(e: int) -> list[tuple[int, np.ndarray | None]]:
-        if cfg.shuffle == "full" and not tr.world.distributed:
+        if whole:
             return [(0, None)]
         order = order_of(cfg, e, data)
         return [(first, epoch_rows(order, cfg.batch_size, tr.world, first, min(steps, first + per)).numpy())
@@ -474,20 +487,26 @@ class TargetSources:
     models: list[nn.Module] = field(default_factory=list)  # the live teachers (online)
     autocast: bool = False  # online teachers under bf16 autocast on CUDA (cache.autocast)
     chunk_rows: int = 0  # R of the (first) cache, else the params' cache.chunk_rows: the unit shuffle: chunks moves
+    fkd: MixPlan | None = None  # distill.mix_targets: fkd: the plan's mixing; the caches are its unmixed views'
 
-    def targets(self, feature_blocks, device: torch.device, by_chunk: bool = False):
-        """`by_chunk` (shuffle: chunks): read the caches chunk by chunk, a part of the epoch at a time."""
+    def targets(self, feature_blocks, device: torch.device, by_chunk: bool = False, temperature: float = 1.0):
+        """`by_chunk` (shuffle: chunks): read the caches chunk by chunk, a part of the epoch at a time.
+        `temperature`: the method's (FKD's approximation mixes soft labels at it)."""
         if self.caches:
-            return CachedTargets(SlabLoader(CacheSlabs(self.caches), feature_blocks, device, by_chunk))  # top-k: dense
+            loader = SlabLoader(CacheSlabs(self.caches), feature_blocks, device, by_chunk)  # top-k stores: dense
+            if self.fkd is not None:
+                return FkdTargets(loader, self.fkd.to(device), temperature)
+            return CachedTargets(loader)
         if self.models:
             return OnlineTargets(self.models, self.align_cfg, feature_blocks, device, self.autocast)
         return NoTargets()
 
 
 def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan, train,
-                 device: torch.device) -> TargetSources:
+                 device: torch.device, mix_targets: str = "exact") -> TargetSources:
     """The run's target sources: every teacher's cache validated against the plan and the data, or with `online`
-    every teacher loaded and checked against the data; nothing without teachers."""
+    every teacher loaded and checked against the data; nothing without teachers. `mix_targets: fkd`: the caches
+    of the plan's unmixed views (paths.unmixed_teacher_cache), mixed step by step (FkdTargets)."""
     if not teachers:  # scratch
         return TargetSources(cache_cfg.align_config, None, {}, chunk_rows=cache_cfg.chunk_rows)
     if online:
@@ -501,13 +520,24 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
             hashes[name] = sha256_file(path)
         return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast,
                              chunk_rows=cache_cfg.chunk_rows)
-    caches = validate_caches([open_cache(paths.teacher_cache(t, cache_cfg.format), cache_cfg.leftover) for t in teachers],
-                             plan,
+    fkd = mix_targets == "fkd"
+    if fkd:
+        check(plan.mix is not None, "distill.mix_targets: fkd mixes the soft labels of mixed views, but the view plan "
+                                    "mixes none: set views.mix (and rerun plan_views) or use mix_targets: exact")
+        check(not online, "distill.mix_targets: fkd mixes cached soft labels: the teachers run live (--online) see "
+                          "the mixed image itself; drop one of the two")
+    where = paths.unmixed_teacher_cache if fkd else paths.teacher_cache
+    for t in teachers:
+        check(not fkd or where(t, cache_cfg.format).exists(),
+              f"distill.mix_targets: fkd reads {where(t, cache_cfg.format)}, which is missing: run python -m "
+              f"stages.cache_teachers --teacher {t} --unmixed")
+    caches = validate_caches([open_cache(where(t, cache_cfg.format), cache_cfg.leftover) for t in teachers],
+                             plan.unmixed() if fkd else plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)
     align_cfg = build(AlignConfig, caches[0].align, f"align spec of {caches[0].path}")
     hashes = {t: c.attrs.get("checkpoint_sha256") for t, c in zip(teachers, caches)}
     return TargetSources(align_cfg, caches[0].blocks, hashes, caches=dict(zip(teachers, caches)),
-                         chunk_rows=caches[0].layout.chunk_rows)
+                         chunk_rows=caches[0].layout.chunk_rows, fkd=plan.mix if fkd else None)
 
 
 def load_student_init(student: nn.Module, arch: str, init: str, model_kwargs: dict[str, Any]) -> str:

@@ -39,6 +39,16 @@ def teacher_cache(name: str, fmt: str = "zarr") -> Path:
     return DATA / "cache" / f"{name}.{fmt}"
 
 
+def unmixed_teacher_cache(name: str, fmt: str = "zarr") -> Path:
+    """A teacher's outputs on the unmixed views of a mixing plan (`cache_teachers --unmixed`): what FKD's
+    approximation mixes (distill.mix_targets: fkd). Not a DVC output: written on demand for that comparison."""
+    return DATA / "cache" / "unmixed" / f"{name}.{fmt}"
+
+
+def is_unmixed_cache(path: str | Path | None) -> bool:
+    return path is not None and Path(path).parent.resolve() == (DATA / "cache" / "unmixed").resolve()
+
+
 def student_dir(run: str) -> Path:
     """Every seed's student of one distill run (the `distill@<run>` stage's one output)."""
     return DATA / "student" / run

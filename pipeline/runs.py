@@ -187,7 +187,7 @@ def run_identity(s: Settings, cfg: DistillConfig, model_kwargs: dict[str, Any], 
                  train, plan, hashes: dict[str, Any], align_cfg) -> dict[str, Any]:
     """What a seed's checkpoint must share with the settings to be resumed (pipeline.checkpoints.load_resumable)."""
     shared = {k: v for k, v in to_dict(cfg).items() if k not in NOT_IDENTITY and k not in NOT_SHARED}
-    later = {**LATER_KEYS, "shuffle": "full", "shuffle_window": 8}
+    later = {**LATER_KEYS, "shuffle": "full", "shuffle_window": 8, "mix_targets": "exact"}
     if cfg.shuffle == "full":  # the window is unused then: no reason to refuse a checkpoint over it
         later["shuffle_window"] = cfg.shuffle_window
     shared = without_defaults(shared, later)  # checkpoints made before these keys existed still resume

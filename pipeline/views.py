@@ -7,6 +7,11 @@ Written once by `python -m stages.plan_views` and shared by every teacher cache 
   (seed, i, v), so the plan does not depend on how the samples were split into blocks, on worker or
   rank counts, or on the device;
 - `labels` (N,) int16: the training labels in the order the plan and the caches index samples;
+- with `views.mix` (pipeline.mix): `mix/partner` (N, V) int32, `mix/aug` (N, V, P) int16, `mix/lam` (N, V)
+  float32 and `mix/box` (N, V, 4) int16, each view's partner, the partner's crop, lambda and CutMix box, drawn
+  from (seed, sample, view) as `aug` is; the mix spec joins the attrs. A plan without mixing has neither, so its
+  fingerprint is what it was before mixing existed, and a mixing plan's `unmixed()` twin (its views unmixed)
+  is exactly the plan `views.mix.kind: none` gives;
 - attrs: dataset name, split, N, dataset fingerprint, augment spec, seed, V, and the plan's
   `fingerprint`, a sha256 of everything above. Every teacher cache records the fingerprint of the plan
   it replayed, and the distill stage refuses caches whose fingerprint is not the plan's.
@@ -27,6 +32,7 @@ from pipeline import paths
 from pipeline.augment import AugmentConfig, plan_views
 from pipeline.checkpoints import swap_in
 from pipeline.config import UserError, build, check, to_dict
+from pipeline.mix import MixConfig, MixPlan, plan_mix
 
 PLAN_FORMAT = 1  # bump when the layout of views.zarr changes
 PLAN_BLOCK = 65536  # samples planned (and stored per zarr chunk) at a time: bounds the planner's memory
@@ -37,15 +43,21 @@ class ViewsConfig:
     num_views: int = 8  # V, augmented views cached per training sample (the student replays view e mod V)
     seed: int = 0  # seed of the augmentation parameters (a pure function of seed, sample, view)
     augment: dict[str, Any] = field(default_factory=lambda: {"kind": "crop_flip", "pad": 2, "flip": True})
+    mix: dict[str, Any] = field(default_factory=lambda: {"kind": "none"})  # mixup / CutMix views (pipeline.mix)
 
     def __post_init__(self) -> None:
         check(1 <= self.num_views <= 4096, f"views.num_views = {self.num_views} must be between 1 and 4096")
         check(0 <= self.seed < 2**63, f"views.seed = {self.seed} must be in [0, 2^63)")
         build(AugmentConfig, self.augment, "views.augment")  # fail now, in one line, on a bad key
+        build(MixConfig, self.mix, "views.mix")
 
     @property
     def augment_config(self) -> AugmentConfig:
         return build(AugmentConfig, self.augment, "views.augment")
+
+    @property
+    def mix_config(self) -> MixConfig:
+        return build(MixConfig, self.mix, "views.mix")
 
 
 @dataclass
@@ -56,6 +68,7 @@ class ViewPlan:
     fingerprint: str  # sha256 hex of aug, labels, sizes and the defining attrs
     path: str | None = None  # where it was read from (for messages)
     sizes: np.ndarray | None = None  # (N, 2) int16 (height, width) each box was drawn on: files source only
+    mix: MixPlan | None = None  # each view's partner, its crop, lambda and box (N, V, ...); None: no mixing
 
     @property
     def num_samples(self) -> int:
@@ -73,11 +86,27 @@ class ViewPlan:
     def augment(self) -> AugmentConfig:
         return build(AugmentConfig, self.attrs["augment"], "view plan augment")
 
+    @property
+    def mix_config(self) -> MixConfig:
+        return build(MixConfig, self.attrs.get("mix", {}), "view plan mix")
+
+    def unmixed(self) -> "ViewPlan":
+        """This plan with its views unmixed: the very plan `views.mix.kind: none` gives (same crops, same
+        fingerprint), whose caches FKD's approximation mixes (distill.mix_targets: fkd)."""
+        if self.mix is None:
+            return self
+        attrs = {k: v for k, v in self.attrs.items() if k != "mix"}
+        return ViewPlan(aug=self.aug, labels=self.labels, attrs=attrs, sizes=self.sizes, path=self.path,
+                        fingerprint=plan_fingerprint(self.aug, self.labels, attrs, self.sizes))
+
+
+MIX_DTYPES = {"partner": "<i4", "aug": "<i2", "lam": "<f4", "box": "<i2"}  # the mix arrays as stored and hashed
+
 
 def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
-                     sizes: np.ndarray | None = None) -> str:
+                     sizes: np.ndarray | None = None, mix: MixPlan | None = None) -> str:
     """sha256 of the plan: its defining attrs (canonical JSON), then aug, labels and (files) the image sizes as
-    little-endian int16."""
+    little-endian int16, then (mixing) the mix arrays in MIX_DTYPES order."""
     digest = hashlib.sha256()
     defining = {k: v for k, v in attrs.items() if k != "fingerprint"}
     digest.update(json.dumps(defining, sort_keys=True).encode())
@@ -85,6 +114,9 @@ def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
     digest.update(np.ascontiguousarray(labels, dtype="<i2").tobytes())
     if sizes is not None:
         digest.update(np.ascontiguousarray(sizes, dtype="<i2").tobytes())
+    if mix is not None:
+        for name, array in mix.arrays().items():
+            digest.update(np.ascontiguousarray(array, dtype=MIX_DTYPES[name]).tobytes())
     return digest.hexdigest()
 
 
@@ -109,10 +141,16 @@ def make_view_plan(cfg: ViewsConfig, data, block: int = PLAN_BLOCK) -> ViewPlan:
     check(n == 0 or (labels.min() >= 0 and labels.max() < 2**15), "labels must fit in int16 for the view plan")
     views = np.arange(cfg.num_views)
     aug = np.empty((n, cfg.num_views, aug_cfg.num_params), dtype=np.int16)  # (N, V, P)
+    mix_cfg, mixes = cfg.mix_config, []
     for start in range(0, n, block):
         samples = np.arange(start, min(n, start + block))
         source = (height, width) if sizes is None else (sizes[samples, 0], sizes[samples, 1])  # (n,) each
         aug[start:start + len(samples)] = plan_views(aug_cfg, cfg.seed, samples, views, *source)
+        if mix_cfg.active:  # the partner's crop on its own image: (n, V) sizes for files
+            mixes.append(plan_mix(mix_cfg, aug_cfg, cfg.seed, samples, views, n, (height, width),
+                                  (lambda rows: (height, width)) if sizes is None else
+                                  (lambda rows: (sizes[rows, 0], sizes[rows, 1]))))
+    mix = MixPlan(**{k: np.concatenate([m.arrays()[k] for m in mixes]) for k in MIX_DTYPES}) if mixes else None
     attrs = {
         "format_version": PLAN_FORMAT,
         "dataset": data.name,
@@ -125,14 +163,16 @@ def make_view_plan(cfg: ViewsConfig, data, block: int = PLAN_BLOCK) -> ViewPlan:
         "num_views": cfg.num_views,
         "num_params": aug_cfg.num_params,
     }
+    if mix is not None:  # only a mixing plan names its mix: a plain plan keeps the fingerprint it always had
+        attrs["mix"] = to_dict(mix_cfg)
     if sizes is not None:
         from pipeline.data.files import decoder_identity
 
         attrs.update(source="files", decoder=decoder_identity())
         sizes = sizes.astype(np.int16)
     labels16 = labels.astype(np.int16)
-    return ViewPlan(aug=aug, labels=labels16, attrs=attrs, fingerprint=plan_fingerprint(aug, labels16, attrs, sizes),
-                    sizes=sizes)
+    return ViewPlan(aug=aug, labels=labels16, attrs=attrs, sizes=sizes, mix=mix,
+                    fingerprint=plan_fingerprint(aug, labels16, attrs, sizes, mix))
 
 
 def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
@@ -164,6 +204,10 @@ def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
         if plan.sizes is not None:
             root.create_array("sizes", shape=(n, 2), chunks=(rows, 2), dtype="int16", fill_value=0,
                               dimension_names=("sample", "side"))[...] = plan.sizes
+        for name, array in (plan.mix.arrays() if plan.mix is not None else {}).items():
+            root.create_array(f"mix/{name}", shape=array.shape, chunks=(rows, *array.shape[1:]),
+                              dtype=np.dtype(MIX_DTYPES[name]).newbyteorder("="), fill_value=0,
+                              dimension_names=("sample", "view", "param")[:array.ndim])[...] = array
         root.attrs.update({**plan.attrs, "fingerprint": plan.fingerprint})
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,12 +230,15 @@ def open_view_plan(path: str | Path | None = None) -> ViewPlan:
         aug = np.asarray(root["aug"][...], dtype=np.int16)
         labels = np.asarray(root["labels"][...], dtype=np.int16)
         sizes = np.asarray(root["sizes"][...], dtype=np.int16) if attrs.get("source") == "files" else None
+        mix = MixPlan(**{k: np.asarray(root[f"mix/{k}"][...], dtype=np.dtype(t).newbyteorder("="))
+                         for k, t in MIX_DTYPES.items()}) if "mix" in attrs else None
         stored = attrs.pop("fingerprint")
     except Exception as exc:  # a foreign or damaged folder: one line, no traceback
         raise UserError(f"view plan {path} cannot be read ({type(exc).__name__}): "
                         f"delete it and rerun python -m stages.plan_views") from None
-    fingerprint = plan_fingerprint(aug, labels, attrs, sizes)
+    fingerprint = plan_fingerprint(aug, labels, attrs, sizes, mix)
     if fingerprint != stored:
         raise UserError(f"view plan {path} does not match its recorded fingerprint (damaged?): "
                         f"delete it and rerun python -m stages.plan_views")
-    return ViewPlan(aug=aug, labels=labels, attrs=attrs, fingerprint=fingerprint, path=str(path), sizes=sizes)
+    return ViewPlan(aug=aug, labels=labels, attrs=attrs, fingerprint=fingerprint, path=str(path), sizes=sizes,
+                    mix=mix)

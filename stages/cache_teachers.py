@@ -5,6 +5,7 @@
     python -m stages.cache_teachers --teacher resnet18 --repair     # rebuild only the chunks that fail it
     python -m stages.cache_teachers --teacher resnet18 --verify --recompute 64   # + rerun the teacher on 64 pairs
     python -m stages.cache_teachers --plan                          # every store's size and the free space
+    python -m stages.cache_teachers --teacher resnet18 --unmixed    # a mixing plan's unmixed views (FKD's form)
 
 Reads data/teachers/<name>.pt and data/views.zarr, writes data/cache/<name>.zarr (or .h5): raw fp16
 logits (N, V, C) and the aligned block features (N, V, L) (pipeline.cache). Killed and rerun, it
@@ -12,6 +13,10 @@ resumes from the first chunk not yet written; a cache made from another checkpoi
 align spec is refused unless --overwrite is given (the old one is replaced only once the new one is
 complete). Every chunk is checksummed; one process writes a store at a time (`<store>.lock`). A store that
 does not fit on its filesystem is refused before anything is written.
+
+With `views.mix` the teacher runs on each mixed view (pipeline.mix). `--unmixed` caches it on the same plan's
+views unmixed instead, into data/cache/unmixed/<name>.zarr: the soft labels FKD's approximation mixes
+(distill.mix_targets: fkd). That store is not a DVC output; the pipeline does not need it.
 
     torchrun --nproc_per_node N -m stages.cache_teachers --teacher resnet18    # N ranks share the chunks
 
@@ -54,10 +59,12 @@ from pipeline.views import ViewsConfig, open_view_plan
 @click.option("--repair", is_flag=True, help="Verify every chunk and rebuild the damaged ones (the rest is kept).")
 @click.option("--plan", "show_plan", is_flag=True,
               help="Print each store's bytes per array, per (sample, view) and in all, and the free space; write nothing.")
+@click.option("--unmixed", is_flag=True,
+              help="Cache the plan's views unmixed (views.mix) into data/cache/unmixed/NAME: for distill.mix_targets: fkd.")
 @click.option("--params", "params_path", default=DEFAULT_PARAMS, show_default=True, help="Params file (a profile).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | None, overwrite: bool, verify: bool,
-         recompute: int | None, repair: bool, show_plan: bool, params_path: str, quiet: bool) -> None:
+         recompute: int | None, repair: bool, show_plan: bool, unmixed: bool, params_path: str, quiet: bool) -> None:
     """Cache one teacher's logits and aligned features over the planned views; resumable."""
     params = load_params(params_path)
     data_cfg = build(DataConfig, section(params, "data"), "data")
@@ -70,7 +77,10 @@ def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | No
     if recompute is not None and not verify:
         raise UserError("--recompute N checks a written store: give it with --verify")
     dist_cfg = build(DistConfig, section(params, "dist"), "dist")
-    out = paths.teacher_cache(teacher, cfg.format)
+    out = (paths.unmixed_teacher_cache if unmixed else paths.teacher_cache)(teacher, cfg.format)
+    if unmixed and not build(ViewsConfig, section(params, "views"), "views").mix_config.active:
+        raise UserError(f"--unmixed caches a mixing plan's views unmixed, but views.mix.kind is none: the views of "
+                        f"{paths.teacher_cache(teacher, cfg.format)} are already unmixed")
     world, dev = start(dist_cfg, resolve_device(device))
     try:
         with collective_errors(world):
@@ -78,10 +88,10 @@ def main(teacher: str | None, fmt: str | None, device: str, batch_size: int | No
                 if world.main:  # reading needs no help
                     verify_store(teacher, out, cfg.format)
                     if recompute:
-                        recompute_store(teacher, out, cfg.format, data_cfg, recompute, dev)
+                        recompute_store(teacher, out, cfg.format, data_cfg, recompute, dev, unmixed)
                 return
             setup_cpu(files=data_cfg.source == "files")
-            plan = open_view_plan(paths.view_plan())
+            plan = _plan(unmixed)
             train = load_split(data_cfg, "train")
             summary = cache_teacher(paths.teacher_checkpoint(teacher), out, plan, train, cfg, dev, overwrite=overwrite,
                                     progress=not quiet, log=click.echo, teacher=teacher, repair=repair, world=world)
@@ -119,11 +129,20 @@ def _model_of(params: dict, name: str, train):
     return build_model(spec["arch"], **constructor_kwargs(spec["arch"], spec.get("model") or {}, train)).eval()
 
 
-def recompute_store(teacher: str, out, fmt: str, data_cfg: DataConfig, count: int, dev) -> None:
+def _plan(unmixed: bool):
+    """The view plan, or with --unmixed its views unmixed (the plan views.mix.kind: none gives)."""
+    plan = open_view_plan(paths.view_plan())
+    if unmixed and plan.mix is None:
+        raise UserError(f"--unmixed: the view plan {plan.path} mixes no views: rerun python -m stages.plan_views "
+                        f"(views.mix changed since)")
+    return plan.unmixed() if unmixed else plan
+
+
+def recompute_store(teacher: str, out, fmt: str, data_cfg: DataConfig, count: int, dev, unmixed: bool = False) -> None:
     """--verify --recompute N: the teacher rerun on N random cached pairs; one line per array, exit 1 on a mismatch."""
     setup_cpu(files=data_cfg.source == "files")
-    report = recompute_check(out, paths.teacher_checkpoint(teacher), open_view_plan(paths.view_plan()),
-                             load_split(data_cfg, "train"), count, dev)
+    report = recompute_check(out, paths.teacher_checkpoint(teacher), _plan(unmixed), load_split(data_cfg, "train"),
+                             count, dev)
     for name, error in report.worst.items():
         click.echo(f"  {name:24s} largest relative error {error:.2e} (tolerance {report.tolerance:.0e})")
     if not report.ok:
@@ -135,7 +154,7 @@ def recompute_store(teacher: str, out, fmt: str, data_cfg: DataConfig, count: in
                           for (i, v), (name, e) in list(worst.items())[:5])
         raise UserError(f"cache {out} does not hold what teacher {teacher} computes on the planned views: "
                         f"{len(worst)} of {len(report.pairs)} pairs differ, e.g. {shown}: rebuild it with "
-                        f"{rerun_hint(teacher, fmt, overwrite=True)}")
+                        f"{rerun_hint(teacher, fmt, overwrite=True, path=out)}")
     click.echo(f"{teacher}: {len(report.pairs)} random cached (sample, view) pairs recomputed, all within tolerance")
 
 
@@ -145,7 +164,7 @@ def verify_store(teacher: str, out, fmt: str) -> None:
     if bad:
         listed = "; ".join(f"chunk {k}: {', '.join(names)}" for k, names in sorted(bad.items()))
         raise UserError(f"cache {out} has {len(bad)} damaged chunk(s) ({listed}): run "
-                        f"{rerun_hint(teacher, fmt, repair=True)} to rebuild them")
+                        f"{rerun_hint(teacher, fmt, repair=True, path=out)} to rebuild them")
     click.echo(f"{teacher}: every written chunk of {out} verified")
 
 

@@ -119,9 +119,10 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
     """Train (or resume, or only report) one seed of the run into data/student/RUN/seedS.pt (rank 0 writes)."""
     echo = click.echo if world.main else (lambda *_: None)
     cfg = replace(s.distill, seed=seed)
-    sources = open_sources(s.teachers, s.online, s.cache, plan, train, dev)
+    sources = open_sources(s.teachers, s.online, s.cache, plan, train, dev, cfg.mix_targets)
     method = make_method(s.method, s.options, s.teachers, sources.blocks)  # the caches' block names
-    targets = sources.targets(method.feature_blocks, dev, by_chunk=cfg.shuffle == "chunks")
+    targets = sources.targets(method.feature_blocks, dev, by_chunk=cfg.shuffle == "chunks",
+                              temperature=method.temperature)
     align_cfg = sources.align_cfg
     model_kwargs = method.student_kwargs(constructor_kwargs(s.student.arch, s.student.model, train))
     torch.manual_seed(cfg.seed)
@@ -149,7 +150,8 @@ def train_seed(s: Settings, seed: int, dev: torch.device, train, test, plan, res
         write_json(paths.student_seed_metrics(s.run_name, seed), seed_metrics(s, base, ckpt, str(dev)))
 
     data = TrainSet(resident(train, dev), train.labels.to(dev), plan.aug, plan.augment, train.mean, train.std,
-                    files=train if train.source == "files" else None, chunk_rows=sources.chunk_rows)
+                    files=train if train.source == "files" else None, chunk_rows=sources.chunk_rows, mix=plan.mix,
+                    num_classes=train.num_classes)
     try:
         ckpt = distill(trainer, data, test, targets, state, save, progress=not quiet)
     finally:

@@ -14,9 +14,10 @@ nothing the package imports imports it back (the view plan's atomic swap lives i
 
 from pipeline.cache.frame import soft_labels
 from pipeline.cache.read import CACHE_FORMAT, CacheConfig, TeacherCache, open_cache, rerun_hint, validate_caches
-from pipeline.cache.slabs import CachedTargets, CacheSlabs, EpochReads, NoTargets, OnlineTargets, SlabLoader
+from pipeline.cache.slabs import (CachedTargets, CacheSlabs, EpochReads, FkdTargets, NoTargets, OnlineTargets,
+                                  SlabLoader)
 from pipeline.cache.write import cache_teacher, verify_cache
 
 __all__ = ["CACHE_FORMAT", "CacheConfig", "TeacherCache", "open_cache", "rerun_hint", "validate_caches",
-           "cache_teacher", "verify_cache", "CachedTargets", "CacheSlabs", "EpochReads", "NoTargets", "OnlineTargets",
+           "cache_teacher", "verify_cache", "CachedTargets", "CacheSlabs", "FkdTargets", "EpochReads", "NoTargets", "OnlineTargets",
            "SlabLoader", "soft_labels"]

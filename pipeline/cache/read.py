@@ -76,11 +76,12 @@ class CacheConfig:
         return build(AlignConfig, self.align, "cache.align")
 
 
-def rerun_hint(teacher: str, fmt: str, overwrite: bool = False, repair: bool = False) -> str:
-    """The command that (re)builds a teacher's cache in format `fmt` (`repair`: only its damaged chunks)."""
+def rerun_hint(teacher: str, fmt: str, overwrite: bool = False, repair: bool = False, path=None) -> str:
+    """The command that (re)builds a teacher's cache in format `fmt` (`repair`: only its damaged chunks); `path`:
+    the store's, so that an unmixed store (paths.unmixed_teacher_cache) is named with --unmixed."""
     return (f"python -m stages.cache_teachers --teacher {teacher}"
-            + (f" --format {fmt}" if fmt != DEFAULT_FORMAT else "") + (" --overwrite" if overwrite else "")
-            + (" --repair" if repair else ""))
+            + (f" --format {fmt}" if fmt != DEFAULT_FORMAT else "") + (" --unmixed" if paths.is_unmixed_cache(path) else "")
+            + (" --overwrite" if overwrite else "") + (" --repair" if repair else ""))
 
 
 class TeacherCache:
@@ -92,18 +93,18 @@ class TeacherCache:
         self.format = format_of(self.path)
         guess = self.path.name.split(".")[0]
         if not self.path.exists():
-            raise UserError(f"teacher cache {self.path} not found: run {rerun_hint(guess, self.format)}")
+            raise UserError(f"teacher cache {self.path} not found: run {rerun_hint(guess, self.format, path=self.path)}")
         try:
             self._store = open_store(self.path)
             self.attrs: dict[str, Any] = self._store.attrs
             self._done = self._store.done()
         except Exception as exc:  # a foreign or damaged store: one line, no traceback
             raise UserError(f"teacher cache {self.path} cannot be read ({type(exc).__name__}): "
-                            f"delete it and run {rerun_hint(guess, self.format)}") from None
+                            f"delete it and run {rerun_hint(guess, self.format, path=self.path)}") from None
         if self.attrs.get("format_version") != CACHE_FORMAT:
             self.close()
             raise UserError(f"teacher cache {self.path} has format version {self.attrs.get('format_version')!r}, "
-                            f"this code reads {CACHE_FORMAT}: run {rerun_hint(guess, self.format, True)}")
+                            f"this code reads {CACHE_FORMAT}: run {rerun_hint(guess, self.format, True, path=self.path)}")
         self.layout = layout_from_attrs(self.attrs)
 
     # ------------------------------------------------------------ identity and shape
@@ -158,7 +159,7 @@ class TeacherCache:
     def check_complete(self) -> None:
         if not self.complete:
             raise UserError(f"cache {self.path} is incomplete ({self.done_chunks}/{self.num_chunks} chunks): "
-                            f"rerun {rerun_hint(self.teacher, self.format)} to finish it")
+                            f"rerun {rerun_hint(self.teacher, self.format, path=self.path)} to finish it")
 
     def check_identity(self, name: str, checkpoint: Path | None = None) -> None:
         """The cache must hold teacher `name`'s outputs, made from the checkpoint at `checkpoint` (when that
@@ -166,7 +167,7 @@ class TeacherCache:
         teacher's name, or made before its teacher was retrained, is a one-line UserError."""
         from pipeline.checkpoints import sha256_file
 
-        fix = f"rerun {rerun_hint(name, self.format, overwrite=True)}"
+        fix = f"rerun {rerun_hint(name, self.format, overwrite=True, path=self.path)}"
         if self.teacher != name:
             raise UserError(f"cache {self.path} holds teacher {self.teacher!r}'s outputs, not {name!r}'s: {fix}")
         if checkpoint is not None and Path(checkpoint).is_file() \
@@ -199,7 +200,7 @@ class TeacherCache:
                 array = "logits" if name == "logits" else f"features/{name}"
                 out[name] = read_view(self._store, self.layout, array, view, rows)
             except ChunkError as err:  # checksummed chunks: a damaged one is named, with how to rebuild it
-                raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True)} "
+                raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True, path=self.path)} "
                                 f"to rebuild the damaged chunks") from None
         return out
 
@@ -259,7 +260,7 @@ def validate_caches(
     first = opened[0]
     for cache, name in zip(opened, names):
         cache.check_identity(name, checkpoint_path(name) if check_checkpoints else None)
-        fix = f"rerun {rerun_hint(cache.teacher, cache.format, overwrite=True)}"
+        fix = f"rerun {rerun_hint(cache.teacher, cache.format, overwrite=True, path=cache.path)}"
         if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
             raise UserError(f"cache {cache.path} was made from another view plan than {plan_name}: {fix}")
         if cache.attrs.get("dataset_fingerprint") != data_fingerprint:

@@ -31,6 +31,7 @@ import torch.nn as nn
 from pipeline.align import AlignConfig, align
 from pipeline.device import memory_format
 from pipeline.methods import Targets
+from pipeline.mix import MixPlan, fkd_targets, partner_rows
 
 
 class SlabSource(Protocol):
@@ -267,6 +268,22 @@ class CachedTargets:
 
     def close(self) -> None:
         self.loader.close()
+
+
+class FkdTargets(CachedTargets):
+    """FKD's approximation of a mixed view's targets (distill.mix_targets: fkd), from whole-view slabs of the
+    plan's unmixed views: the sample's and its partner's targets mixed by lambda (pipeline.mix.fkd_targets) at
+    the method's temperature. Where the teachers saw the mixed image, CachedTargets reads it directly."""
+
+    def __init__(self, loader: SlabLoader, mix: MixPlan, temperature: float):
+        super().__init__(loader)
+        self.mix, self.temperature = mix, temperature  # (N, V, ...) torch on the device
+
+    def __call__(self, idx: torch.Tensor, x: torch.Tensor, picked: list[int]) -> Targets:
+        pairs = self.mix.take(idx, self.reads.view)  # (B, ...) this view's pairs
+        own = super().__call__(idx, x, picked)
+        other = super().__call__(partner_rows(pairs, idx), x, picked)
+        return Targets(*fkd_targets(own.logits, other.logits, own.blocks, other.blocks, pairs.lam, self.temperature))
 
 
 class OnlineTargets:

@@ -5,7 +5,7 @@
 The work is cut into chunks of `cfg.chunk_rows` samples x all views (pipeline.cache.store). Three
 stages overlap, joined by bounded queues, so the teacher forward never waits on the disk:
 
-    prefetch thread   view replay (apply_views + normalize) of the next input batches
+    prefetch thread   view replay (tensor_views: apply_views, mixing + normalize) of the next input batches
     main thread       teacher forward (eval, no grad) + alignment pooling -> fp16 chunk buffers
     writer thread     chunk k's rows into the store, then its `done` marker
 
@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.align import align_all
-from pipeline.augment import apply_views, normalize
+from pipeline.augment import normalize
+from pipeline.mix import tensor_views
 from pipeline.data.files import FileData, file_views
 from pipeline.cache.plan import check_room, store_plan
 from pipeline.cache.read import CACHE_FORMAT, CacheConfig, open_cache, rerun_hint
@@ -253,7 +254,7 @@ def _check_room(out: Path, layout: Layout, job: CacheJob) -> None:
 
 def _finish(store, out: Path, staging: Path | None, teacher: str) -> None:
     """Rank 0, once every chunk is written: mark the store complete and swap it in (--overwrite)."""
-    hint = rerun_hint(teacher, store.name)
+    hint = rerun_hint(teacher, store.name, path=out)
     if not store.done().all():  # cannot happen unless the store was changed under us
         raise UserError(f"cache {out} still has unwritten chunks: rerun {hint}")
     with disk_errors(f"cannot finish the cache {out}", f"fix the permissions of {out.parent}", f"rerun {hint}"):
@@ -269,7 +270,7 @@ def _clear_damaged(store, layout: Layout, teacher: str) -> list[int]:
     rebuilds exactly those; returns them."""
     bad = sorted(damaged_chunks(store, layout))
     with disk_errors(f"cannot repair the cache {store.path}", f"fix the permissions of {store.path}",
-                     f"rerun {rerun_hint(teacher, store.name, repair=True)}"):
+                     f"rerun {rerun_hint(teacher, store.name, repair=True, path=store.path)}"):
         for k in bad:
             store.mark_done(k, 0)
         if bad:
@@ -467,6 +468,7 @@ def _view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data, batc
         return _file_view_batches(layout, pending, plan, data, batch_size, device)
     images = data.images.to(device)  # (N, C, H, W) uint8, resident for the pass
     aug = torch.from_numpy(plan.aug).to(device)  # (N, V, P) int16
+    mix = plan.mix.to(device) if plan.mix is not None else None  # (N, V, ...) each view's partner, lambda, box
     fmt, v_count = memory_format(device), layout.num_views
 
     def batches() -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -476,7 +478,8 @@ def _view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data, batc
             for s in range(0, n, batch_size):
                 flat = torch.arange(s, min(n, s + batch_size), device=device)  # (b,)
                 rows, views = start + flat // v_count, flat % v_count
-                x = apply_views(images[rows], aug[rows, views], plan.augment)  # (b, C, H, W) uint8
+                pairs = mix.take(rows, views) if mix is not None else None
+                x = tensor_views(images, rows, aug[rows, views], plan.augment, pairs)  # (b, C, H, W) uint8, mixed
                 yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
 
     return batches()
@@ -497,7 +500,8 @@ def _file_view_batches(layout: Layout, pending: list[int], plan: ViewPlan, data:
             marks.append((k, (first - start) * v_count))
             at += len(parts[-1])
     rows = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # every sample to decode, in order
-    views = file_views(data, rows, plan.aug[rows], plan.augment, batches, pin=device.type == "cuda")
+    views = file_views(data, rows, plan.aug[rows], plan.augment, batches, pin=device.type == "cuda",
+                       mix=plan.mix.take(rows) if plan.mix is not None else None)
     for (k, s), x in zip(marks, views):
         x = x.to(device, non_blocking=True)  # (r * V, 3, S, S) uint8
         yield k, s, normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
@@ -580,7 +584,7 @@ class _Writer(threading.Thread):
     def raise_error(self, path: Path, teacher: str) -> None:
         if isinstance(self.error, OSError):
             with disk_errors(f"writing cache {path} failed", f"fix the permissions of {path}",
-                             f"rerun {rerun_hint(teacher, self.store.name)} to resume"):
+                             f"rerun {rerun_hint(teacher, self.store.name, path=path)} to resume"):
                 raise self.error
         if self.error is not None:
             raise self.error

@@ -34,7 +34,6 @@ from typing import Any, Callable, ClassVar, Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import apply_views
 from pipeline.config import UserError, check, check_choice
 
 SPLITS = ("train", "val", "test")
@@ -570,20 +569,25 @@ def resident(data, device: torch.device) -> torch.Tensor | None:
 
 
 def step_views(data, images: torch.Tensor | None, steps: list[torch.Tensor], params: torch.Tensor, aug,
-               device: torch.device) -> Iterator[torch.Tensor]:
+               device: torch.device, mix=None) -> Iterator[torch.Tensor]:
     """uint8 (b, C, H, W) views on `device`, one batch per entry of `steps` (the rows (b,) of each step), rows
-    viewed by `params` (N, P) (one view per sample). A tensor source (`images` from `resident`) replays them
-    on the device; files are decoded by worker processes, the next batches while this one trains."""
+    viewed by `params` (N, P) (one view per sample) and, with `mix` (pipeline.mix.MixPlan of the view, fields
+    (N, ...) numpy), mixed with their partners. A tensor source (`images` from `resident`) replays them on the
+    device; files are decoded by worker processes, the next batches while this one trains."""
     if images is not None:
+        from pipeline.mix import tensor_views
+
+        pairs = mix.to(device) if mix is not None else None
         for idx in steps:
-            yield apply_views(images[idx], params[idx], aug)
+            yield tensor_views(images, idx, params[idx], aug, pairs.take(idx) if pairs is not None else None)
         return
     from pipeline.data.files import file_views
 
     rows = torch.cat(steps).cpu().numpy() if steps else np.zeros(0, dtype=np.int64)
     ends = np.cumsum([len(s) for s in steps])
     batches = [np.arange(e - len(s), e) for s, e in zip(steps, ends)]
-    for x in file_views(data, rows, params.cpu().numpy()[rows][:, None], aug, batches, pin=device.type == "cuda"):
+    for x in file_views(data, rows, params.cpu().numpy()[rows][:, None], aug, batches, pin=device.type == "cuda",
+                        mix=mix.take(rows[:, None]) if mix is not None else None):
         yield x.to(device, non_blocking=True)
 
 

@@ -282,23 +282,40 @@ def centre_boxes(sizes: np.ndarray, crop_fraction: float = 0.875) -> np.ndarray:
 
 
 class _Views(torch.utils.data.Dataset):
-    """Item j: image rows[j] decoded once and its views params[j] (V, P) cut from it -> (V, 3, S, S) uint8."""
+    """Item j: image rows[j] decoded once and its views params[j] (V, P) cut from it -> (V, 3, S, S) uint8; with
+    `mix` (pipeline.mix.MixPlan, fields (M, V, ...)) each view mixed with its partner's, decoded here too."""
 
-    def __init__(self, data: FileData, rows: np.ndarray, params: np.ndarray, aug):
-        self.root, self.files, self.size = data.root, [data.files[i] for i in rows], data.image_size
-        self.params, self.aug, self.tolerate = params, aug, data.tolerate_truncated
+    def __init__(self, data: FileData, rows: np.ndarray, params: np.ndarray, aug, mix=None):
+        self.root, self.files, self.size = data.root, data.files, data.image_size
+        self.rows, self.params, self.aug, self.tolerate, self.mix = rows, params, aug, data.tolerate_truncated, mix
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.rows)
 
     def __getitem__(self, j: int) -> tuple[torch.Tensor, str]:
         from pipeline.augment import views_of_image
 
         try:
-            image = decode(self.root / self.files[j], self.tolerate)  # (3, H, W)
+            views = views_of_image(self._decode(self.rows[j]), torch.from_numpy(self.params[j]), self.aug, self.size)
+            if self.mix is not None:
+                views = self._mixed(views, self.mix.take(j))
         except UserError as exc:  # reported by the main process in one line, not as a worker's traceback
             return torch.zeros(len(self.params[j]), 3, self.size, self.size, dtype=torch.uint8), exc.message
-        return views_of_image(image, torch.from_numpy(self.params[j]), self.aug, self.size), ""
+        return views, ""
+
+    def _decode(self, row: int) -> torch.Tensor:
+        return decode(self.root / self.files[int(row)], self.tolerate)  # (3, H, W)
+
+    def _mixed(self, views: torch.Tensor, mix) -> torch.Tensor:
+        """The V views (V, 3, S, S) mixed with their partners' views (`mix`: this item's (V, ...) fields)."""
+        from pipeline.augment import views_of_image
+        from pipeline.mix import mix_pixels
+
+        others = views.clone()  # a plain view's "partner" is itself (lam 1: unchanged)
+        for k in np.flatnonzero(mix.partner >= 0).tolist():
+            others[k] = views_of_image(self._decode(mix.partner[k]), torch.from_numpy(mix.aug[k:k + 1]), self.aug,
+                                       self.size)[0]
+        return mix_pixels(views, others, mix.to(torch.device("cpu")))
 
 
 def _collate(items: list[tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, list[str]]:
@@ -311,14 +328,15 @@ def _one_thread(_: int) -> None:
 
 
 def file_views(data: FileData, rows: np.ndarray, params: np.ndarray, aug, batches: list[np.ndarray],
-               pin: bool = False) -> Iterator[torch.Tensor]:
+               pin: bool = False, mix=None) -> Iterator[torch.Tensor]:
     """uint8 (r * V, 3, S, S) views of the files `rows` (M,), params (M, V, P), one batch per entry of `batches`
     (positions into `rows`), in order; decoded by `data.workers` processes, `data.prefetch` batches ahead each,
-    into pinned memory when `pin` (a CUDA device copies from it without a staging copy)."""
+    into pinned memory when `pin` (a CUDA device copies from it without a staging copy). `mix`: the pairs' mixing
+    (pipeline.mix.MixPlan, fields (M, V, ...)), the partners decoded by the same worker."""
     from torch.utils.data import DataLoader
 
     workers = data.workers
-    loader = DataLoader(_Views(data, rows, params, aug), batch_sampler=[b.tolist() for b in batches],
+    loader = DataLoader(_Views(data, rows, params, aug, mix), batch_sampler=[b.tolist() for b in batches],
                         num_workers=workers, prefetch_factor=data.prefetch if workers else None, pin_memory=pin,
                         collate_fn=_collate, worker_init_fn=_one_thread if workers else None)
     for views, errors in loader:

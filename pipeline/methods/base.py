@@ -118,6 +118,12 @@ class Method:
     def adversarial(self) -> str:
         return "none" if self.game is None else self.game.adversarial
 
+    @property
+    def temperature(self) -> float:
+        """T at which the method softens the teachers' logits (its `temperature` option, else 1): FKD's
+        approximation of mixed targets mixes the soft labels at it (pipeline.mix.fkd_targets)."""
+        return float(getattr(self.cfg, "temperature", 1.0))
+
     def pick(self, rng: random.Random) -> list[int]:
         """Indexes (into self.teachers) of the teachers whose targets this step reads."""
         return list(range(len(self.teachers)))
