@@ -13,6 +13,9 @@ evaluates on instead of the test split when val_size > 0. Everything resumes: re
     python scripts/ablation.py --runs kd,meal_v2 --topk 1,2,3,5 --work ablation/topk \\
         --out bench/results/cpu-topk_val.json                     # the same runs from top-k caches (issue 30)
 
+    python scripts/ablation.py --runs scratch,kd,meal_v2 --mix cutmix --fkd kd --work ablation/topk \\
+        --out bench/results/cpu-mix_val.json                      # the same runs on CutMix views (issue 31)
+
     python scripts/ablation.py --params profiles/anc_fmnist.yaml --val-size 0 --work anc \\
         --runs scratch,anc_none,anc_l1,anc_l2,anc_adv --out bench/results/cpu-anc_fmnist.json
 
@@ -78,8 +81,12 @@ def stage(folder: Path, args: list[str], log: Path, pythonpath: str | None = Non
               help="A checkout of the code before the faithful forms: its params.yaml's meal, meal_v2, anc runs.")
 @click.option("--topk", default="", help="Comma-separated k: each run also from top-k caches (cache.logits: topk) of "
                                          "the same teachers and views, one folder topk<k> each.")
+@click.option("--mix", default="", help="A views.mix kind (mixup, cutmix, both; timm's default alphas): each run also "
+                                         "on mixed views of the same teachers, in folder mix_<kind> (own plan, caches).")
+@click.option("--fkd", default="", help="With --mix, comma-separated runs also trained with FKD's approximation "
+                                        "(distill.mix_targets: fkd) from the profile's caches of the unmixed views.")
 @click.option("--out", default=str(ROOT / "bench" / "results" / "cpu-ablation_val.json"), show_default=True)
-def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
+def main(params_path, work, val_size, seeds, only, baseline_code, topk, mix, fkd, out):
     base = yaml.safe_load(Path(params_path).read_text())
     base["data"]["val_size"] = val_size
     seeds = [int(s) for s in seeds.split(",")]
@@ -110,6 +117,16 @@ def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
         compact = json.loads(json.dumps(base))
         compact["cache"].update(logits="topk", topk=k)
         folders[f"topk{k}"] = (compact, dict(named))
+    if mix:  # the same runs on mixed views; FKD's form reads the profile's caches: the same plan's views unmixed
+        mixed = json.loads(json.dumps(base))
+        mixed["views"]["mix"] = {**(mixed["views"].get("mix") or {}), "kind": mix}
+        fkd_runs = {f"{r}_fkd": {**named[r], "mix_targets": "fkd"} for r in fkd.split(",") if r}
+        unknown = [r[:-4] for r in fkd_runs if r[:-4] not in named]
+        if unknown:
+            raise click.ClickException(f"--fkd run {unknown[0]} is not one of --runs")
+        folders[f"mix_{mix}"] = (mixed, {**named, **fkd_runs})
+    elif fkd:
+        raise click.ClickException("--fkd compares with mixed views: give --mix too")
     for name, (params, named) in folders.items():
         params = json.loads(json.dumps(params))
         params["distill"]["runs"] = named
@@ -126,10 +143,17 @@ def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
             continue
         data = work / name / "data"
         data.mkdir(exist_ok=True)
-        shared = ["teachers", "views.zarr"] + (["cache"] if folders[name][0]["cache"] == base["cache"] else [])
+        own_views = name.startswith("mix_")  # a mixing plan, own caches; the profile's caches are its unmixed views'
+        shared = ["teachers"] + ([] if own_views else ["views.zarr"]) + (
+            ["cache"] if folders[name][0]["cache"] == base["cache"] and not own_views else [])
         for item in shared:
             if not (data / item).exists():
                 (data / item).symlink_to((main_dir / "data" / item).resolve())
+        if own_views:
+            stage(work / name, ["stages.plan_views"], log)
+            (data / "cache").mkdir(exist_ok=True)
+            if not (data / "cache" / "unmixed").exists():
+                (data / "cache" / "unmixed").symlink_to((main_dir / "data" / "cache").resolve())
     for name in folders:
         if not (work / name / "data" / "cache").is_symlink():
             for teacher in base["teachers"]:  # resumable: a complete cache is kept
@@ -143,7 +167,7 @@ def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
 
     for run in folders["profile"][1]:  # scratch first: meal_v2_ft starts from it
         train("profile", run)
-    for name in (n for n in folders if n.startswith("topk")):
+    for name in (n for n in folders if n.startswith(("topk", "mix_"))):
         for run in folders[name][1]:
             train(name, run)
     if baseline_code:
@@ -154,10 +178,11 @@ def main(params_path, work, val_size, seeds, only, baseline_code, topk, out):
     for run in folders["profile"][1]:
         metrics = json.loads((work / "profile" / "metrics" / "distill" / f"{run}.json").read_text())
         results[run] = dict(zip(metrics["seeds"], metrics["test_acc"]))  # the validation split's, final epoch
-    for name in (n for n in folders if n.startswith("topk")):
+    for name in (n for n in folders if n.startswith(("topk", "mix_"))):
         for run in folders[name][1]:
             metrics = json.loads((work / name / "metrics" / "distill" / f"{run}.json").read_text())
-            results[f"{run} (top-{name[4:]})"] = dict(zip(metrics["seeds"], metrics["test_acc"]))
+            label = f"top-{name[4:]}" if name.startswith("topk") else name[4:]
+            results[f"{run} ({label})"] = dict(zip(metrics["seeds"], metrics["test_acc"]))
     for run in folders.get("baseline", (None, {}))[1]:
         name, seed = run.rsplit("_s", 1)
         metrics = json.loads((work / "baseline" / "metrics" / "distill" / f"{run}.json").read_text())

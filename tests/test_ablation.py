@@ -62,3 +62,24 @@ def test_ablation_trains_the_same_runs_from_topk_caches_of_the_same_teachers(tmp
 
     with open_cache(compact / "cache" / "cnn.zarr") as cache:
         assert cache.layout.topk == 2
+
+
+def test_ablation_trains_the_same_runs_on_mixed_views_and_fkd_from_the_unmixed_caches(tmp_path, fashion_root):
+    ablation = tiny_ablation(tmp_path, fashion_root)
+    out = tmp_path / "out.json"
+    result = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--work", str(tmp_path / "w"),
+                                                "--val-size", "64", "--seeds", "0", "--runs", "kd", "--mix", "cutmix",
+                                                "--fkd", "kd", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {r["run"] for r in json.loads(out.read_text())["rows"]} == {"kd", "kd (cutmix)", "kd_fkd (cutmix)"}
+    data = tmp_path / "w" / "mix_cutmix" / "data"
+    assert not (data / "views.zarr").is_symlink() and (data / "cache" / "unmixed").is_symlink()
+    from pipeline.views import open_view_plan
+
+    plan = open_view_plan(data / "views.zarr")
+    assert plan.mix_config.kind == "cutmix"
+    assert plan.unmixed().fingerprint == open_view_plan(tmp_path / "w" / "profile" / "data" / "views.zarr").fingerprint
+    fkd = torch.load(data / "student" / "kd_fkd" / "seed0.pt", weights_only=False)
+    assert fkd["identity"]["distill"]["mix_targets"] == "fkd"
+    bad = CliRunner().invoke(ablation.main, ["--params", str(tmp_path / "tiny.yaml"), "--fkd", "kd"])
+    assert bad.exit_code != 0 and "--mix" in bad.output
