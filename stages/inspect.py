@@ -3,7 +3,9 @@
     python -m stages.inspect data/cache/resnet18.zarr data/cache/vgg16.zarr --temperature 4 --plots reports/cache
 
 With no paths it inspects the caches of every teacher listed in the params that has one. Labels come
-from the view plan (data/views.zarr unless --plan). Plots are PNG files (matplotlib, Agg backend).
+from the view plan (data/views.zarr unless --plan). Plots are PNG files (matplotlib, Agg backend). A mixing
+plan's caches (views.mix) also show each view's partner, its label and lambda, and --plots draws a few mixed
+views, replayed from the params' data, with every teacher's top class on them (mixed_views.png).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import click
 from pipeline import paths
 from pipeline.cache import CacheConfig
 from pipeline.config import DEFAULT_PARAMS, UserError, build, load_params, section
-from pipeline.cache.frame import format_summary, plot_summary, soft_labels, summary
+from pipeline.cache.frame import format_summary, plot_mixed_views, plot_summary, soft_labels, summary
 
 
 @click.command()
@@ -44,7 +46,27 @@ def main(caches: tuple[Path, ...], temperature: float, top_k: int, plan_path: Pa
         click.echo(f"\ntable -> {csv_path}")
     if plots_dir is not None:
         written = plot_summary(df, tables, plots_dir)
+        if "lam" in df:
+            written.append(_plot_mixed(df, plan_path or paths.view_plan(), params_path, plots_dir))
         click.echo(f"\nplots -> {', '.join(str(p) for p in written)}")
+
+
+def _plot_mixed(df, plan_path: Path, params_path: str, plots_dir: Path, count: int = 8) -> Path:
+    """mixed_views.png: the first `count` mixed (sample, view) pairs, replayed from the params' data."""
+    import numpy as np
+    import torch
+
+    from pipeline.data import DataConfig, load_split, pair_views
+    from pipeline.views import open_view_plan
+
+    plan = open_view_plan(plan_path)
+    train = load_split(build(DataConfig, section(load_params(params_path), "data"), "data"), "train")
+    if train.fingerprint != plan.dataset_fingerprint:
+        raise UserError(f"the data of {params_path} is not what view plan {plan_path} was made from: pass the params "
+                        f"of that plan (--params) to draw its mixed views")
+    pairs = np.argwhere(plan.mix.partner >= 0)[:count]  # (n, 2) sample, view: the first mixed ones
+    pixels = torch.cat(list(pair_views(train, plan, pairs, torch.device("cpu"), count))).numpy()
+    return plot_mixed_views(df, pixels, pairs, getattr(train, "classes", None), plots_dir / "mixed_views.png")
 
 
 def _default_caches(params_path: str) -> list[Path]:

@@ -192,6 +192,32 @@ def test_a_cache_from_files_equals_the_live_teacher_on_the_replayed_views(cached
     cache.close()
 
 
+def test_a_mixed_cache_from_files_equals_the_live_teacher_on_the_replayed_mixed_views(cached, tmp_path):
+    """Partners decoded in the worker, each with its own box on its own image size; the live teacher on views
+    replayed the distill stage's way (step_views, one view per sample) matches the cache pass's (all V at once)."""
+    from pipeline.data import step_views
+
+    data = cached["data"]
+    plan = make_view_plan(ViewsConfig(num_views=3, augment=RRC, mix={"kind": "both", "prob": 0.9}), data)
+    partners = plan.mix.partner[plan.mix.partner >= 0]
+    assert len(partners) > 50 and (plan.mix.aug[plan.mix.partner >= 0][:, 2] <= data.sizes[partners, 0]).all()
+    cfg = CacheConfig(chunk_rows=8, batch_size=7, align={"kind": "channel", "length": 8})
+    cache_teacher(cached["ckpt"], tmp_path / "t.zarr", plan, data, cfg, progress=False)
+    model, _ = load_teacher(cached["ckpt"])
+    view = 2
+    steps = [torch.arange(0, 20), torch.arange(20, 36)]
+    x = torch.cat(list(step_views(data, None, steps, torch.from_numpy(plan.aug[:, view]), plan.augment,
+                                  torch.device("cpu"), plan.mix.take(slice(None), view))))  # (36, 3, 32, 32)
+    with torch.no_grad():
+        logits, _ = model(normalize(x, data.mean, data.std))
+    with open_cache(tmp_path / "t.zarr") as cache:
+        got = cache.view_slab(view, ["logits"])["logits"].astype(np.float32)
+    rounded = logits.numpy().astype(np.float16).astype(np.float32)
+    assert np.all(np.abs(got - rounded) <= np.spacing(np.abs(rounded.astype(np.float16))).astype(np.float32))
+    plain = make_view_plan(ViewsConfig(num_views=3, augment=RRC), data)
+    assert plan.unmixed().fingerprint == plain.fingerprint
+
+
 class Boom(Exception):
     pass
 

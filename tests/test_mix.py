@@ -3,6 +3,8 @@ the replayed mixed view), FKD's approximation, and one-line refusals."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -264,6 +266,24 @@ def test_fkd_runs_from_the_unmixed_caches_and_refuses_in_one_line_without_them(m
         assert cache.attrs["view_plan_fingerprint"] == open_view_plan(paths.view_plan()).unmixed().fingerprint
     result = runner.invoke(cache_teachers.main, ["--teacher", "t1", "--unmixed", "--verify", "--recompute", "16"])
     assert result.exit_code == 0, result.output
+
+
+def test_soft_labels_show_partner_and_lambda_and_inspect_draws_the_mixed_views(mixed_pipeline):
+    from pipeline.cache import soft_labels
+    from stages import inspect
+
+    df = soft_labels([paths.teacher_cache(t) for t in TINY_TEACHERS])
+    plan = open_view_plan(paths.view_plan())
+    rows = df[(df.teacher == "t1")].set_index(["sample", "view"])
+    for i, v in [(0, 0), (5, 1), (40, 1)]:
+        row = rows.loc[(i, v)]
+        j = int(plan.mix.partner[i, v])
+        assert row.partner == j and row.lam == pytest.approx(float(plan.mix.lam[i, v]))
+        assert row.partner_label == (plan.labels[j] if j >= 0 else -1)
+    assert (df.p_partner.isna() == (df.partner < 0)).all()
+    result = CliRunner().invoke(inspect.main, ["--plots", "plots"])
+    assert result.exit_code == 0, result.output
+    assert "plots/mixed_views.png" in result.output and (Path("plots") / "mixed_views.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("mix,needle", [

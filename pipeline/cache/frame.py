@@ -34,7 +34,9 @@ def soft_labels(
     Columns: sample, view, teacher, label, pred, p_label, p_max, entropy (nats), margin (top-1 minus
     top-2 probability), correct, top1_class, top1_prob, ... top{k}_class, top{k}_prob, and with several
     teachers ensemble_pred (argmax of the mean teacher probabilities on that (sample, view)) and
-    agrees_with_ensemble.
+    agrees_with_ensemble. A mixing plan's views (pipeline.mix) add partner (-1: a plain view), partner_label
+    (-1), lam (the sample's weight) and p_partner (the probability of the partner's label); `label`, `p_label` and
+    `correct` stay the sample's own. Caches of its unmixed views (cache_teachers --unmixed) read as plain views.
     """
     if temperature <= 0:
         raise UserError(f"temperature = {temperature} must be > 0")
@@ -63,6 +65,15 @@ def soft_labels(
         "margin": top[..., 0] - (top[..., 1] if c > 1 else 0.0),
         "correct": pred == labels,
     }
+    if plan.mix is not None:  # the pair each view mixes: partner, its label and lambda, the partner label's probability
+        partner = plan.mix.partner.astype(np.int64)[:, :, None]  # (N, V, 1)
+        other = np.where(partner >= 0, plan.labels.astype(np.int64)[np.maximum(partner, 0)], -1)  # (N, V, 1)
+        columns.update(
+            partner=np.broadcast_to(partner.astype(np.int32), (n, v, t)),
+            partner_label=np.broadcast_to(other.astype(np.int16), (n, v, t)),
+            lam=np.broadcast_to(plan.mix.lam[:, :, None], (n, v, t)),
+            p_partner=np.where(other >= 0, np.take_along_axis(
+                prob, np.broadcast_to(np.maximum(other, 0)[..., None], (n, v, t, 1)), axis=-1)[..., 0], np.nan))
     for i in range(k):
         columns[f"top{i + 1}_class"] = order[..., i].astype(np.int16)
         columns[f"top{i + 1}_prob"] = top[..., i]
@@ -81,11 +92,13 @@ def _open_checked(caches, plan) -> tuple[list[TeacherCache], ViewPlan]:
     opened = [c if isinstance(c, TeacherCache) else open_cache(c) for c in given]
     if not opened:
         raise UserError("no caches given: pass one path or a list of paths")
-    for cache in opened:  # a store at data/cache/NAME.zarr must hold teacher NAME's outputs
+    for cache in opened:  # a store at data/cache/NAME.zarr (or data/cache/unmixed/) must hold teacher NAME's outputs
         name = paths.cached_teacher_name(cache.path)
         if name is not None:
             cache.check_identity(name, paths.teacher_checkpoint(name))
     plan = plan if isinstance(plan, ViewPlan) else open_view_plan(plan or paths.view_plan())
+    if all(c.attrs.get("view_plan_fingerprint") == plan.unmixed().fingerprint for c in opened):
+        plan = plan.unmixed()  # caches of a mixing plan's views unmixed (cache_teachers --unmixed)
     for cache in opened:
         if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
             raise UserError(f"cache {cache.path} was made from another view plan than {plan.path}: "
@@ -225,3 +238,37 @@ def plot_summary(df: pd.DataFrame, tables: dict[str, pd.DataFrame], out_dir: str
     ax.legend(fontsize=8)
     save(fig, "entropy.png")
     return written
+
+
+def plot_mixed_views(df: pd.DataFrame, pixels: np.ndarray, pairs: np.ndarray, classes: list[str],
+                     path: str | Path) -> Path:
+    """A grid of mixed views `pixels` (n, C, H, W) uint8, the (sample, view) `pairs` (n, 2) of `df` (soft_labels of a
+    mixing plan), each titled with its two samples' labels, lambda and every teacher's top class on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(4, len(pairs))
+    rows = -(-len(pairs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 4.0 * rows), squeeze=False)
+    at = df.set_index(["sample", "view"]).sort_index()
+    name = (lambda c: classes[c][:12]) if classes else str
+    for ax, image, (i, v) in zip(axes.flat, pixels, pairs.tolist()):
+        rows_here = at.loc[(i, v)]
+        first = rows_here.iloc[0]
+        ax.imshow(image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0], cmap=None if image.shape[0] == 3 else "gray")
+        lines = [f"#{i} v{v}: {name(int(first.label))} {first.lam:.2f}",
+                 f"+ #{int(first.partner)} {name(int(first.partner_label))} {1 - first.lam:.2f}"]
+        lines += [f"{t}: {name(int(r.top1_class))} {r.top1_prob:.2f}" for t, r in zip(rows_here.teacher, rows_here.itertuples())]
+        ax.set_title("\n".join(lines), fontsize=7)
+        ax.axis("off")
+    for ax in list(axes.flat)[len(pairs):]:
+        ax.axis("off")
+    fig.suptitle("mixed views the teachers were cached on (sample label, weight; partner; each teacher's top-1)",
+                 fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.97), h_pad=1.5)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

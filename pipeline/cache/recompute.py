@@ -24,7 +24,7 @@ import torch
 
 from pipeline.align import AlignConfig
 from pipeline.augment import normalize
-from pipeline.mix import tensor_views
+from pipeline.data import pair_views
 from pipeline.cache.read import open_cache
 from pipeline.cache.write import load_checked_teacher, teacher_outputs
 from pipeline.config import build
@@ -68,29 +68,6 @@ def _stored_rows(array, pairs: np.ndarray, chunk_rows: int) -> np.ndarray:
     return out
 
 
-def _views(pairs: np.ndarray, plan, data, device: torch.device, batch_size: int):
-    """Normalised views of the pairs, `batch_size` at a time, made as the cache pass makes them (mixed too)."""
-    fmt = memory_format(device)
-    params = plan.aug[pairs[:, 0], pairs[:, 1]]  # (n, P) each pair's view
-    if data.source == "files":
-        from pipeline.data.files import file_views
-
-        batches = [np.arange(s, min(len(pairs), s + batch_size)) for s in range(0, len(pairs), batch_size)]
-        mix = plan.mix.take(pairs[:, :1], pairs[:, 1:]) if plan.mix is not None else None  # (n, 1, ...)
-        source = file_views(data, pairs[:, 0], params[:, None], plan.augment, batches, pin=device.type == "cuda",
-                            mix=mix)
-        for x in source:
-            yield normalize(x.to(device), data.mean, data.std).contiguous(memory_format=fmt)
-        return
-    images = data.images.to(device)
-    for s in range(0, len(pairs), batch_size):
-        at = pairs[s:s + batch_size]
-        mix = plan.mix.take(at[:, 0], at[:, 1]).to(device) if plan.mix is not None else None
-        x = tensor_views(images, torch.from_numpy(at[:, 0]).to(device), torch.from_numpy(params[s:s + batch_size]).to(
-            device), plan.augment, mix)
-        yield normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
-
-
 def recompute_check(store: str | Path, checkpoint: str | Path, plan, data, count: int, device: torch.device,
                     seed: int = 0, batch_size: int = 64) -> RecomputeReport:
     """Rerun the teacher on `count` random written (sample, view) pairs of `store` and compare (module doc)."""
@@ -106,7 +83,9 @@ def recompute_check(store: str | Path, checkpoint: str | Path, plan, data, count
     model, _ = load_checked_teacher(Path(checkpoint), teacher, plan, data, device)
     model.to(memory_format=memory_format(device))
     fresh: dict[str, list[np.ndarray]] = {name: [] for name in stored}
-    for x in _views(pairs, plan, data, device, batch_size):
+    fmt = memory_format(device)
+    for x in pair_views(data, plan, pairs, device, batch_size):  # as the cache pass made them (mixed too)
+        x = normalize(x, data.mean, data.std).contiguous(memory_format=fmt)
         for name, value in zip(stored, teacher_outputs(model, x, align_cfg, use_autocast, layout.topk)):
             fresh[name].append(value)
     report = RecomputeReport(pairs, {}, tolerance)

@@ -591,6 +591,29 @@ def step_views(data, images: torch.Tensor | None, steps: list[torch.Tensor], par
         yield x.to(device, non_blocking=True)
 
 
+def pair_views(data, plan, pairs: np.ndarray, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 (b, C, H, W) views of the (sample, view) `pairs` (n, 2) of `plan`, `batch_size` at a time, made as the
+    cache pass makes them (mixed where the plan mixes): what --recompute reruns the teacher on, what inspect shows."""
+    params = plan.aug[pairs[:, 0], pairs[:, 1]]  # (n, P) each pair's view
+    if data.source == "files":
+        from pipeline.data.files import file_views
+
+        batches = [np.arange(s, min(len(pairs), s + batch_size)) for s in range(0, len(pairs), batch_size)]
+        mix = plan.mix.take(pairs[:, :1], pairs[:, 1:]) if plan.mix is not None else None  # (n, 1, ...)
+        for x in file_views(data, pairs[:, 0], params[:, None], plan.augment, batches, pin=device.type == "cuda",
+                            mix=mix):
+            yield x.to(device)
+        return
+    from pipeline.mix import tensor_views
+
+    images = data.images.to(device)
+    for s in range(0, len(pairs), batch_size):
+        at = pairs[s:s + batch_size]
+        mix = plan.mix.take(at[:, 0], at[:, 1]).to(device) if plan.mix is not None else None
+        yield tensor_views(images, torch.from_numpy(at[:, 0]).to(device),
+                           torch.from_numpy(params[s:s + batch_size]).to(device), plan.augment, mix)
+
+
 def eval_views(data, device: torch.device, batch_size: int) -> Iterator[torch.Tensor]:
     """uint8 (b, C, H, W) un-augmented images on `device`, in order: a tensor source's images as they are, files
     resized and centre-cropped as torchvision's reference evaluation does."""
