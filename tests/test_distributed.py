@@ -403,3 +403,31 @@ def test_a_batch_the_ranks_cannot_share_is_refused_in_one_line(work):
                         "fewer than the 2 ranks, so a rank would have nothing to train on: change "
                         "distill.batch_size or run fewer processes"}, out.stdout
     assert not paths.student_checkpoint("kd").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_base(tmp_path_factory, fashion_root) -> Path:
+    """The tiny pipeline on mixed views (mixup and CutMix), cached by one process."""
+    params = tiny_distill_params(fashion_root, batch_size=BATCH, epochs=2)
+    params["dist"] = {"sync_bn": True, "timeout_s": 60}  # BatchNorm over the global batch, as one process has it
+    params["views"]["mix"] = {"kind": "both", "prob": 0.9}
+    params["cache"]["chunk_rows"] = 8
+    return built(tmp_path_factory.mktemp("dist_mixed"), params)
+
+
+def test_two_ranks_cache_and_distill_mixed_views_as_one_process_does(mixed_base, tmp_path, monkeypatch):
+    """The mixing is in the plan: two ranks write the one-process store byte for byte and train its student."""
+    work = private_copy(mixed_base, tmp_path / "two", monkeypatch)
+    want = store_arrays(paths.teacher_cache("t1"))
+    shutil.rmtree(paths.teacher_cache("t1"))
+    result = torchrun(2, "stages.cache_teachers", "--teacher", "t1", "--device", "cpu", "--quiet")
+    assert result.returncode == 0, result.stdout
+    assert_same_store(paths.teacher_cache("t1"), want)
+    one = tmp_path / "one"
+    shutil.copytree(work, one)
+    two = torchrun(2, "stages.distill", "--method", "kd", "--device", "cpu", "--quiet")
+    assert two.returncode == 0, two.stdout
+    os.chdir(one)
+    single = plain("stages.distill", "--method", "kd", "--device", "cpu", "--quiet")
+    assert single.returncode == 0, single.stdout
+    assert_same_weights(one / paths.student_checkpoint("kd"), work / paths.student_checkpoint("kd"))

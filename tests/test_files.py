@@ -9,6 +9,7 @@ bytes of an uninterrupted one. Every broken input ends in one line naming the fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -216,6 +217,12 @@ def test_a_mixed_cache_from_files_equals_the_live_teacher_on_the_replayed_mixed_
     assert np.all(np.abs(got - rounded) <= np.spacing(np.abs(rounded.astype(np.float16))).astype(np.float32))
     plain = make_view_plan(ViewsConfig(num_views=3, augment=RRC), data)
     assert plan.unmixed().fingerprint == plain.fingerprint
+    # two decoding workers and another batch size: the same bytes
+    cfg = CacheConfig(chunk_rows=8, batch_size=12, align={"kind": "channel", "length": 8})
+    cache_teacher(cached["ckpt"], tmp_path / "w2.zarr", plan, dataclasses.replace(data, workers=2), cfg, progress=False)
+    with open_cache(tmp_path / "t.zarr") as one, open_cache(tmp_path / "w2.zarr") as two:
+        for name in ["logits", *one.blocks]:
+            assert np.asarray(one.array(name)[...]).tobytes() == np.asarray(two.array(name)[...]).tobytes(), name
 
 
 class Boom(Exception):
