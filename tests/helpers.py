@@ -70,6 +70,25 @@ def tiny_targets(method, align_cfg, device, online: bool):
     return CachedTargets(SlabLoader(CacheSlabs(caches), method.feature_blocks, device))
 
 
+class Recorder:
+    """Wraps a target source and keeps every step's teacher draw and targets (`seen`) and input batch (`inputs`)."""
+
+    def __init__(self, inner):
+        self.inner, self.seen, self.inputs = inner, [], []
+
+    def start_epoch(self, reads):
+        self.inner.start_epoch(reads)
+
+    def at_step(self, step):
+        self.inner.at_step(step)
+
+    def __call__(self, idx, x, picked):
+        tgt = self.inner(idx, x, picked)
+        self.seen.append((list(picked), tgt))
+        self.inputs.append(x.clone())
+        return tgt
+
+
 def ends_in_one_error_line(result, exit_code: int = 2) -> str:
     """A click result that stopped partway (after its start-up line, say) the way users must see it: the
     last line one `Error:` line, no traceback, no other error line."""

@@ -29,7 +29,7 @@ from pipeline.align import AlignConfig
 from pipeline.views import open_view_plan
 from stages import distill as distill_stage
 from bench.cache_io import fake_teacher as make_teacher
-from helpers import (TINY_TEACHERS, build_tiny_pipeline, ends_in_one_error_line, one_line_error, tiny_distill_params,
+from helpers import (TINY_TEACHERS, Recorder, build_tiny_pipeline, ends_in_one_error_line, one_line_error, tiny_distill_params,
                      tiny_targets)
 
 TEACHERS = TINY_TEACHERS
@@ -60,24 +60,6 @@ def run(*args: str):
 
 
 # ---------------------------------------------------------------- cached == online
-
-
-class Recorder:
-    """Wraps a target source and keeps every step's targets."""
-
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def start_epoch(self, reads):
-        self.inner.start_epoch(reads)
-
-    def at_step(self, step):
-        self.inner.at_step(step)
-
-    def __call__(self, idx, x, picked):
-        tgt = self.inner(idx, x, picked)
-        self.seen.append((list(picked), tgt))
-        return tgt
 
 
 @pytest.mark.parametrize("method", ["meal", "kd"])

@@ -23,7 +23,7 @@ from pipeline.models import build_model
 from pipeline.cache.slabs import EpochReads
 from pipeline.align import AlignConfig
 from pipeline.views import ViewsConfig, make_view_plan, open_view_plan, write_view_plan
-from helpers import TINY_TEACHERS, build_tiny_pipeline, one_line_error, tiny_distill_params, tiny_targets
+from helpers import TINY_TEACHERS, Recorder, build_tiny_pipeline, one_line_error, tiny_distill_params, tiny_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,24 +182,6 @@ def mixed_pipeline(tmp_path, fashion_root, monkeypatch) -> dict:
     return params
 
 
-class Recorder:
-    """Wraps a target source and keeps every step's input and targets."""
-
-    def __init__(self, inner):
-        self.inner, self.seen = inner, []
-
-    def start_epoch(self, reads):
-        self.inner.start_epoch(reads)
-
-    def at_step(self, step):
-        self.inner.at_step(step)
-
-    def __call__(self, idx, x, picked):
-        tgt = self.inner(idx, x, picked)
-        self.seen.append((x.clone(), tgt))
-        return tgt
-
-
 @pytest.mark.parametrize("method", ["meal", "kd"])
 def test_cached_targets_are_the_live_teachers_on_the_replayed_mixed_views(mixed_pipeline, method):
     params = mixed_pipeline
@@ -222,11 +204,11 @@ def test_cached_targets_are_the_live_teachers_on_the_replayed_mixed_views(mixed_
         for epoch in range(cfg.epochs):
             source.start_epoch(EpochReads.whole(epoch % 2, (epoch + 1) % 2))
             train_one_epoch(trainer, epoch, data, source, progress=False)
-        return source.seen
+        return source
 
     cached, online = train_with(False), train_with(True)
-    assert len(cached) == len(online) == 6
-    for (xc, tc), (xo, to) in zip(cached, online):
+    assert len(cached.seen) == len(online.seen) == 6
+    for (_, tc), (_, to), xc, xo in zip(cached.seen, online.seen, cached.inputs, online.inputs):
         assert torch.equal(xc, xo)
         torch.testing.assert_close(tc.logits, to.logits, rtol=1e-3, atol=2e-3)
         for a, b in zip(tc.blocks or [], to.blocks or []):
