@@ -17,6 +17,9 @@ B. Speed, side by side in this process on the --small folder, --repeats interlea
    files for each worker count and a prefetch depth of 2 and 4 batches, images per second of the training steps
    (pinning is for a GPU: not measured here). And the decoder: PIL against torchvision.io, one thread, and PIL's
    decode plus one 224-px view per image (bench.scaleout's --decode-ms).
+C. With --mix KIND (parts A and B skipped, their figures kept): the cache pass on mixed views (views.mix.kind KIND,
+   every view mixed) against the same pass unmixed, from memory and from files, interleaved: a mixed view from
+   files decodes its partner too.
 
 The teacher is the tiny profile's (a student_cnn at width 0.5, randomly initialised, BatchNorm calibrated), a
 cheap forward that leaves the decoding exposed: a real teacher makes the file source's share of the time smaller.
@@ -162,9 +165,9 @@ def measure_stages(root: Path, work: Path, size: int, views: int, workers: int) 
 # ---------------------------------------------------------------- B. speed, side by side
 
 
-def cache_pass(data, views: int, work: Path, ckpt: Path) -> float:
-    """Views per second of one cache pass over `data` (plan made before the clock starts)."""
-    plan = make_view_plan(ViewsConfig(num_views=views, augment=RRC), data)
+def cache_pass(data, views: int, work: Path, ckpt: Path, mix: str = "none") -> float:
+    """Views per second of one cache pass over `data` (plan made before the clock starts), mixed by `mix`."""
+    plan = make_view_plan(ViewsConfig(num_views=views, augment=RRC, mix={"kind": mix}), data)
     out = work / "speed.zarr"
     shutil.rmtree(out, ignore_errors=True)
     cfg = CacheConfig(chunk_rows=1024, batch_size=512, align={"kind": "channel", "length": 8})
@@ -206,6 +209,31 @@ def measure_speed(root: Path, work: Path, size: int, views: int, worker_counts: 
                                  "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
         print(f"  files, {workers} worker(s): cache {out['files'][workers]['views_per_s']:.0f} views/s = "
               f"{out['files'][workers]['ratio_to_memory']:.2f}x memory (rounds {min(ratios):.2f}-{max(ratios):.2f})")
+    return out
+
+
+def measure_mix_speed(root: Path, work: Path, size: int, views: int, workers: int, repeats: int, mix: str) -> dict:
+    """C: the cache pass on `mix` views against the same pass unmixed, from memory and from files (`workers`),
+    interleaved, `repeats` rounds: the median of each round's mixed / unmixed ratio."""
+    work.mkdir(parents=True, exist_ok=True)
+    memory_cfg = DataConfig(name="imagefolder", root=str(root.resolve()), image_size=size)
+    clear_cache()
+    clear_listings()
+    memory = load_split(memory_cfg, "train")
+    files = load_split(DataConfig(**{**memory_cfg.__dict__, "source": "files", "workers": workers}), "train")
+    out = {"mix": mix, "images": len(memory), "views": views, "size": size, "workers": workers, "rounds": repeats}
+    for name, data in (("memory", memory), ("files", files)):
+        ckpt = fake_teacher(work / f"{name}.pt", data, TEACHER["arch"], TEACHER["width"])
+        rates = [(cache_pass(data, views, work, ckpt), cache_pass(data, views, work, ckpt, mix))
+                 for _ in range(repeats)]  # (unmixed, mixed) views/s per round
+        ratios = [m / u for u, m in rates]
+        out[name] = {"unmixed_views_per_s": round(statistics.median(u for u, _ in rates), 1),
+                     "mixed_views_per_s": round(statistics.median(m for _, m in rates), 1),
+                     "mixed_to_unmixed": round(statistics.median(ratios), 3),
+                     "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)]}
+        print(f"  {name}: {mix} {out[name]['mixed_views_per_s']:.0f} views/s against unmixed "
+              f"{out[name]['unmixed_views_per_s']:.0f} = {out[name]['mixed_to_unmixed']:.2f}x "
+              f"(rounds {min(ratios):.2f}-{max(ratios):.2f})")
     return out
 
 
@@ -334,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of the interleaved speed runs (medians)")
     parser.add_argument("--skip-memory", action="store_true", help="part B only")
     parser.add_argument("--skip-speed", action="store_true", help="part A only")
+    parser.add_argument("--mix", default=None, choices=["mixup", "cutmix", "both"],
+                        help="part C only: the cache pass on mixed views against unmixed (workers: the largest)")
     parser.add_argument("--out", type=Path, default=None)
     a = parser.parse_args(argv)
     if (not (10 <= a.small <= a.images) or a.views < 1 or not 8 <= a.size <= 1024 or min(a.workers) < 0
@@ -345,6 +375,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**header("files", torch.device("cpu"), argv, ("torch", "torchvision", "pillow")),
               "teacher": TEACHER, "augment": RRC}
     small = generated(a.workdir, a.small)
+    if a.mix:
+        a.skip_memory = a.skip_speed = True
+        print(f"C. {a.mix} views on {a.small:,} images, V = {a.views}, {a.size} px:")
+        result["mix_speed"] = measure_mix_speed(small, a.workdir / "speed", a.size, a.views, max(a.workers),
+                                                a.repeats, a.mix)
     if not a.skip_memory:
         large = generated(a.workdir, a.images)
         result["memory"] = {}
@@ -364,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = a.out or RESULTS / f"{result['device']}-files.json"
     if out.exists() and (a.skip_memory or a.skip_speed):  # one part rerun: keep the other's figures and command
         kept = json.loads(out.read_text())
-        part = "memory" if a.skip_speed else "speed"
+        part = "mix" if a.mix else "memory" if a.skip_speed else "speed"
         result = {**{k: v for k, v in kept.items() if k not in result}, **result,
                   f"{part}_command": result["command"]}
     write_result(result, "files", out)

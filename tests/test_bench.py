@@ -143,3 +143,8 @@ def test_bench_files_runs(tmp_path):
     assert set(speeds) == {f"workers {w} prefetch {p}" for w in (0, 1) for p in (2, 4)}
     assert all(v["images_per_s"] > 0 for v in speeds.values()) and result["distill_speed"]["best_files"] in speeds
     assert 0 < result["decode"]["decode_and_view_224_ms"]
+    mixed = main(["--images", "30", "--small", "20", "--views", "2", "--size", "16", "--workers", "1", "--repeats", "1",
+                  "--workdir", str(tmp_path / "work"), "--out", str(out), "--mix", "cutmix"])["mix_speed"]
+    assert all(mixed[s]["mixed_views_per_s"] > 0 and mixed[s]["mixed_to_unmixed"] > 0 for s in ("memory", "files"))
+    saved = json.loads(out.read_text())  # part C joins the file, parts A and B kept
+    assert saved["mix_speed"]["mix"] == "cutmix" and set(saved["memory"]) == {"20", "30"} and "cache_speed" in saved
