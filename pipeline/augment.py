@@ -78,53 +78,45 @@ def uniform(seed: int, samples: np.ndarray, views: np.ndarray, draw: int) -> np.
 # ---------------------------------------------------------------- planning views
 
 def plan_views(
-    cfg: AugmentConfig, seed: int, samples: np.ndarray, views: np.ndarray, height, width, first_draw: int = 0
+    cfg: AugmentConfig, seed: int, samples: np.ndarray, views: np.ndarray, height, width
 ) -> np.ndarray:
     """The int16 parameters of views `views` of samples `samples`: (n, V, P).
 
-    `height` and `width` are the source images' size in pixels: one int for all (a tensor source), one per
+    `height` and `width` are the source images' size in pixels: one int for all (a tensor source), or one per
     sample, shape (n,) (files at native resolution), so each box is drawn on its own image as torchvision's
-    RandomResizedCrop draws it, or one per (sample, view), (n, V) (a mixed view's partner, pipeline.mix). Equal
-    sizes given any way give the same plan. `first_draw` offsets the generator's draw numbers: another stream
-    of views for the same (seed, sample, view) (the partner's crop).
+    RandomResizedCrop draws it. Equal sizes given either way give the same plan.
     """
     samples = np.asarray(samples)
     views = np.asarray(views)
     if cfg.kind == "none":
         return np.zeros((len(samples), len(views), 1), dtype=np.int16)
-
-    def u(draw: int) -> np.ndarray:
-        return uniform(seed, samples, views, first_draw + draw)  # (n, V)
-
-    flip = (u(0) < 0.5) & cfg.flip  # (n, V)
+    flip = (uniform(seed, samples, views, 0) < 0.5) & cfg.flip  # (n, V)
     if cfg.kind == "crop_flip":
         span = 2 * cfg.pad + 1
-        dx = np.floor(u(1) * span)
-        dy = np.floor(u(2) * span)
+        dx = np.floor(uniform(seed, samples, views, 1) * span)
+        dy = np.floor(uniform(seed, samples, views, 2) * span)
         return np.stack([dx, dy, flip], axis=-1).astype(np.int16)
-    return _plan_resized_crops(cfg, u, (len(samples), len(views)), height, width, flip)
+    return _plan_resized_crops(cfg, seed, samples, views, height, width, flip)
 
 
-def _plan_resized_crops(cfg, u, shape, height, width, flip) -> np.ndarray:
-    """RandomResizedCrop's rejection sampling (10 tries, then a centre crop), vectorised over samples and views;
-    `u(draw)` the (n, V) uniforms of a draw."""
-    def per_pair(size) -> np.ndarray:  # one int, (n,) or (n, V) -> broadcastable against (n, V)
-        size = np.asarray(size, dtype=np.int64)
-        return np.broadcast_to(size, (shape[0],))[:, None] if size.ndim < 2 else size
-    height, width = per_pair(height), per_pair(width)
+def _plan_resized_crops(cfg, seed, samples, views, height, width, flip) -> np.ndarray:
+    """RandomResizedCrop's rejection sampling (10 tries, then a centre crop), vectorised over samples and views."""
+    height = np.broadcast_to(np.asarray(height, dtype=np.int64), (len(samples),))[:, None]  # (n, 1)
+    width = np.broadcast_to(np.asarray(width, dtype=np.int64), (len(samples),))[:, None]
     area = height * width
+    shape = (len(samples), len(views))
     box = np.zeros(shape + (4,), dtype=np.int64)
     found = np.zeros(shape, dtype=bool)
     log_lo, log_hi = math.log(cfg.ratio_min), math.log(1.0 / cfg.ratio_min)
     for attempt in range(10):
         base = 3 + 4 * attempt
-        target = area * (cfg.scale_min + (1.0 - cfg.scale_min) * u(base))
-        ratio = np.exp(log_lo + (log_hi - log_lo) * u(base + 1))
+        target = area * (cfg.scale_min + (1.0 - cfg.scale_min) * uniform(seed, samples, views, base))
+        ratio = np.exp(log_lo + (log_hi - log_lo) * uniform(seed, samples, views, base + 1))
         w = np.round(np.sqrt(target * ratio)).astype(np.int64)
         h = np.round(np.sqrt(target / ratio)).astype(np.int64)
         ok = (w > 0) & (h > 0) & (w <= width) & (h <= height) & ~found
-        top = np.floor(u(base + 2) * (height - h + 1)).astype(np.int64)
-        left = np.floor(u(base + 3) * (width - w + 1)).astype(np.int64)
+        top = np.floor(uniform(seed, samples, views, base + 2) * (height - h + 1)).astype(np.int64)
+        left = np.floor(uniform(seed, samples, views, base + 3) * (width - w + 1)).astype(np.int64)
         box[ok] = np.stack([top, left, h, w], axis=-1)[ok]
         found |= ok
     # fallback: the largest centred crop within the ratio bounds (np.round halves to even, as Python's round)

@@ -1,8 +1,9 @@
 """Mixed views (mixup, CutMix) as part of the view plan: the teachers are cached on the very mixed image the
 student later replays.
 
-A mixed view of sample i (its view v: crop/flip `aug[i, v]`) is blended with a partner sample j seen through a
-crop/flip of its own, drawn for (i, v). Partner, the partner's crop, lambda and the CutMix box are drawn by the
+A mixed view of sample i (its view v: crop/flip `aug[i, v]`) is blended with a partner sample j seen through j's
+own planned view v, `aug[j, v]`: the crop j shows as itself in the same epoch, as in timm's batch pairing, and
+the crop whose unmixed soft label FKD's approximation mixes. Partner, lambda and the CutMix box are drawn by the
 counter-based generator (pipeline.augment.uniform) from (seed, i, v), like every other view parameter, and
 stored in the plan (`MixPlan`): they do not depend on batch size, world size, worker count or device, unlike
 batch-level mixing (timm's Mixup pairs a batch with its reverse, so the pairs change with the batch).
@@ -31,7 +32,7 @@ from pipeline.config import check, check_choice
 
 KINDS = ("none", "mixup", "cutmix", "both")
 MIX_DRAW = 100  # the generator's draw numbers of the mix (the view's own crop uses 0-42)
-PARTNER_DRAW = 200  # and of the partner's crop/flip
+STORED = ("partner", "lam", "box")  # what the plan stores of a MixPlan; `aug` follows from the plan's own views
 
 
 @dataclass
@@ -65,7 +66,7 @@ class MixPlan:
     view, (n,) for some pairs. numpy in the plan, torch (`to`) where views are made."""
 
     partner: np.ndarray  # int32: the partner sample j; -1 where the pair is a plain view
-    aug: np.ndarray  # (..., P) int16: the partner's own crop/flip (pipeline.augment), drawn on its image
+    aug: np.ndarray  # (..., P) int16: the partner's view params, its own planned view aug[j, v] (`with_views`)
     lam: np.ndarray  # float32: the weight of sample i (its pixels outside the box, its label); 1 for a plain view
     box: np.ndarray  # (..., 4) int16: CutMix's box (top, left, height, width) in view pixels; empty for mixup
 
@@ -80,8 +81,18 @@ class MixPlan:
         return MixPlan(tensor(self.partner, torch.long), tensor(self.aug, torch.long), tensor(self.lam, torch.float32),
                        tensor(self.box, torch.long))
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def stored(self) -> dict[str, np.ndarray]:
+        """The arrays the plan stores and hashes (`aug` is the plan's own views, looked up)."""
+        return {name: getattr(self, name) for name in STORED}
+
+    @classmethod
+    def with_views(cls, stored: dict[str, np.ndarray], aug: np.ndarray) -> "MixPlan":
+        """A plan's mixing (N, V, ...) from its stored arrays and its views `aug` (N, V, P): each partner is seen
+        through its own view v (a plain pair through the sample's own, unused)."""
+        partner = stored["partner"]  # (N, V)
+        rows = np.where(partner >= 0, partner, np.arange(len(partner))[:, None])
+        return cls(partner=partner, aug=aug[rows, np.arange(aug.shape[1])[None, :]], lam=stored["lam"],
+                   box=stored["box"])
 
 
 def beta_quantile(alpha: float, u: np.ndarray) -> np.ndarray:
@@ -91,14 +102,11 @@ def beta_quantile(alpha: float, u: np.ndarray) -> np.ndarray:
     return betaincinv(alpha, alpha, u)
 
 
-def plan_mix(cfg: MixConfig, aug_cfg, seed: int, samples: np.ndarray, views: np.ndarray, num_samples: int,
-             view_size: tuple[int, int], source_sizes) -> MixPlan:
-    """The mixing of views `views` (V,) of samples `samples` (n,), every field (n, V, ...).
-
-    `view_size`: the (height, width) models see (the box is drawn on it); `source_sizes(rows)`: the (height,
-    width) the partner's crop is drawn on, for partner rows (n, V): ints for a tensor source, arrays for files.
-    """
-    from pipeline.augment import plan_views, uniform
+def plan_mix(cfg: MixConfig, seed: int, samples: np.ndarray, views: np.ndarray, num_samples: int,
+             view_size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The stored mixing (STORED: partner, lam, box) of views `views` (V,) of samples `samples` (n,), each
+    (n, V, ...); `view_size`: the (height, width) models see, on which the box is drawn."""
+    from pipeline.augment import uniform
 
     check(num_samples >= 2, f"views.mix.kind = {cfg.kind} needs at least 2 training samples to pair")
     samples, views = np.asarray(samples, dtype=np.int64), np.asarray(views)
@@ -120,12 +128,8 @@ def plan_mix(cfg: MixConfig, aug_cfg, seed: int, samples: np.ndarray, views: np.
     area_kept = 1.0 - (bottom - top) * (right - left) / float(h * w)
     lam = np.where(cut, area_kept, lam)
     box = np.stack([top, left, bottom - top, right - left], axis=-1) * (mixed & cut)[..., None]
-    partner = np.where(mixed, partner, -1)
-    rows = np.where(mixed, partner, samples[:, None])  # a plain view's partner crop is drawn, then zeroed
-    aug = plan_views(aug_cfg, seed, samples, views, *source_sizes(rows), first_draw=PARTNER_DRAW)
-    aug = aug * mixed[..., None]
-    return MixPlan(partner.astype(np.int32), aug.astype(np.int16), np.where(mixed, lam, 1.0).astype(np.float32),
-                   box.astype(np.int16))
+    return {"partner": np.where(mixed, partner, -1).astype(np.int32),
+            "lam": np.where(mixed, lam, 1.0).astype(np.float32), "box": box.astype(np.int16)}
 
 
 # ---------------------------------------------------------------- pixels, labels, FKD's targets

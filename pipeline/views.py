@@ -7,9 +7,9 @@ Written once by `python -m stages.plan_views` and shared by every teacher cache 
   (seed, i, v), so the plan does not depend on how the samples were split into blocks, on worker or
   rank counts, or on the device;
 - `labels` (N,) int16: the training labels in the order the plan and the caches index samples;
-- with `views.mix` (pipeline.mix): `mix/partner` (N, V) int32, `mix/aug` (N, V, P) int16, `mix/lam` (N, V)
-  float32 and `mix/box` (N, V, 4) int16, each view's partner, the partner's crop, lambda and CutMix box, drawn
-  from (seed, sample, view) as `aug` is; the mix spec joins the attrs. A plan without mixing has neither, so its
+- with `views.mix` (pipeline.mix): `mix/partner` (N, V) int32, `mix/lam` (N, V) float32 and `mix/box` (N, V, 4)
+  int16, each view's partner, lambda and CutMix box, drawn from (seed, sample, view) as `aug` is (the partner is
+  seen through its own view, aug[j, v]); the mix spec joins the attrs. A plan without mixing has neither, so its
   fingerprint is what it was before mixing existed, and a mixing plan's `unmixed()` twin (its views unmixed)
   is exactly the plan `views.mix.kind: none` gives;
 - attrs: dataset name, split, N, dataset fingerprint, augment spec, seed, V, and the plan's
@@ -100,7 +100,7 @@ class ViewPlan:
                         fingerprint=plan_fingerprint(self.aug, self.labels, attrs, self.sizes))
 
 
-MIX_DTYPES = {"partner": "<i4", "aug": "<i2", "lam": "<f4", "box": "<i2"}  # the mix arrays as stored and hashed
+MIX_DTYPES = {"partner": "<i4", "lam": "<f4", "box": "<i2"}  # the mix arrays as stored and hashed (pipeline.mix)
 
 
 def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
@@ -115,7 +115,7 @@ def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
     if sizes is not None:
         digest.update(np.ascontiguousarray(sizes, dtype="<i2").tobytes())
     if mix is not None:
-        for name, array in mix.arrays().items():
+        for name, array in mix.stored().items():
             digest.update(np.ascontiguousarray(array, dtype=MIX_DTYPES[name]).tobytes())
     return digest.hexdigest()
 
@@ -146,11 +146,9 @@ def make_view_plan(cfg: ViewsConfig, data, block: int = PLAN_BLOCK) -> ViewPlan:
         samples = np.arange(start, min(n, start + block))
         source = (height, width) if sizes is None else (sizes[samples, 0], sizes[samples, 1])  # (n,) each
         aug[start:start + len(samples)] = plan_views(aug_cfg, cfg.seed, samples, views, *source)
-        if mix_cfg.active:  # the partner's crop on its own image: (n, V) sizes for files
-            mixes.append(plan_mix(mix_cfg, aug_cfg, cfg.seed, samples, views, n, (height, width),
-                                  (lambda rows: (height, width)) if sizes is None else
-                                  (lambda rows: (sizes[rows, 0], sizes[rows, 1]))))
-    mix = MixPlan(**{k: np.concatenate([m.arrays()[k] for m in mixes]) for k in MIX_DTYPES}) if mixes else None
+        if mix_cfg.active:
+            mixes.append(plan_mix(mix_cfg, cfg.seed, samples, views, n, (height, width)))
+    mix = MixPlan.with_views({k: np.concatenate([m[k] for m in mixes]) for k in MIX_DTYPES}, aug) if mixes else None
     attrs = {
         "format_version": PLAN_FORMAT,
         "dataset": data.name,
@@ -204,7 +202,7 @@ def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
         if plan.sizes is not None:
             root.create_array("sizes", shape=(n, 2), chunks=(rows, 2), dtype="int16", fill_value=0,
                               dimension_names=("sample", "side"))[...] = plan.sizes
-        for name, array in (plan.mix.arrays() if plan.mix is not None else {}).items():
+        for name, array in (plan.mix.stored() if plan.mix is not None else {}).items():
             root.create_array(f"mix/{name}", shape=array.shape, chunks=(rows, *array.shape[1:]),
                               dtype=np.dtype(MIX_DTYPES[name]).newbyteorder("="), fill_value=0,
                               dimension_names=("sample", "view", "param")[:array.ndim])[...] = array
@@ -230,8 +228,8 @@ def open_view_plan(path: str | Path | None = None) -> ViewPlan:
         aug = np.asarray(root["aug"][...], dtype=np.int16)
         labels = np.asarray(root["labels"][...], dtype=np.int16)
         sizes = np.asarray(root["sizes"][...], dtype=np.int16) if attrs.get("source") == "files" else None
-        mix = MixPlan(**{k: np.asarray(root[f"mix/{k}"][...], dtype=np.dtype(t).newbyteorder("="))
-                         for k, t in MIX_DTYPES.items()}) if "mix" in attrs else None
+        mix = MixPlan.with_views({k: np.asarray(root[f"mix/{k}"][...], dtype=np.dtype(t).newbyteorder("="))
+                                  for k, t in MIX_DTYPES.items()}, aug) if "mix" in attrs else None
         stored = attrs.pop("fingerprint")
     except Exception as exc:  # a foreign or damaged folder: one line, no traceback
         raise UserError(f"view plan {path} cannot be read ({type(exc).__name__}): "

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline import paths
-from pipeline.augment import AugmentConfig
+from pipeline.augment import AugmentConfig, plan_views
 from pipeline.config import build
 from pipeline.data import DataConfig, load_split
 from pipeline.distill import DistillConfig, TrainSet, build_trainer, train_one_epoch
@@ -32,7 +32,8 @@ CROP = AugmentConfig(kind="crop_flip", pad=2)
 
 def draw(kind: str, n: int = 400, views: int = 4, **options) -> MixPlan:
     cfg = MixConfig(kind=kind, **options)
-    return plan_mix(cfg, CROP, 5, np.arange(n), np.arange(views), n, (28, 28), lambda rows: (28, 28))
+    aug = plan_views(CROP, 5, np.arange(n), np.arange(views), 28, 28)  # (n, V, 3)
+    return MixPlan.with_views(plan_mix(cfg, 5, np.arange(n), np.arange(views), n, (28, 28)), aug)
 
 
 # ---------------------------------------------------------------- the plan
@@ -45,14 +46,15 @@ def test_cutmix_draws_follow_timm_boxes_with_the_area_corrected_lambda():
     assert ((top >= 0) & (left >= 0) & (top + h <= 28) & (left + w <= 28)).all()  # clipped to the view
     np.testing.assert_allclose(mix.lam, 1 - h * w / 784, rtol=0, atol=1e-7)  # lam = the area kept (timm's correct_lam)
     assert 0.6 < mix.lam.mean() < 0.8  # Beta(1, 1) before clipping pushes lam up (timm's too)
-    assert mix.aug.shape == (400, 4, 3) and (mix.aug[..., :2] <= 4).all()  # the partner's own crop/flip
+    aug = plan_views(CROP, 5, np.arange(400), np.arange(4), 28, 28)
+    assert np.array_equal(mix.aug, aug[mix.partner, np.arange(4)])  # the partner through its own view v
 
 
 def test_mixup_draws_beta_lambdas_and_no_box_and_prob_leaves_plain_views():
     mix = draw("mixup", mixup_alpha=0.4, prob=0.5)
     plain = mix.partner < 0
     assert 0.45 < plain.mean() < 0.55  # prob: the share of mixed views
-    assert (mix.lam[plain] == 1).all() and (mix.aug[plain] == 0).all() and (mix.box == 0).all()
+    assert (mix.lam[plain] == 1).all() and (mix.box == 0).all()
     lam = mix.lam[~plain]
     assert 0.45 < lam.mean() < 0.55 and 0.2 < ((lam < 0.1) | (lam > 0.9)).mean()  # Beta(0.4, 0.4): U-shaped
     both = draw("both", switch_prob=0.25)
@@ -69,8 +71,8 @@ def test_the_plan_is_a_pure_function_of_seed_sample_and_view(fashion_root):
     for block in (1, 7, 64):
         other = make_view_plan(cfg, data, block=block)
         assert other.fingerprint == whole.fingerprint
-        for name, array in whole.mix.arrays().items():
-            assert np.array_equal(array, other.mix.arrays()[name]), name
+        for name in ("partner", "aug", "lam", "box"):
+            assert np.array_equal(getattr(whole.mix, name), getattr(other.mix, name)), name
     plain = make_view_plan(ViewsConfig(num_views=3), data)
     assert whole.unmixed().fingerprint == plain.fingerprint and np.array_equal(whole.aug, plain.aug)
     assert plain.mix is None and "mix" not in plain.attrs
@@ -85,8 +87,9 @@ def test_a_mixing_plan_round_trips_and_a_changed_mix_array_is_caught(tmp_path, f
     write_view_plan(plan, tmp_path / "views.zarr")
     back = open_view_plan(tmp_path / "views.zarr")
     assert back.fingerprint == plan.fingerprint and back.mix_config == MixConfig(kind="mixup")
-    for name, array in plan.mix.arrays().items():
-        assert np.array_equal(back.mix.arrays()[name], array) and back.mix.arrays()[name].dtype == array.dtype
+    for name in ("partner", "aug", "lam", "box"):
+        got, want = getattr(back.mix, name), getattr(plan.mix, name)
+        assert np.array_equal(got, want) and got.dtype == want.dtype, name
     zarr.open_group(str(tmp_path / "views.zarr"), mode="r+")["mix/lam"][0, 0] = 0.5
     with pytest.raises(Exception, match="fingerprint"):
         open_view_plan(tmp_path / "views.zarr")
@@ -156,10 +159,8 @@ def test_file_views_mix_like_the_tensor_source(tmp_path):
                     split="train", mean=(0.5,) * 3, std=(0.5,) * 3, image_size=16, workers=1)
     aug = AugmentConfig(kind="rrc_flip", scale_min=0.3)
     cfg = MixConfig(kind="both", prob=0.8)
-    from pipeline.augment import plan_views
-
     params = plan_views(aug, 1, np.arange(6), np.arange(3), 16, 16)  # (6, 3, 5)
-    mix = plan_mix(cfg, aug, 1, np.arange(6), np.arange(3), 6, (16, 16), lambda rows: (16, 16))
+    mix = MixPlan.with_views(plan_mix(cfg, 1, np.arange(6), np.arange(3), 6, (16, 16)), params)
     got = torch.cat(list(file_views(data, np.arange(6), params, aug, [np.arange(3), np.arange(3, 6)], mix=mix)))
     rows = torch.arange(6).repeat_interleave(3)
     views = torch.arange(3).repeat(6)
