@@ -3,7 +3,8 @@
     python -m stages.plan_views
 
 Writes data/views.zarr: the int16 augmentation parameters of V views of every training sample (a pure
-function of the seed, the sample and the view), the labels and the plan's fingerprint (pipeline.views).
+function of the seed, the sample and the view), with `views.mix` each view's mixup/CutMix partner, lambda and
+box (pipeline.mix), the labels and the plan's fingerprint (pipeline.views).
 Rerun with the same data and `views` params it leaves the existing plan untouched; with other params it
 replaces it, and every teacher cache made from the old plan must then be rebuilt (the distill stage
 refuses stale caches).
@@ -31,8 +32,9 @@ def main(params_path: str) -> None:
     path = paths.view_plan()
     changed = write_view_plan(plan, path)
     state = "written" if changed else "unchanged (already up to date)"
+    mixed = f" + {plan.mix_config.kind} ({(plan.mix.partner >= 0).mean():.0%} mixed)" if plan.mix is not None else ""
     click.echo(f"view plan {path}: {plan.num_samples} {train.name} samples x {plan.num_views} views "
-               f"({plan.attrs['augment']['kind']}, seed {cfg.seed}) {state}; fingerprint {plan.fingerprint[:12]}")
+               f"({plan.attrs['augment']['kind']}{mixed}, seed {cfg.seed}) {state}; fingerprint {plan.fingerprint[:12]}")
     if skipped_note(train):
         click.echo(skipped_note(train))
 
