@@ -32,7 +32,8 @@ from pipeline.config import check, check_choice
 
 KINDS = ("none", "mixup", "cutmix", "both")
 MIX_DRAW = 100  # the generator's draw numbers of the mix (the view's own crop uses 0-42)
-STORED = ("partner", "lam", "box")  # what the plan stores of a MixPlan; `aug` follows from the plan's own views
+# what the plan stores of a MixPlan and hashes, as these dtypes (little-endian); `aug` follows from its own views
+STORED = {"partner": "<i4", "lam": "<f4", "box": "<i2"}
 
 
 @dataclass

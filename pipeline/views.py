@@ -32,7 +32,7 @@ from pipeline import paths
 from pipeline.augment import AugmentConfig, plan_views
 from pipeline.checkpoints import swap_in
 from pipeline.config import UserError, build, check, to_dict
-from pipeline.mix import MixConfig, MixPlan, plan_mix
+from pipeline.mix import STORED, MixConfig, MixPlan, plan_mix
 
 PLAN_FORMAT = 1  # bump when the layout of views.zarr changes
 PLAN_BLOCK = 65536  # samples planned (and stored per zarr chunk) at a time: bounds the planner's memory
@@ -100,13 +100,10 @@ class ViewPlan:
                         fingerprint=plan_fingerprint(self.aug, self.labels, attrs, self.sizes))
 
 
-MIX_DTYPES = {"partner": "<i4", "lam": "<f4", "box": "<i2"}  # the mix arrays as stored and hashed (pipeline.mix)
-
-
 def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
                      sizes: np.ndarray | None = None, mix: MixPlan | None = None) -> str:
     """sha256 of the plan: its defining attrs (canonical JSON), then aug, labels and (files) the image sizes as
-    little-endian int16, then (mixing) the mix arrays in MIX_DTYPES order."""
+    little-endian int16, then (mixing) the mix arrays in STORED order."""
     digest = hashlib.sha256()
     defining = {k: v for k, v in attrs.items() if k != "fingerprint"}
     digest.update(json.dumps(defining, sort_keys=True).encode())
@@ -116,7 +113,7 @@ def plan_fingerprint(aug: np.ndarray, labels: np.ndarray, attrs: dict[str, Any],
         digest.update(np.ascontiguousarray(sizes, dtype="<i2").tobytes())
     if mix is not None:
         for name, array in mix.stored().items():
-            digest.update(np.ascontiguousarray(array, dtype=MIX_DTYPES[name]).tobytes())
+            digest.update(np.ascontiguousarray(array, dtype=STORED[name]).tobytes())
     return digest.hexdigest()
 
 
@@ -148,7 +145,7 @@ def make_view_plan(cfg: ViewsConfig, data, block: int = PLAN_BLOCK) -> ViewPlan:
         aug[start:start + len(samples)] = plan_views(aug_cfg, cfg.seed, samples, views, *source)
         if mix_cfg.active:
             mixes.append(plan_mix(mix_cfg, cfg.seed, samples, views, n, (height, width)))
-    mix = MixPlan.with_views({k: np.concatenate([m[k] for m in mixes]) for k in MIX_DTYPES}, aug) if mixes else None
+    mix = MixPlan.with_views({k: np.concatenate([m[k] for m in mixes]) for k in STORED}, aug) if mixes else None
     attrs = {
         "format_version": PLAN_FORMAT,
         "dataset": data.name,
@@ -204,7 +201,7 @@ def write_view_plan(plan: ViewPlan, path: str | Path | None = None) -> bool:
                               dimension_names=("sample", "side"))[...] = plan.sizes
         for name, array in (plan.mix.stored() if plan.mix is not None else {}).items():
             root.create_array(f"mix/{name}", shape=array.shape, chunks=(rows, *array.shape[1:]),
-                              dtype=np.dtype(MIX_DTYPES[name]).newbyteorder("="), fill_value=0,
+                              dtype=np.dtype(STORED[name]).newbyteorder("="), fill_value=0,
                               dimension_names=("sample", "view", "param")[:array.ndim])[...] = array
         root.attrs.update({**plan.attrs, "fingerprint": plan.fingerprint})
     except OSError as exc:
@@ -229,7 +226,7 @@ def open_view_plan(path: str | Path | None = None) -> ViewPlan:
         labels = np.asarray(root["labels"][...], dtype=np.int16)
         sizes = np.asarray(root["sizes"][...], dtype=np.int16) if attrs.get("source") == "files" else None
         mix = MixPlan.with_views({k: np.asarray(root[f"mix/{k}"][...], dtype=np.dtype(t).newbyteorder("="))
-                                  for k, t in MIX_DTYPES.items()}, aug) if "mix" in attrs else None
+                                  for k, t in STORED.items()}, aug) if "mix" in attrs else None
         stored = attrs.pop("fingerprint")
     except Exception as exc:  # a foreign or damaged folder: one line, no traceback
         raise UserError(f"view plan {path} cannot be read ({type(exc).__name__}): "
