@@ -301,3 +301,10 @@ def test_fkd_without_a_mixing_plan_and_unmixed_without_mixing_end_in_one_line(tm
     params["distill"].update(shuffle="chunks")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     assert "needs distill.shuffle: full" in one_line_error(runner.invoke(distill.main, ["--quiet"]))
+
+
+def test_one_sample_has_no_partner_to_mix_with():
+    from pipeline.config import UserError
+
+    with pytest.raises(UserError, match="needs at least 2 training samples"):
+        plan_mix(MixConfig(kind="mixup"), 0, np.arange(1), np.arange(2), 1, (28, 28))
