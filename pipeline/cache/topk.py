@@ -40,8 +40,3 @@ def dense_logits(values: np.ndarray, classes: np.ndarray, lse: np.ndarray, num_c
     out = np.broadcast_to(fill, (n, num_classes)).copy()  # (n, C)
     np.put_along_axis(out, classes.astype(np.int64), z, axis=1)
     return out
-
-
-def store_bytes(k: int) -> int:
-    """Bytes per (sample, view) of the top-k logits: k fp16 values, k uint16 classes, one fp16 log-sum-exp."""
-    return 2 * k + 2 * k + 2
