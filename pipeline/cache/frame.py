@@ -97,8 +97,9 @@ def _open_checked(caches, plan) -> tuple[list[TeacherCache], ViewPlan]:
         if name is not None:
             cache.check_identity(name, paths.teacher_checkpoint(name))
     plan = plan if isinstance(plan, ViewPlan) else open_view_plan(plan or paths.view_plan())
-    if all(c.attrs.get("view_plan_fingerprint") == plan.unmixed().fingerprint for c in opened):
-        plan = plan.unmixed()  # caches of a mixing plan's views unmixed (cache_teachers --unmixed)
+    unmixed = plan.unmixed()  # a mixing plan's views unmixed (cache_teachers --unmixed); hashed once
+    if all(c.attrs.get("view_plan_fingerprint") == unmixed.fingerprint for c in opened):
+        plan = unmixed
     for cache in opened:
         if cache.attrs.get("view_plan_fingerprint") != plan.fingerprint:
             raise UserError(f"cache {cache.path} was made from another view plan than {plan.path}: "
