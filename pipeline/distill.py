@@ -509,6 +509,12 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
     of the plan's unmixed views (paths.unmixed_teacher_cache), mixed step by step (FkdTargets)."""
     if not teachers:  # scratch
         return TargetSources(cache_cfg.align_config, None, {}, chunk_rows=cache_cfg.chunk_rows)
+    fkd = mix_targets == "fkd"
+    if fkd:
+        check(plan.mix is not None, "distill.mix_targets: fkd mixes the soft labels of mixed views, but the view plan "
+                                    "mixes none: set views.mix (and rerun plan_views) or use mix_targets: exact")
+        check(not online, "distill.mix_targets: fkd mixes cached soft labels: the teachers run live (--online) see "
+                          "the mixed image itself; drop one of the two")
     if online:
         models, hashes = [], {}
         for name in teachers:
@@ -520,17 +526,10 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
             hashes[name] = sha256_file(path)
         return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast,
                              chunk_rows=cache_cfg.chunk_rows)
-    fkd = mix_targets == "fkd"
-    if fkd:
-        check(plan.mix is not None, "distill.mix_targets: fkd mixes the soft labels of mixed views, but the view plan "
-                                    "mixes none: set views.mix (and rerun plan_views) or use mix_targets: exact")
-        check(not online, "distill.mix_targets: fkd mixes cached soft labels: the teachers run live (--online) see "
-                          "the mixed image itself; drop one of the two")
     where = paths.unmixed_teacher_cache if fkd else paths.teacher_cache
-    for t in teachers:
-        check(not fkd or where(t, cache_cfg.format).exists(),
-              f"distill.mix_targets: fkd reads {where(t, cache_cfg.format)}, which is missing: run python -m "
-              f"stages.cache_teachers --teacher {t} --unmixed")
+    for t in teachers if fkd else []:
+        check(where(t, cache_cfg.format).exists(), f"distill.mix_targets: fkd reads {where(t, cache_cfg.format)}, which "
+                                                   f"is missing: run python -m stages.cache_teachers --teacher {t} --unmixed")
     caches = validate_caches([open_cache(where(t, cache_cfg.format), cache_cfg.leftover) for t in teachers],
                              plan.unmixed() if fkd else plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)

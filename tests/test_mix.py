@@ -242,6 +242,7 @@ def test_fkd_runs_from_the_unmixed_caches_and_refuses_in_one_line_without_them(m
         assert runner.invoke(cache_teachers.main, ["--teacher", t, "--unmixed", "--quiet"]).exit_code == 0
     result = runner.invoke(distill.main, ["--quiet"])
     assert result.exit_code == 0, result.output
+    assert "(--online) see the mixed image itself" in one_line_error(runner.invoke(distill.main, ["--quiet", "--online"]))
     # the unmixed store is the plain plan's cache: the teacher on view aug[i, v] alone
     from pipeline.cache import open_cache
 
