@@ -218,6 +218,10 @@ def test_a_flipped_byte_in_an_h5_store_is_caught(setup, tmp_path):
     out.write_bytes(bytes(data))
     with pytest.raises(UserError, match=r"chunk 1 of logits \(rows 32-63\) is damaged"):
         open_cache(out).view_slab(0)
+    from pipeline.cache.recompute import recompute_check
+
+    with pytest.raises(UserError, match=r"chunk 1 of logits \(rows 32-63\) is damaged.*--repair"):  # every pair
+        recompute_check(out, setup["ckpt"], setup["plan"], setup["data"], 10_000, torch.device("cpu"))
     summary = build_cache(setup, out, "h5", repair=True)
     assert summary["repaired"] == [1] and summary["chunks_written"] == 1
     got = arrays(out)

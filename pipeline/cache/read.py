@@ -16,6 +16,7 @@ For notebooks, `from pipeline.cache import soft_labels` gives a pandas DataFrame
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -25,7 +26,7 @@ import numpy as np
 from pipeline import paths
 from pipeline.align import AlignConfig
 from pipeline.cache.store import (DEFAULT_FORMAT, FORMATS, ChunkError, format_of, layout_from_attrs, open_store,
-                                  read_view)
+                                  read_rows, read_view)
 from pipeline.cache.topk import LEFTOVER, dense_logits
 from pipeline.config import UserError, build, check, check_choice
 
@@ -191,7 +192,7 @@ class TeacherCache:
         for name in wanted:
             if name != "logits" and name not in self.blocks:
                 raise KeyError(f"{self.path} has no array {name!r}; it has logits, {', '.join(self.blocks)}")
-            try:
+            with self._verified():
                 if name == "logits" and self.layout.topk:  # a top-k store: the dense logits its targets mean
                     parts = [read_view(self._store, self.layout, f"topk/{a}", view, rows)
                              for a in ("logits", "classes", "lse")]
@@ -199,10 +200,29 @@ class TeacherCache:
                     continue
                 array = "logits" if name == "logits" else f"features/{name}"
                 out[name] = read_view(self._store, self.layout, array, view, rows)
-            except ChunkError as err:  # checksummed chunks: a damaged one is named, with how to rebuild it
-                raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True, path=self.path)} "
-                                f"to rebuild the damaged chunks") from None
         return out
+
+    def pair_rows(self, name: str, pairs: np.ndarray) -> np.ndarray:
+        """The rows (n, W) of stored array `name` (a key of `layout.widths()`, as written: a top-k store's arrays
+        as kept) for the (sample, view) `pairs` (n, 2); one verified read per (chunk, view) touched, as a read
+        costs a whole chunk."""
+        out = np.empty((len(pairs), self.layout.widths()[name]), dtype=self.layout.dtype(name))
+        chunk = pairs[:, 0] // self.layout.chunk_rows  # (n,)
+        with self._verified():
+            for k, v in np.unique(np.stack([chunk, pairs[:, 1]], axis=1), axis=0):
+                at = np.flatnonzero((chunk == k) & (pairs[:, 1] == v))
+                rows = read_rows(self._store, self.layout, name, int(k), int(v))  # (r, W)
+                out[at] = rows[pairs[at, 0] - self.layout.rows(int(k))[0]]
+        return out
+
+    @contextlib.contextmanager
+    def _verified(self):
+        """Checksummed chunks: a damaged one ends in one line naming it, with how to rebuild it."""
+        try:
+            yield
+        except ChunkError as err:
+            raise UserError(f"cache {self.path}: {err}: run {rerun_hint(self.teacher, self.format, repair=True, path=self.path)} "
+                            f"to rebuild the damaged chunks") from None
 
     def array(self, name: str):
         """The lazy on-disk array (zarr.Array or h5py.Dataset) `logits` or a block name, (N, V, W); or any array

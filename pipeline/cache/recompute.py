@@ -55,19 +55,6 @@ def pick_pairs(done: np.ndarray, chunk_rows: int, num_samples: int, num_views: i
     return np.stack([rows[flat // num_views], flat % num_views], axis=1).astype(np.int64)  # (n, 2)
 
 
-def _stored_rows(array, pairs: np.ndarray, chunk_rows: int) -> np.ndarray:
-    """The stored rows (n, W) of the pairs, one read per (chunk, view) touched (a read costs a whole chunk)."""
-    out = np.empty((len(pairs), array.shape[-1]), dtype=array.dtype)
-    keys = pairs[:, 0] // chunk_rows * array.shape[1] + pairs[:, 1]  # (chunk, view) as one number
-    for key in np.unique(keys):
-        at = np.flatnonzero(keys == key)
-        k, v = divmod(int(key), array.shape[1])
-        start = k * chunk_rows
-        block = np.asarray(array[start:min(array.shape[0], start + chunk_rows), v])  # (r, W)
-        out[at] = block[pairs[at, 0] - start]
-    return out
-
-
 def recompute_check(store: str | Path, checkpoint: str | Path, plan, data, count: int, device: torch.device,
                     seed: int = 0, batch_size: int = 64) -> RecomputeReport:
     """Rerun the teacher on `count` random written (sample, view) pairs of `store` and compare (module doc)."""
@@ -78,8 +65,7 @@ def recompute_check(store: str | Path, checkpoint: str | Path, plan, data, count
         tolerance = TOLERANCE.get(cache.attrs.get("compute"), TOLERANCE["fp32"])
         pairs = pick_pairs(cache.done, layout.chunk_rows, layout.num_samples, layout.num_views, count, seed)
         pairs = pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]  # sample-major: reads in store order
-        stored = {name: _stored_rows(cache.array(name), pairs, layout.chunk_rows)
-                  for name in layout.widths()}  # (n, W) each as stored, checksums verified on read
+        stored = {name: cache.pair_rows(name, pairs) for name in layout.widths()}  # (n, W) each as stored
     model, _ = load_checked_teacher(Path(checkpoint), teacher, plan, data, device)
     model.to(memory_format=memory_format(device))
     fresh: dict[str, list[np.ndarray]] = {name: [] for name in stored}
