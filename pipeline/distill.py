@@ -526,10 +526,7 @@ def open_sources(teachers: list[str], online: bool, cache_cfg: CacheConfig, plan
             hashes[name] = sha256_file(path)
         return TargetSources(cache_cfg.align_config, None, hashes, models=models, autocast=cache_cfg.autocast,
                              chunk_rows=cache_cfg.chunk_rows)
-    where = paths.unmixed_teacher_cache if fkd else paths.teacher_cache
-    for t in teachers if fkd else []:
-        check(where(t, cache_cfg.format).exists(), f"distill.mix_targets: fkd reads {where(t, cache_cfg.format)}, which "
-                                                   f"is missing: run python -m stages.cache_teachers --teacher {t} --unmixed")
+    where = paths.unmixed_teacher_cache if fkd else paths.teacher_cache  # a missing store: open_cache names --unmixed
     caches = validate_caches([open_cache(where(t, cache_cfg.format), cache_cfg.leftover) for t in teachers],
                              plan.unmixed() if fkd else plan,
                              train.fingerprint, train.num_classes, check_checkpoints=True, teachers=teachers)

@@ -76,10 +76,11 @@ class MixPlan:
         return MixPlan(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
     def to(self, device: torch.device) -> "MixPlan":
-        """Torch tensors on `device` (int64 partner and box, float32 lam)."""
+        """Torch tensors on `device`: int64 partner and box (indexes), float32 lam, and aug int16 as the plan keeps
+        every view's params (a cache pass holds all (N, V, P) of them on the device)."""
         def tensor(a, dtype):
             return (a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))).to(device, dtype)
-        return MixPlan(tensor(self.partner, torch.long), tensor(self.aug, torch.long), tensor(self.lam, torch.float32),
+        return MixPlan(tensor(self.partner, torch.long), tensor(self.aug, torch.int16), tensor(self.lam, torch.float32),
                        tensor(self.box, torch.long))
 
     def stored(self) -> dict[str, np.ndarray]:
